@@ -1,0 +1,60 @@
+"""What every stage entry point shares: logging, the ``--params``/``--set`` flags, clean errors.
+
+A stage's ``main(argv=None)`` builds its parser with :func:`arg_parser`, and
+runs its body through :func:`run`, which turns a :class:`StageError` or
+:class:`~pipeline.config.ConfigError` into one line on stderr and exit code 2
+(never a traceback from deep inside).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from pipeline.config import ConfigError
+
+EXIT_USER_ERROR = 2
+
+log = logging.getLogger("pipeline")
+
+
+class StageError(RuntimeError):
+    """A problem with a stage's inputs, with a one-line message naming the file and the problem."""
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log ``LEVEL message`` lines to stderr (idempotent)."""
+    root = logging.getLogger()
+    if not any(getattr(h, "_ssd_stage", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler._ssd_stage = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+
+
+def arg_parser(description: str | None) -> argparse.ArgumentParser:
+    """A parser with the flags every stage takes: ``--params FILE`` and repeated ``--set key=value``."""
+    parser = argparse.ArgumentParser(description=(description or "").strip().split("\n\n")[0])
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of this stage's params section (repeatable; value parsed as YAML)",
+    )
+    return parser
+
+
+def run(body: Callable[[], int | None]) -> int:
+    """Run a stage body; user-facing errors become one line on stderr and exit code 2."""
+    setup_logging()
+    try:
+        return body() or 0
+    except (StageError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR

@@ -1,0 +1,128 @@
+"""The model file: one file holding a detector's weights and everything needed to rebuild it.
+
+Contents (a ``torch.save`` of plain data, loadable with ``weights_only=True``)::
+
+    {
+      "format": "ssd-model", "version": 1,
+      "arch": {"name": builder, **builder arguments},   # model.arch
+      "class_names": [...],                              # object classes, label k -> class_names[k-1]
+      "image_size": S, "mean": [...], "std": [...],      # the input the model expects
+      "state_dict": {...},
+      "meta": {...},                                     # free-form: training config, metrics, ...
+    }
+
+Loading needs nothing but this file. Evaluate, prune, benchmark, detect and
+export all take it. This module and :func:`load_state_dict_file` are the
+library's only readers and writers of model weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ssd.models import SSD, build_model
+
+FORMAT = "ssd-model"
+VERSION = 1
+
+
+class ModelFileError(ValueError):
+    """A model file that can't be read, with a one-line message naming the file."""
+
+
+def save_model_file(
+    path: str | os.PathLike,
+    model: SSD,
+    class_names: list[str],
+    meta: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``model`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    if len(class_names) + 1 != model.num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {model.num_classes - 1} object classes"
+        )
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": dict(model.arch),
+        "class_names": list(class_names),
+        "image_size": model.image_size,
+        "mean": model.mean.flatten().tolist(),
+        "std": model.std.flatten().tolist(),
+        "state_dict": state,
+        "meta": dict(meta or {}),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw contents of a model file, checked for format; :class:`ModelFileError` otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a corrupt or foreign file
+        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not an {FORMAT} file (a raw checkpoint or state dict?)")
+    if payload.get("version") != VERSION:
+        raise ModelFileError(f"{path}: model file version {payload.get('version')} is not supported (expected {VERSION})")
+    return payload
+
+
+def load_model_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[SSD, dict[str, Any]]:
+    """Rebuild the model stored in ``path``.
+
+    Returns:
+        ``(model, info)``: the model in eval mode on ``map_location``, and the file's other
+        contents (``class_names``, ``image_size``, ``arch``, ``meta``, ...), without the weights.
+    """
+    payload = read_model_file(path)
+    state = payload.pop("state_dict")
+    try:
+        model = build_model(payload["arch"])
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError, TypeError, KeyError) as e:
+        raise ModelFileError(f"{path}: can't rebuild the model ({str(e).splitlines()[0][:300]})") from None
+    model.eval()
+    return model.to(map_location), payload
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a plain state dict (e.g. torchvision backbone weights saved with ``torch.save``).
+
+    Accepts a bare state dict or a dict holding one under ``"state_dict"`` or ``"model"``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: weights file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelFileError(f"{path}: not a readable weights file ({type(e).__name__})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{path}: expected a state dict of tensors")
+    return obj

@@ -1,0 +1,126 @@
+"""The SSD detector, assembled from parts passed in.
+
+``SSD(backbone, extras, head, priors)``: the backbone returns its feature maps
+(a list, highest resolution first), each extra layer turns the last map into a
+smaller one, and the head predicts class logits and box offsets for every
+prior of every map. The priors are computed once by the builder, from the
+feature-map sizes this very backbone produces at the input size, and stored
+as a buffer.
+
+``forward`` returns raw predictions in train and eval mode alike; the loss
+(:mod:`ssd.loss`) and the post-processing (:mod:`ssd.postprocess`) are
+separate modules.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+#: ImageNet statistics (RGB, [0, 1] scale): torchvision backbones are trained with them.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SSD(nn.Module):
+    """Single-shot detector.
+
+    Args:
+        backbone: ``Tensor[B, 3, S, S] -> list[Tensor[B, C_k, H_k, W_k]]``.
+        extras: layers each taking the previous last map and producing the next map.
+        head: ``list of maps -> (Tensor[B, P, C], Tensor[B, P, 4])``.
+        priors: ``Tensor[P, 4]`` cxcywh normalised, in the head's output order.
+        image_size: the square input side the priors were made for.
+        mean, std: per-channel normalisation applied to the ``[0, 1]`` RGB input.
+        arch: the builder's name and arguments (plain data), stored in model files
+            so the model can be rebuilt.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        extras: nn.ModuleList,
+        head: nn.Module,
+        priors: Tensor,
+        image_size: int,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        arch: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.extras = extras
+        self.head = head
+        self.image_size = image_size
+        self.arch = dict(arch or {})
+        self.register_buffer("priors", priors.detach().clone())
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """``[0, 1]`` RGB -> the backbone's input statistics."""
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def extra_features(self, last: Tensor) -> list[Tensor]:
+        """The extra layers' maps, computed from the backbone's last map."""
+        maps = []
+        for layer in self.extras:
+            last = layer(last)
+            maps.append(last)
+        return maps
+
+    def features(self, images: Tensor) -> list[Tensor]:
+        """All feature maps the head reads, highest resolution first."""
+        maps = list(self.backbone(self.normalize(images)))
+        return maps + self.extra_features(maps[-1])
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``Tensor[B, 3, S, S]`` RGB in ``[0, 1]`` -> ``(class_logits [B, P, C], box_deltas [B, P, 4])``."""
+        return self.head(self.features(images))
+
+
+@torch.no_grad()
+def feature_shapes(
+    backbone: nn.Module, extras: Sequence[nn.Module], image_size: int
+) -> list[tuple[int, int, int]]:
+    """``(channels, height, width)`` of every map backbone + extras produce at ``image_size``.
+
+    Runs one dummy forward in eval mode (so batch norm doesn't mind a batch of
+    one) and restores the modules' modes.
+    """
+    modes = [(m, m.training) for m in [backbone, *extras]]
+    for m, _ in modes:
+        m.eval()
+    try:
+        device = next(backbone.parameters()).device
+        x = torch.zeros(1, 3, image_size, image_size, device=device)
+        maps = list(backbone(x))
+        last = maps[-1]
+        for layer in extras:
+            last = layer(last)
+            maps.append(last)
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+    return [(int(t.shape[1]), int(t.shape[2]), int(t.shape[3])) for t in maps]
+
+
+def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
+    """Load torchvision-layout weights (``features.N.*``; other keys ignored) into a backbone.
+
+    Raises ``ValueError`` naming the first key whose shape doesn't match, or when no key matches.
+    """
+    own = backbone.state_dict()
+    usable = {k: v for k, v in state_dict.items() if k in own}
+    if not usable:
+        raise ValueError("no backbone weights match (expected torchvision keys like 'features.0.weight')")
+    for k, v in usable.items():
+        if own[k].shape != v.shape:
+            raise ValueError(f"backbone weight {k}: shape {tuple(v.shape)} does not match {tuple(own[k].shape)}")
+    backbone.load_state_dict(usable, strict=False)

@@ -1,0 +1,42 @@
+import json
+import os
+
+import pytest
+
+from pipeline import atomic
+
+
+def test_write_json_replaces_atomically(tmp_path):
+    path = tmp_path / "sub" / "m.json"
+    atomic.write_json(path, {"a": 1})
+    atomic.write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert os.listdir(path.parent) == ["m.json"]
+
+
+def test_failure_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_open(path) as f:
+            f.write(b"half")
+            raise RuntimeError("killed")
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_atomic_dir(tmp_path):
+    target = tmp_path / "shards"
+    with atomic.atomic_dir(target) as d:
+        (d / "a").write_text("1")
+        assert not target.exists()
+    assert (target / "a").read_text() == "1"
+    with pytest.raises(ValueError):
+        with atomic.atomic_dir(target) as d:
+            (d / "b").write_text("2")
+            raise ValueError
+    assert sorted(os.listdir(tmp_path)) == ["shards"]
+    assert os.listdir(target) == ["a"]
+    with atomic.atomic_dir(target) as d:
+        (d / "c").write_text("3")
+    assert os.listdir(target) == ["c"]

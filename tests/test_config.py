@@ -1,0 +1,74 @@
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from pipeline.config import ConfigError, apply_overrides, flatten, from_dict, load_config, load_params, to_dict
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 0.1
+    name: Literal["sgd", "adamw"] = "sgd"
+
+
+@dataclass(frozen=True)
+class Outer:
+    steps: int = 10
+    sizes: tuple[int, ...] = (1, 2)
+    path: str | None = None
+    opt: Inner = field(default_factory=Inner)
+
+
+def test_defaults_and_nested_values():
+    cfg = from_dict(Outer, {"steps": 3, "sizes": [4, 5], "opt": {"lr": 1, "name": "adamw"}})
+    assert cfg == Outer(steps=3, sizes=(4, 5), opt=Inner(lr=1.0, name="adamw"))
+    assert isinstance(cfg.opt.lr, float)
+    with pytest.raises(Exception):
+        cfg.steps = 4  # frozen
+    assert to_dict(cfg)["sizes"] == [4, 5]
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"stepz": 3}, "train.stepz: unknown key; valid keys are: opt, path, sizes, steps"),
+        ({"steps": "3"}, "train.steps: expected an integer, got '3'"),
+        ({"steps": True}, "train.steps: expected an integer"),
+        ({"opt": {"name": "adam"}}, "train.opt.name: expected one of 'sgd', 'adamw'"),
+        ({"opt": {"momentum": 0.9}}, "train.opt.momentum: unknown key; valid keys are: lr, name"),
+        ({"sizes": 3}, "train.sizes: expected a list"),
+        ({"path": 3}, "train.path: expected"),
+    ],
+)
+def test_bad_values_are_one_line_errors(data, message):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Outer, data, "train")
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_overrides_are_parsed_as_yaml_and_checked(tmp_path):
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  steps: 5\n  opt:\n    lr: 0.5\n")
+    params = load_params(p)
+    cfg = load_config(Outer, params, "train", ["opt.lr=0.01", "sizes=[3, 4]"])
+    assert cfg.opt.lr == 0.01 and cfg.sizes == (3, 4) and cfg.steps == 5
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(Outer, params, "train", ["bogus=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_params_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_params(bad)
+
+
+def test_flatten_for_trackers():
+    flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": None})
+    assert flat == {"a.b": 1, "a.c": "[1, 2]", "d": "None"}

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch.testing import assert_close
+from torchvision.ops import nms
+
+from ssd.boxes import clip_boxes, decode
+from ssd.postprocess import PostprocessConfig, PostProcessor
+from ssd.priors import PriorConfig, generate_priors
+from pipeline.bench.postprocess import make_inputs, same_detections, torchvision_postprocess
+from ssd.boxes import cxcywh_to_xyxy
+
+PRIORS = generate_priors(
+    PriorConfig(min_sizes=(30, 60, 120), max_sizes=(60, 120, 200), aspect_ratios=((2,), (2, 3), (2,))), 200, [10, 5, 2]
+)
+
+
+def reference(logits, deltas, priors, cfg):
+    """Plain per-image, per-class SSD post-processing (ssd.pytorch's Detect, written out)."""
+    out = []
+    for b in range(logits.shape[0]):
+        scores = torch.softmax(logits[b], dim=-1)
+        boxes = clip_boxes(decode(deltas[b], priors))
+        all_boxes, all_scores, all_labels = [], [], []
+        for c in range(1, logits.shape[-1]):
+            s = scores[:, c]
+            keep = s > cfg.score_threshold
+            s, bx = s[keep], boxes[keep]
+            s, idx = s.sort(descending=True)
+            s, bx = s[: cfg.top_k], bx[idx[: cfg.top_k]]
+            kept = nms(bx, s, cfg.nms_threshold)
+            all_boxes.append(bx[kept])
+            all_scores.append(s[kept])
+            all_labels.append(torch.full((len(kept),), c, dtype=torch.int64))
+        bx, s, lab = torch.cat(all_boxes), torch.cat(all_scores), torch.cat(all_labels)
+        order = s.argsort(descending=True)[: cfg.max_detections]
+        out.append({"boxes": bx[order], "scores": s[order], "labels": lab[order]})
+    return out
+
+
+def random_outputs(batch, num_classes, seed, flat):
+    g = torch.Generator().manual_seed(seed)
+    p = PRIORS.shape[0]
+    logits = torch.randn(batch, p, num_classes, generator=g) * (0.3 if flat else 2.0)
+    if not flat:
+        logits[..., 0] += 4.0
+    deltas = torch.randn(batch, p, 4, generator=g) * 0.5
+    return logits, deltas
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PostprocessConfig(),
+        PostprocessConfig(score_threshold=0.05, top_k=50, nms_threshold=0.3, max_detections=30),
+        PostprocessConfig(top_k=1000, max_detections=5),
+        PostprocessConfig(max_detections=1000),  # the survivor window must grow
+    ],
+)
+def test_same_detections_as_per_class_reference(cfg, flat):
+    logits, deltas = random_outputs(3, 6, seed=7, flat=flat)
+    ours = PostProcessor(PRIORS, cfg)(logits, deltas)
+    ref = reference(logits, deltas, PRIORS, cfg)
+    for a, r in zip(ours, ref):
+        assert a["labels"].tolist() == r["labels"].tolist()
+        assert_close(a["scores"], r["scores"])
+        assert_close(a["boxes"], r["boxes"])
+    assert any(len(a["labels"]) for a in ours)
+
+
+def test_no_candidates_gives_empty_detections():
+    logits = torch.zeros(2, PRIORS.shape[0], 4)
+    logits[..., 0] = 20.0
+    dets = PostProcessor(PRIORS)(logits, torch.zeros(2, PRIORS.shape[0], 4))
+    assert [d["boxes"].shape for d in dets] == [(0, 4), (0, 4)]
+
+
+def test_images_are_independent():
+    logits, deltas = random_outputs(3, 5, seed=9, flat=False)
+    batch = PostProcessor(PRIORS)(logits, deltas)
+    single = PostProcessor(PRIORS)(logits[1:2], deltas[1:2])[0]
+    assert_close(batch[1]["boxes"], single["boxes"])
+    assert batch[1]["labels"].tolist() == single["labels"].tolist()
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat"])
+def test_same_as_torchvision_ssd_postprocess(kind):
+    logits, deltas = make_inputs(kind, 2, PRIORS.shape[0], 8, seed=1)
+    cfg = PostprocessConfig()
+    ours = PostProcessor(PRIORS, cfg)(logits, deltas)
+    theirs = torchvision_postprocess(cfg)(logits, deltas, cxcywh_to_xyxy(PRIORS))
+    assert same_detections(ours, theirs)
+
+
+def test_survivor_window_grows_until_exact(monkeypatch):
+    import ssd.postprocess as pp
+
+    calls = []
+    real = pp.nms
+
+    def counting(boxes, scores, thr):
+        calls.append(len(boxes))
+        return real(boxes, scores, thr)
+
+    monkeypatch.setattr(pp, "nms", counting)
+    cfg = PostprocessConfig(nms_threshold=0.1, max_detections=60)
+    logits, deltas = random_outputs(2, 4, seed=11, flat=True)
+    ours = PostProcessor(PRIORS, cfg)(logits, deltas)
+    assert len(calls) > 1, "the test should exercise a second NMS round"
+    for a, r in zip(ours, reference(logits, deltas, PRIORS, cfg)):
+        assert a["labels"].tolist() == r["labels"].tolist()
+        assert_close(a["boxes"], r["boxes"])
