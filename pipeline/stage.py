@@ -33,6 +33,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         handler._ssd_stage = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(level)
+    # Accelerate logs every file of every checkpoint at INFO; our own lines say what matters.
+    for noisy in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def arg_parser(description: str | None) -> argparse.ArgumentParser:
