@@ -1,0 +1,537 @@
+"""Tests for ssd.data.loader on tiny shards written here with webdataset.TarWriter."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from torch.testing import assert_close
+
+import ssd.data.loader as loader_module
+from ssd.data.loader import Batch, Sample, collate, eval_loader, train_loader
+from ssd.data.transforms import AugmentConfig
+
+REPO = Path(__file__).resolve().parents[1]
+W, H = 48, 40  # stored image size
+S = 32  # model input size
+T = 3  # clip length
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".png", rgb[..., ::-1] if rgb.ndim == 3 else rgb)  # OpenCV writes BGR
+    assert ok
+    return data.tobytes()
+
+
+def _frame(number: int) -> tuple[np.ndarray, list[list[float]]]:
+    """A distinct image per number, with number % 3 boxes (0, 1 or 2) drawn on it."""
+    image = np.full((H, W, 3), (number * 37) % 200, np.uint8)
+    boxes = []
+    for b in range(number % 3):
+        x1, y1 = 4 + 20 * b, 6 + (number % 5)
+        image[y1 : y1 + 12, x1 : x1 + 14] = 255
+        boxes.append([float(x1), float(y1), float(x1 + 14), float(y1 + 12)])
+    return image, boxes
+
+
+def write_frame_shards(directory: Path, counts: list[int]) -> list[str]:
+    """Frame shards with ``counts[i]`` samples in shard i; returns their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths, number = [], 0
+    for s, count in enumerate(counts):
+        path = directory / f"train-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for i in range(count):
+                image, boxes = _frame(number)
+                meta = {
+                    "id": f"img/{number}",
+                    "width": W,
+                    "height": H,
+                    "boxes": boxes,
+                    "labels": [number % 4 + b for b in range(len(boxes))],
+                    "difficult": [b == 1 for b in range(len(boxes))],
+                }
+                writer.write({"__key__": f"s{s}_{i:04d}", "png": _png(image), "json": json.dumps(meta).encode()})
+                number += 1
+        paths.append(str(path))
+    return paths
+
+
+def write_clip_shards(directory: Path, shards: list[list[tuple[str, int]]]) -> list[str]:
+    """Clip shards; ``shards[i]`` lists the (video, first frame) of its clips, T frames each."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s, clips in enumerate(shards):
+        path = directory / f"val-{s:06d}.tar"
+        with wds.TarWriter(str(path)) as writer:
+            for video, first in clips:
+                numbers = list(range(first, first + T))
+                sample = {"__key__": f"{video}_{first:06d}"}
+                boxes, labels, difficult = [], [], []
+                for t, n in enumerate(numbers):
+                    image, frame_boxes = _frame(n)
+                    sample[f"{t:03d}.png"] = _png(image)
+                    boxes.append(frame_boxes)
+                    labels.append([1] * len(frame_boxes))
+                    difficult.append([False] * len(frame_boxes))
+                meta = {
+                    "video": video,
+                    "frames": numbers,
+                    "width": W,
+                    "height": H,
+                    "boxes": boxes,
+                    "labels": labels,
+                    "difficult": difficult,
+                }
+                sample["json"] = json.dumps(meta).encode()
+                writer.write(sample)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def frame_shards(tmp_path_factory) -> list[str]:
+    # Three shards of uneven sizes: 7 + 2 + 11 = 20 samples.
+    return write_frame_shards(tmp_path_factory.mktemp("frames"), [7, 2, 11])
+
+
+@pytest.fixture(scope="module")
+def clip_shards(tmp_path_factory) -> list[str]:
+    # Videos out of order across shards, clips overlapping (stride 2, length 3), one video split.
+    return write_clip_shards(
+        tmp_path_factory.mktemp("clips"),
+        [
+            [("vidb", 0), ("vidb", 2), ("vidb", 4), ("vida", 10)],
+            [("vida", 12), ("vidc", 0)],
+            [("vida", 14), ("vidd", 3), ("vidd", 5)],
+        ],
+    )
+
+
+def _train(urls, **overrides) -> list[Batch]:
+    kwargs = {
+        "image_size": S, "rank": 0, "world_size": 1, "seed": 3, "epoch": 0, "batches_per_epoch": 6,
+        "batch_size": 3, "num_workers": 0, "shuffle_buffer": 4,
+    }  # fmt: skip
+    kwargs.update(overrides)
+    return list(train_loader(urls, AugmentConfig(), **kwargs))
+
+
+def _flat(targets: list) -> list[dict]:
+    """Per-sample targets, clips' per-frame lists flattened."""
+    return [t for item in targets for t in (item if isinstance(item, list) else [item])]
+
+
+def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys == y.keys
+        assert_close(x.images, y.images, rtol=0, atol=0)
+        assert x.frames == y.frames
+        for tx, ty in zip(_flat(x.targets), _flat(y.targets), strict=True):
+            for name in ("boxes", "labels", "difficult"):
+                assert_close(tx[name], ty[name], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def test_train_batch_format(frame_shards):
+    batches = _train(frame_shards, batches_per_epoch=4)
+    assert len(batches) == 4
+    for batch in batches:
+        assert batch.images.shape == (3, 3, S, S) and batch.images.dtype == torch.float32
+        assert 0.0 <= float(batch.images.min()) and float(batch.images.max()) <= 1.0
+        assert len(batch) == len(batch.targets) == len(batch.keys) == 3
+        assert batch.sizes == [(W, H)] * 3 and batch.video is None and batch.frames is None
+        for target in batch.targets:
+            assert target["boxes"].dtype == torch.float32 and target["boxes"].shape[1] == 4
+            assert target["labels"].dtype == torch.int64 and target["difficult"].dtype == torch.bool
+            assert bool((target["labels"] >= 1).all())  # 1-based
+            assert bool((target["boxes"] >= 0).all() and (target["boxes"] <= 1).all())
+
+
+def test_same_seed_epoch_rank_gives_identical_batches(frame_shards):
+    _assert_same_batches(_train(frame_shards, num_workers=2), _train(frame_shards, num_workers=2))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_yields_the_rest_of_the_uninterrupted_epoch(frame_shards, num_workers):
+    full = _train(frame_shards, batches_per_epoch=7, num_workers=num_workers, streams=2)
+    for k in (1, 3, 6, 7):
+        resumed = _train(frame_shards, batches_per_epoch=7, num_workers=num_workers, streams=2, start_batch=k)
+        _assert_same_batches(resumed, full[k:])
+
+
+def test_batches_do_not_depend_on_num_workers(frame_shards):
+    by_workers = [_train(frame_shards, batches_per_epoch=5, num_workers=n, streams=2) for n in (0, 1, 2)]
+    _assert_same_batches(by_workers[0], by_workers[1])
+    _assert_same_batches(by_workers[0], by_workers[2])
+
+
+def test_epochs_and_seeds_and_ranks_differ(frame_shards):
+    base = _train(frame_shards)
+    for change in ({"epoch": 1}, {"seed": 4}, {"rank": 1, "world_size": 2}):
+        other = _train(frame_shards, **change)
+        assert [b.keys for b in other] != [b.keys for b in base], change
+        assert not all(torch.equal(x.images, y.images) for x, y in zip(base, other)), change
+
+
+def test_augmentation_is_seeded_per_sample(frame_shards):
+    # Same samples in the same order, only the augmentation differs between seeds... and it
+    # does not depend on the caller's global RNG state.
+    torch.manual_seed(123)
+    a = _train(frame_shards, batches_per_epoch=2)
+    torch.manual_seed(999)
+    before = torch.get_rng_state()
+    b = _train(frame_shards, batches_per_epoch=2)
+    assert torch.equal(torch.get_rng_state(), before)  # the training process's RNG is left alone
+    _assert_same_batches(a, b)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_rank_gets_exactly_batches_per_epoch(frame_shards, num_workers):
+    # 20 samples in 3 uneven shards; 2 ranks; more batches than one pass of the data holds.
+    for batches_per_epoch in (1, 5, 9):
+        for rank in (0, 1):
+            batches = _train(
+                frame_shards, rank=rank, world_size=2, batches_per_epoch=batches_per_epoch, num_workers=num_workers
+            )
+            assert len(batches) == batches_per_epoch
+    assert (
+        len(
+            train_loader(
+                frame_shards,
+                AugmentConfig(),
+                image_size=S,
+                rank=0,
+                world_size=2,
+                seed=0,
+                epoch=0,
+                batches_per_epoch=9,
+                batch_size=2,
+                num_workers=0,
+                start_batch=4,
+            )
+        )
+        == 5
+    )
+
+
+def test_first_pass_reads_each_sample_once_across_ranks(tmp_path):
+    # 4 equal shards, 2 ranks x 2 streams: one pass of 32 samples is 8 batches of 2 per rank.
+    # (A shuffle buffer would hold samples back, and the streams would reach into the next pass.)
+    urls = write_frame_shards(tmp_path, [8, 8, 8, 8])
+    keys = []
+    for rank in (0, 1):
+        for batch in _train(
+            urls, rank=rank, world_size=2, batches_per_epoch=8, batch_size=2, num_workers=2, shuffle_buffer=1
+        ):
+            keys.extend(batch.keys)
+    assert len(keys) == 32 and len(set(keys)) == 32
+
+
+def test_few_shards_are_split_within_shards(tmp_path):
+    # One shard, 2 ranks x 2 streams: each stream reads every 4th sample in its first pass.
+    urls = write_frame_shards(tmp_path, [16])
+    keys = []
+    for rank in (0, 1):
+        for batch in _train(
+            urls, rank=rank, world_size=2, batches_per_epoch=4, batch_size=2, num_workers=2, shuffle_buffer=1
+        ):
+            keys.extend(batch.keys)
+    assert sorted(keys) == sorted(f"s0_{i:04d}" for i in range(16))
+
+
+def test_resume_skips_samples_before_decoding(frame_shards, monkeypatch):
+    calls = []
+    decode = loader_module._decode_image
+    monkeypatch.setattr(loader_module, "_decode_image", lambda data, where: calls.append(where) or decode(data, where))
+    full = _train(frame_shards, batches_per_epoch=6, streams=2)
+    assert len(calls) == 6 * 3
+    calls.clear()
+    resumed = _train(frame_shards, batches_per_epoch=6, streams=2, start_batch=4)
+    assert len(calls) == 2 * 3  # only the images of the two remaining batches are decoded
+    _assert_same_batches(resumed, full[4:])
+
+
+def test_train_clips(clip_shards):
+    batches = _train(clip_shards, kind="clips", batches_per_epoch=3, batch_size=2, num_workers=2)
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch.images.shape == (2, T, 3, S, S)
+        assert all(len(per_clip) == T for per_clip in batch.targets)
+        assert batch.video is not None and batch.frames is not None
+        for key, video, numbers in zip(batch.keys, batch.video, batch.frames):
+            assert key == f"{video}_{numbers[0]:06d}"
+            assert numbers == list(range(numbers[0], numbers[0] + T))
+
+
+def test_train_clips_resume(clip_shards):
+    full = _train(clip_shards, kind="clips", batches_per_epoch=5, batch_size=2, num_workers=2)
+    _assert_same_batches(
+        _train(clip_shards, kind="clips", batches_per_epoch=5, batch_size=2, num_workers=2, start_batch=3), full[3:]
+    )
+
+
+def test_train_frames_from_clips(clip_shards):
+    # 9 clips of 3 frames: 27 frame samples; one pass with 1 stream and batches of 3.
+    batches = _train(clip_shards, kind="frames_from_clips", batches_per_epoch=9, batch_size=3, shuffle_buffer=1)
+    keys = [k for b in batches for k in b.keys]
+    assert len(set(keys)) == 27
+    for batch in batches:
+        assert batch.images.shape == (3, 3, S, S)
+        for key, video, numbers in zip(batch.keys, batch.video, batch.frames):
+            clip, t = key.split("/")
+            assert clip.startswith(video + "_") and numbers == [int(clip[-6:]) + int(t)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Collate
+
+
+def _sample(n_boxes: int, key: str) -> Sample:
+    target = {
+        "boxes": torch.rand(n_boxes, 4),
+        "labels": torch.arange(1, n_boxes + 1),
+        "difficult": torch.zeros(n_boxes, dtype=torch.bool),
+    }
+    return Sample(torch.rand(3, 8, 8), target, key, (10, 20))
+
+
+def test_collate_handles_zero_and_varying_box_counts():
+    samples = [_sample(0, "a"), _sample(3, "b"), _sample(1, "c")]
+    batch = collate(samples)
+    assert batch.images.shape == (3, 3, 8, 8)
+    assert [len(t["boxes"]) for t in batch.targets] == [0, 3, 1]
+    assert batch.targets[0]["boxes"].shape == (0, 4)
+    assert batch.keys == ["a", "b", "c"] and batch.sizes == [(10, 20)] * 3
+    assert_close(batch.images[1], samples[1].image)
+
+
+def test_collate_rejects_clips_of_different_lengths():
+    a = Sample(torch.rand(2, 3, 8, 8), [], "a", (8, 8), "v", [0, 1])
+    b = Sample(torch.rand(3, 3, 8, 8), [], "b", (8, 8), "v", [0, 1, 2])
+    with pytest.raises(ValueError, match="different shapes"):
+        collate([a, b])
+
+
+def test_batch_to_moves_targets():
+    batch = collate([_sample(2, "a")]).to("cpu")
+    assert batch.targets[0]["labels"].tolist() == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def _eval(urls, kind="frames", world_size=1, num_workers=0, batch_size=3) -> list[list[Batch]]:
+    return [
+        list(
+            eval_loader(
+                urls,
+                image_size=S,
+                rank=r,
+                world_size=world_size,
+                batch_size=batch_size,
+                num_workers=num_workers,
+                kind=kind,
+            )
+        )
+        for r in range(world_size)
+    ]
+
+
+def test_eval_frames_each_sample_once_in_order(frame_shards):
+    (single,) = _eval(frame_shards)
+    order = [k for b in single for k in b.keys]
+    expected = (
+        [f"s0_{i:04d}" for i in range(7)] + [f"s1_{i:04d}" for i in range(2)] + [f"s2_{i:04d}" for i in range(11)]
+    )
+    assert order == expected
+    ranks = _eval(frame_shards, world_size=2, num_workers=2)
+    for r, batches in enumerate(ranks):
+        assert [k for b in batches for k in b.keys] == expected[r::2]  # every world_size-th sample
+
+
+def test_eval_frames_targets_are_exact(frame_shards):
+    (batches,) = _eval(frame_shards)
+    seen_counts = set()
+    for number, (target, size) in enumerate((t, s) for b in batches for t, s in zip(b.targets, b.sizes)):
+        _, boxes = _frame(number)
+        assert size == (W, H)
+        expected = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) / torch.tensor([W, H, W, H])
+        assert_close(target["boxes"], expected)
+        assert target["labels"].tolist() == [number % 4 + b + 1 for b in range(len(boxes))]
+        assert target["difficult"].tolist() == [b == 1 for b in range(len(boxes))]
+        seen_counts.add(len(boxes))
+    assert seen_counts == {0, 1, 2}
+
+
+def test_eval_decodes_rgb_and_grey(tmp_path):
+    red = np.zeros((H, W, 3), np.uint8)
+    red[..., 0] = 255
+    grey = np.full((H, W), 128, np.uint8)
+    meta = json.dumps({"id": "x", "width": W, "height": H, "boxes": [], "labels": [], "difficult": []}).encode()
+    path = tmp_path / "test-000000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write({"__key__": "red", "png": _png(red), "json": meta})
+        writer.write({"__key__": "grey", "png": _png(grey), "json": meta})
+    (batches,) = _eval([str(path)], batch_size=2)
+    images = batches[0].images
+    assert_close(images[0].mean(dim=(1, 2)), torch.tensor([1.0, 0.0, 0.0]))  # RGB order
+    assert_close(images[1].mean(dim=(1, 2)), torch.full((3,), 128 / 255))  # grey -> 3 channels
+
+
+def test_eval_clips_whole_videos_in_order(clip_shards):
+    ranks = _eval(clip_shards, kind="clips", world_size=2, batch_size=2, num_workers=2)
+    all_clips, videos_per_rank = [], []
+    for batches in ranks:
+        clips = [(v, f[0]) for b in batches for v, f in zip(b.video, b.frames)]
+        assert clips == sorted(clips)  # by (video, first frame)
+        for b in batches:
+            assert b.images.shape[1:] == (T, 3, S, S)
+            assert all(len(t) == T for t in b.targets)
+        videos_per_rank.append({v for v, _ in clips})
+        all_clips.extend(clips)
+    assert not videos_per_rank[0] & videos_per_rank[1]  # a video lives on one rank
+    assert sorted(all_clips) == sorted(
+        [
+            ("vidb", 0),
+            ("vidb", 2),
+            ("vidb", 4),
+            ("vida", 10),
+            ("vida", 12),
+            ("vidc", 0),
+            ("vida", 14),
+            ("vidd", 3),
+            ("vidd", 5),
+        ]
+    )
+    assert sorted(len(x) for x in videos_per_rank) == [2, 2]  # 3+3 clips vs 1+2: balanced
+
+
+def test_eval_frames_from_clips_each_frame_once(clip_shards):
+    ranks = _eval(clip_shards, kind="frames_from_clips", world_size=2, num_workers=0)
+    frames = []
+    for batches in ranks:
+        mine = [(v, f[0]) for b in batches for v, f in zip(b.video, b.frames)]
+        assert mine == sorted(mine)
+        frames.extend(mine)
+    expected = (
+        {("vidb", n) for n in range(7)}
+        | {("vida", n) for n in range(10, 17)}
+        | {("vidc", n) for n in range(3)}
+        | {("vidd", n) for n in range(3, 8)}
+    )
+    assert len(frames) == len(expected) and set(frames) == expected  # overlapping clips: no duplicates
+    (single,) = _eval(clip_shards, kind="frames_from_clips")
+    for b in single:
+        for target, numbers in zip(b.targets, b.frames):
+            assert len(target["boxes"]) == numbers[0] % 3  # the frame's own annotation
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors at the boundary
+
+
+def test_kind_mismatch_is_reported(frame_shards, clip_shards):
+    with pytest.raises(ValueError, match="clip sample in a frames loader"):
+        _eval(clip_shards, kind="frames")
+    with pytest.raises(ValueError, match="not a clip sample"):
+        _eval(frame_shards, kind="clips")
+    with pytest.raises(ValueError, match="clip sample in a frames loader"):
+        _train(clip_shards, kind="frames")
+
+
+def test_bad_box_names_the_sample(tmp_path):
+    meta = {"id": "x", "width": W, "height": H, "boxes": [[0, 0, W + 10, 5]], "labels": [0], "difficult": [False]}
+    path = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(path)) as writer:
+        writer.write(
+            {"__key__": "badbox", "png": _png(np.zeros((H, W, 3), np.uint8)), "json": json.dumps(meta).encode()}
+        )
+    with pytest.raises(ValueError, match="badbox.*outside"):
+        _eval([str(path)])
+
+
+def test_shards_without_samples_are_an_error_not_a_hang(tmp_path):
+    path = tmp_path / "empty-000000.tar"
+    wds.TarWriter(str(path)).close()
+    with pytest.raises(ValueError, match="no samples"):
+        _train([str(path)], batches_per_epoch=1)
+
+
+def test_bad_arguments_are_rejected(frame_shards):
+    with pytest.raises(ValueError, match="multiple of num_workers"):
+        _train(frame_shards, num_workers=2, streams=3)
+    with pytest.raises(ValueError, match="start_batch"):
+        _train(frame_shards, start_batch=7)
+    with pytest.raises(ValueError, match="kind"):
+        _train(frame_shards, kind="video")
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes under accelerate launch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_get_equal_batches_and_different_data(tmp_path, frame_shards):
+    out = tmp_path / "result.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+        str(REPO / "tests" / "loader_ddp_worker.py"),
+        "--out", str(out), "--batches", "7", "--batch-size", "2", "--workers", "2", "--shuffle-buffer", "1",
+        *frame_shards,
+    ]  # fmt: skip
+    # A rank with fewer batches would leave the other blocked in its per-step all_reduce:
+    # the timeout turns that hang into a failure.
+    log = tmp_path / "launch.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=tmp_path, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            # The launcher forwards SIGTERM to the ranks (each runs in its own session).
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            pytest.fail("the two ranks did not finish (hang at the end of the epoch?):\n" + log.read_text()[-3000:])
+    assert proc.returncode == 0, log.read_text()[-5000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2
+    assert result["batches"] == [7, 7]
+    assert result["steps"] == 7  # the per-step all_reduce ran 7 times on both ranks
+    keys = result["keys"]
+    assert all(len(k) == 14 for k in keys)
+    # Different data: the 4 streams of the job (2 ranks x 2 workers) over 3 shards are dealt
+    # 6 disjoint units; without a shuffle buffer, each stream's first sample (batch 0 comes from
+    # stream 0, batch 1 from stream 1) is the first of its first unit.
+    assert keys[0] != keys[1]
+    firsts = [{k[0], k[2]} for k in keys]
+    assert len(firsts[0]) == len(firsts[1]) == 2 and not firsts[0] & firsts[1]
