@@ -1,0 +1,104 @@
+"""Training checkpoints that survive being killed while they are written.
+
+Layout of a run's checkpoint directory::
+
+    checkpoints/<run>/step-00000200/   complete: Accelerate's save_state files + meta.json
+    checkpoints/<run>/.tmp-step-...    being written (or abandoned by a kill): never loaded
+
+A checkpoint is written by every process into a temporary directory with
+``Accelerator.save_state`` (model, optimiser, scheduler, scaler, every
+process's RNG states); once all processes are done, the main process writes
+``meta.json`` (step, config fingerprint, ...) into it and renames the directory
+to its final name. Only directories with the final name and a ``meta.json`` are
+complete: a kill at any moment leaves either the previous checkpoints or the
+new one, never something half-written that looks complete. Old checkpoints
+are removed after the new one is complete (Accelerate's own rotation deletes
+before it writes).
+
+All processes must see the same directory (a local disk on one machine, a
+shared file system or bucket mount across machines).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.atomic import TMP_PREFIX, write_json
+
+log = logging.getLogger("pipeline.checkpoints")
+
+_NAME = re.compile(r"^step-(\d{8})$")
+META = "meta.json"
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _NAME.match(d.name)
+        if m and d.is_dir() and (d / META).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint, or None."""
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(checkpoint) / META).read_text())
+
+
+def save_checkpoint(accelerator, root: str | os.PathLike, step: int, meta: dict[str, Any], keep: int) -> Path:
+    """Save the training state registered with ``accelerator`` as ``root/step-NNNNNNNN``.
+
+    Call on every process. Returns the final directory.
+    """
+    root = Path(root)
+    final = root / checkpoint_name(step)
+    tmp = root / f"{TMP_PREFIX}{checkpoint_name(step)}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(tmp / META, {**meta, "step": step})
+        if final.exists():  # a rerun after a kill between rename and cleanup
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def remove_incomplete(root: str | os.PathLike) -> list[str]:
+    """Delete abandoned temporary checkpoint directories (main process only); return their names."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for d in root.iterdir():
+        if d.name.startswith(TMP_PREFIX) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    return removed

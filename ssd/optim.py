@@ -1,0 +1,93 @@
+"""Optimisers and learning-rate schedules for detector training.
+
+Schedules are functions ``step -> factor`` of the base learning rate, for
+``torch.optim.lr_scheduler.LambdaLR``: a linear warm-up from
+``warmup_factor`` to 1 over ``warmup_steps``, then a cosine decay to
+``min_factor`` at ``total_steps``, a step decay (multiply by ``gamma`` at each
+milestone, given as fractions of ``total_steps``, as ssd.pytorch's 80k/100k of
+120k iterations), or a constant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "adamw"
+    """SGD with momentum (the SSD paper's) or AdamW (faster from scratch on small data)."""
+    lr: float = 1e-3
+    """Base learning rate (per optimiser step, whatever the number of processes)."""
+    momentum: float = 0.9
+    """SGD momentum (ignored by AdamW)."""
+    weight_decay: float = 5e-4
+    """L2 penalty (SGD) / decoupled weight decay (AdamW); not applied to biases and norms."""
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
+    """Shape of the learning rate after the warm-up."""
+    warmup_steps: int = 100
+    """Linear warm-up length in optimiser steps."""
+    warmup_factor: float = 0.001
+    """Learning rate at step 0, as a fraction of ``lr``."""
+    min_factor: float = 0.0
+    """Cosine: final learning rate as a fraction of ``lr``."""
+    milestones: tuple[float, ...] = (0.67, 0.83)
+    """Step: where to decay, as fractions of the total steps (ssd.pytorch: 80k and 100k of 120k)."""
+    gamma: float = 0.1
+    """Step: decay factor at each milestone."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be at least 1, got {self.grad_accum}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """The optimiser of ``config`` over ``model``'s trainable parameters.
+
+    Weight decay applies to weights of convolutions and linear layers only, not to
+    biases, batch-norm parameters or L2Norm scales (decaying those only hurts).
+    """
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def lr_factor(config: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """``step -> factor`` for ``LambdaLR`` (step counts optimiser steps from 0)."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            alpha = step / max(1, config.warmup_steps)
+            return config.warmup_factor + (1 - config.warmup_factor) * alpha
+        if config.schedule == "constant":
+            return 1.0
+        if config.schedule == "step":
+            passed = sum(step >= m * total_steps for m in config.milestones)
+            return config.gamma**passed
+        span = max(1, total_steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        return config.min_factor + (1 - config.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor

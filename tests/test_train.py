@@ -1,0 +1,255 @@
+"""The training stage, run as users run it: subprocesses, one process and two (gloo on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shardgen import write_frame_dataset
+from ssd.model_file import load_model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+
+TRAIN = {
+    "name": "tiny",
+    "model": {"name": "ssdlite_mobilenet_v2", "image_size": 64, "width_mult": 0.25},
+    "data": {"shards": "shards", "batch_size": 4, "num_workers": 1, "streams": 2, "shuffle_buffer": 8},
+    "optim": {"lr": 0.003, "warmup_steps": 2},
+    "steps": 14,
+    "checkpoint_every": 4,
+    "log_every": 2,
+    "trace": True,
+}
+
+
+def env() -> dict:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    e.pop("ACCELERATE_CONFIG_FILE", None)
+    return e
+
+
+def workdir(tmp_path: Path, **overrides) -> Path:
+    """A project directory with tiny shards and a params.yaml holding ``train``."""
+    shards = tmp_path.parent / "shards-cache"
+    if not shards.exists():
+        write_frame_dataset(shards, {"train": [9, 7, 5], "val": [6]})
+    (tmp_path / "shards").symlink_to(shards)
+    cfg = json.loads(json.dumps(TRAIN))
+    for key, value in overrides.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": cfg}))
+    return tmp_path
+
+
+def launch(cwd: Path, procs: int, *extra: str) -> list[str]:
+    if procs == 1:
+        return [sys.executable, "-m", "pipeline.train", *extra]
+    return [*ACCELERATE, "--multi_gpu", "--num_processes", str(procs), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pipeline.train", *extra]
+
+
+def run_train(cwd: Path, procs: int = 1, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(launch(cwd, procs, *extra), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def trace(cwd: Path, rank: int) -> list[dict]:
+    path = cwd / "runs" / "tiny" / f"trace-rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def kill_tree(pid: int, sig: int) -> None:
+    """Signal a process and all its descendants (the launcher puts its workers in their own group)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for p in [parent, *parent.children(recursive=True)]:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    model, _ = load_model_file(path)
+    return model.state_dict()
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory) -> Path:
+    """An uninterrupted two-process run: the yardstick for the resumed ones."""
+    cwd = workdir(tmp_path_factory.mktemp("reference"))
+    result = run_train(cwd, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd
+
+
+def test_two_processes_read_different_samples_and_keep_identical_weights(reference_run):
+    cwd = reference_run
+    r0, r1 = trace(cwd, 0), trace(cwd, 1)
+    assert len(r0) == len(r1) == TRAIN["steps"]
+    for a, b in zip(r0, r1):
+        assert a["checksum"] == b["checksum"], f"weights differ between ranks after step {a['step']}"
+    assert all(a["keys"] != b["keys"] for a, b in zip(r0, r1))
+    assert set(sum((a["keys"] for a in r0), [])) != set(sum((b["keys"] for b in r1), []))
+    assert sorted(p.name for p in (cwd / "models").iterdir()) == ["tiny.pt"]
+    metrics = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
+    assert metrics["steps"] == TRAIN["steps"] and metrics["world_size"] == 2
+    assert metrics["images_per_s"] > 0 and metrics["final_loss"] > 0
+    assert not (cwd / "checkpoints" / "tiny").exists()  # removed once the run finished
+    rows = (cwd / "plots" / "train-tiny.csv").read_text().splitlines()
+    assert rows[0].startswith("step,loss,") and len(rows) == 1 + TRAIN["steps"] // TRAIN["log_every"]
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(reference_run, tmp_path):
+    cwd = workdir(tmp_path)
+    stop_after = random.Random().randint(2, TRAIN["steps"] - 3)
+    proc = subprocess.Popen(launch(cwd, 2), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 180
+    while len(trace(cwd, 0)) < stop_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    kill_tree(proc.pid, signal.SIGTERM)  # what a spot instance's shutdown does to every process
+    output, _ = proc.communicate(timeout=120)
+    stopped = len(trace(cwd, 0))
+    assert stopped < TRAIN["steps"], "the run finished before it could be stopped"
+    assert "stopped at step" in output, output[-3000:]
+    assert (cwd / "checkpoints" / "tiny" / f"step-{stopped:08d}" / "meta.json").is_file()
+    assert not (cwd / "models" / "tiny.pt").exists()
+
+    resumed = run_train(cwd, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoints/tiny/step-{stopped:08d}" in resumed.stderr
+    assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference_run / "models/tiny.pt")) < 1e-5
+    # no batch replayed or skipped: the resumed trace continues the reference's keys
+    ref = trace(reference_run, 1)
+    assert [t["keys"] for t in trace(cwd, 1)] == [t["keys"] for t in ref[:stopped]] + [t["keys"] for t in ref[stopped:]]
+
+
+def test_sigkill_resumes_from_last_periodic_checkpoint_ignoring_half_written(reference_run, tmp_path):
+    cwd = workdir(tmp_path)
+    kill_after = random.Random().randint(TRAIN["checkpoint_every"] + 1, TRAIN["steps"] - 2)
+    proc = subprocess.Popen(launch(cwd, 2), cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    while len(trace(cwd, 0)) < kill_after and proc.poll() is None:
+        time.sleep(0.05)
+    kill_tree(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckpts = cwd / "checkpoints" / "tiny"
+    complete = sorted(d.name for d in ckpts.iterdir() if (d / "meta.json").exists())
+    assert complete, "no periodic checkpoint before the kill"
+    # A checkpoint caught mid-write: files but no meta.json, under both possible names.
+    last = int(complete[-1].split("-")[1])
+    for name in (f".tmp-step-{last + 1:08d}", f"step-{last + 2:08d}"):
+        (ckpts / name).mkdir()
+        (ckpts / name / "model.safetensors").write_bytes(b"half")
+
+    resumed = run_train(cwd, 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoints/tiny/{complete[-1]}" in resumed.stderr, resumed.stderr[-1500:]
+    assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference_run / "models/tiny.pt")) < 1e-5
+
+
+def test_tensorboard_has_loss_and_learning_rate(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars = {}
+    for events in (reference_run / "runs" / "tiny").glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            scalars[tag] = [e.value for e in acc.Scalars(tag)]
+    for tag in ("train/loss", "train/lr", "train/box_loss", "train/class_loss", "train/grad_norm", "train/images_per_s"):
+        assert tag in scalars, sorted(scalars)
+    assert len(scalars["train/loss"]) == TRAIN["steps"] // TRAIN["log_every"]
+    assert all(v > 0 for v in scalars["train/lr"])
+    assert (reference_run / "runs" / "tiny" / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.momentun=0.9"], "train.optim.momentun: unknown key; valid keys are:"),
+        (["steps=ten"], "train.steps: expected an integer, got 'ten'"),
+        (["data.shards=nowhere"], "nowhere/manifest.json: no manifest"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
+    cwd = workdir(tmp_path)
+    result = run_train(cwd, 1, *sum((["--set", o] for o in overrides), []), timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_shard_is_a_one_line_error(tmp_path):
+    cwd = workdir(tmp_path)
+    local = tmp_path / "own-shards"
+    shutil.copytree(cwd / "shards", local)
+    (local / "train-000001.tar").unlink()
+    result = run_train(cwd, 1, "--set", f"data.shards={local}", timeout=60)
+    assert result.returncode == 2 and "train-000001.tar: shard listed in" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+    cwd = workdir(tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=True)
+    assert run_train(cwd, 1).returncode == 0
+    result = run_train(cwd, 1, "--set", "model.width_mult=0.5", timeout=60)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert "checkpoint of another model or data config" in line and "model.width_mult" in line
+    assert "Traceback" not in result.stderr
+    restarted = run_train(cwd, 1, "--set", "model.width_mult=0.5", "--restart")
+    assert restarted.returncode == 0, restarted.stderr[-2000:]
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    """In-process, with the loss poisoned from the third step on."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    import pipeline.train as train_mod
+    from pipeline.config import from_dict
+    from ssd.loss import MultiBoxLoss
+
+    cwd = workdir(tmp_path, max_nonfinite=2)
+    monkeypatch.chdir(cwd)
+    calls = {"n": 0}
+    real = MultiBoxLoss.forward
+
+    def poisoned(self, *args):
+        out = real(self, *args)
+        calls["n"] += 1
+        if calls["n"] > 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
+    cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "max_nonfinite": 2, "data": {**TRAIN["data"], "num_workers": 0}})
+    try:
+        with pytest.raises(train_mod.StageError, match=r"step 4: loss not finite for 3 consecutive steps; last sample keys: train_"):
+            train_mod.train(cfg)
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
