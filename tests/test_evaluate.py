@@ -1,0 +1,383 @@
+"""The evaluation stage, run as users run it: ``dvc repro`` in a scratch project, one process
+and two (gloo on CPU), refusals; video mode with a stand-in temporal model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+import pipeline.evaluate as evaluate_mod
+from pipeline.datasets import read_manifest
+from pipeline.stage import StageError
+from shardgen import CLASSES, write_clip_dataset, write_frame_dataset
+from ssd.data.loader import eval_loader
+from ssd.draw import GT_COLOUR, PRED_COLOUR
+from ssd.loss import MultiBoxLoss
+from ssd.model_file import save_model_file
+from ssd.models import ssdlite_mobilenet_v2
+from ssd.postprocess import PostprocessConfig, PostProcessor
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
+DVC = [sys.executable, "-m", "dvc"]
+TIMING = ("images_per_s", "wall_time_s")
+
+EVALUATE = {"model": "models/tiny.pt", "name": "tiny", "batch_size": 5, "num_workers": 0, "examples": 3}
+
+
+def env() -> dict:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    e["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}"  # dvc's `python` is ours
+    e.pop("ACCELERATE_CONFIG_FILE", None)
+    return e
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def stage(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.evaluate", *args]
+
+
+def two_processes(*args: str) -> list[str]:
+    return [*ACCELERATE, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", "-m", "pipeline.evaluate", *args]
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25, image_size=64)
+
+
+def train_on(shards: list[str], steps: int) -> nn.Module:
+    """A tiny SSDLite fitted to the images it will be evaluated on: good, not perfect, detections."""
+    model = tiny_model()
+    batch = next(iter(eval_loader(shards, image_size=64, rank=0, world_size=1, batch_size=64, num_workers=0)))
+    criterion = MultiBoxLoss(model.priors)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = criterion(*model(batch.images), batch.targets)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: more threads only contend (training here ran 10x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    return write_frame_dataset(tmp_path_factory.mktemp("data") / "voc", {"val": [6, 4]})
+
+
+@pytest.fixture(scope="module")
+def model_file(shards, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.pt"
+    save_model_file(path, train_on(read_manifest(shards).shard_paths("val"), steps=45), CLASSES)
+    return path
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, shards, model_file) -> Path:
+    """A git + DVC project holding the real ``evaluate`` stage of dvc.yaml, run by ``dvc repro``."""
+    root = tmp_path_factory.mktemp("project")
+    for d in ("ssd", "pipeline", "configs"):
+        shutil.copytree(ROOT / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".dvcignore", root / ".dvcignore")  # Python caches in the code deps don't count
+    shutil.copytree(shards, root / "data" / "shards" / "voc")
+    (root / "models").mkdir()
+    shutil.copy(model_file, root / "models" / "tiny.pt")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["evaluate"]
+    (root / "params.yaml").write_text(yaml.safe_dump({"evaluate": {**params, **EVALUATE}}, sort_keys=False))
+    definition = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"evaluate": definition}}, sort_keys=False))
+    for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"], [*DVC, "config", "core.analytics", "false"]):
+        result = run(cmd, root, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    result = run([*DVC, "repro", "evaluate"], root)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _drop_stage_log_handlers():
+    """A stage run in-process leaves its stderr handler on the root logger, bound to this
+    test's captured stderr; later tests would log into a closed stream."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_ssd_stage", False)]:
+        root.removeHandler(handler)
+
+
+def without_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in TIMING}
+
+
+def test_stage_writes_metrics_plots_and_examples(project):
+    metrics = json.loads((project / "metrics" / "eval-tiny.json").read_text())
+    print("evaluate metrics:", json.dumps(without_timing(metrics)))
+    assert metrics["images"] == 10 and metrics["mode"] == "frames" and metrics["model"] == "models/tiny.pt"
+    assert set(metrics["voc07"]["ap"]) == set(metrics["voc2010"]["ap"]) == set(CLASSES)
+    assert 0.3 < metrics["voc07"]["map"] <= 1.0 and 0.3 < metrics["voc2010"]["map"] <= 1.0
+    assert metrics["map_voc"] == metrics["voc07"]["map"]  # voc_metric: voc07
+    assert {"map", "map_50", "map_75", "map_small", "map_medium", "map_large"} <= set(metrics["coco"])
+    assert 0.0 < metrics["coco"]["map"] <= metrics["coco"]["map_50"] <= 1.0
+    assert metrics["images_per_s"] > 0
+    assert sum(metrics["positives"].values()) == metrics["objects"]
+
+    rows = (project / "plots" / "pr-tiny.csv").read_text().splitlines()
+    assert rows[0] == "class,recall,precision" and len(rows) > 2
+    for name in CLASSES:
+        per_class = (project / "plots" / "pr-tiny" / f"{name}.csv").read_text().splitlines()
+        assert per_class[0] == "recall,precision"
+        points = np.array([[float(v) for v in r.split(",")] for r in per_class[1:]])
+        assert ((points >= 0) & (points <= 1)).all() and (np.diff(points[:, 0]) >= 0).all()
+
+    examples = sorted((project / "reports" / "tiny").glob("*.png"))
+    assert len(examples) == 3
+    for path in examples:
+        image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        assert image.shape == (64, 64, 3)  # the original image, not the network input
+        assert np.all(image == GT_COLOUR, axis=-1).any() and np.all(image == PRED_COLOUR, axis=-1).any()
+
+
+def test_tensorboard_has_examples_and_scalars(project):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (project / "runs" / "tiny-eval").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events), size_guidance={"images": 0})
+    acc.Reload()
+    assert len(acc.Tags()["images"]) == 3
+    assert {"eval/voc07_map", "eval/voc2010_map", "eval/coco_map", "eval/coco_map_50"} <= set(acc.Tags()["scalars"])
+
+
+def test_dvc_plots_show_renders_pr_curves(project):
+    result = run([*DVC, "plots", "show", "-o", "plots-html"], project, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (project / "plots-html" / "index.html").read_text()
+    for name in CLASSES:
+        assert f"plots/pr-tiny/{name}.csv" in html
+    assert '"recall"' in html and '"precision"' in html
+    shown = json.loads(run([*DVC, "plots", "show", "--json"], project, timeout=120).stdout)
+    curve = shown["data"]["plots/pr-tiny/red.csv"][0]["content"]
+    assert curve["encoding"]["x"]["field"] == "recall" and curve["encoding"]["y"]["field"] == "precision"
+    assert len(curve["data"]["values"]) == len((project / "plots/pr-tiny/red.csv").read_text().splitlines()) - 1
+
+
+@pytest.mark.slow
+def test_one_and_two_processes_give_identical_metrics(project):
+    outputs = ["--set", "metrics_dir=metrics2", "--set", "plots_dir=plots2", "--set", "reports_dir=reports2",
+               "--set", "runs_dir=runs2"]
+    result = run(two_processes(*outputs), project)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "2 process(es)" in result.stderr
+    one = json.loads((project / "metrics" / "eval-tiny.json").read_text())
+    two = json.loads((project / "metrics2" / "eval-tiny.json").read_text())
+    assert without_timing(two) == without_timing(one)
+    assert (project / "plots2" / "pr-tiny.csv").read_bytes() == (project / "plots" / "pr-tiny.csv").read_bytes()
+    assert len(list((project / "reports2" / "tiny").glob("*.png"))) == 3
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    return errors[0]
+
+
+def test_model_of_other_classes_is_refused(project, tmp_path):
+    other = tmp_path / "pets.pt"
+    save_model_file(other, tiny_model(), ["cat", "dog"])
+    result = run(stage("--set", f"model={other}", "--set", "metrics_dir=never"), project, timeout=120)
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert "['cat', 'dog']" in line and "['red', 'blue']" in line and str(other) in line
+    assert not (project / "never").exists()
+
+
+@pytest.mark.parametrize("problem", ["missing", "not a model file", "raw state dict"])
+def test_bad_model_file_is_a_one_line_error(project, tmp_path, monkeypatch, capsys, problem):
+    path = tmp_path / "broken.pt"
+    if problem == "not a model file":
+        path.write_bytes(b"PK\x03\x04 certainly not a checkpoint")
+    elif problem == "raw state dict":
+        torch.save(tiny_model().state_dict(), path)
+    monkeypatch.chdir(project)
+    assert evaluate_mod.main(["--set", f"model={path}"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert str(path) in line
+    assert {"missing": "model file not found", "not a model file": "not a readable model file",
+            "raw state dict": "not an ssd-model file"}[problem] in line
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mode=movie", "evaluate.mode: expected one of"),
+        ("postprocess.nms=0.5", "evaluate.postprocess.nms: unknown key"),
+        ("batch_size=0", "batch_size must be at least 1"),
+        ("mode=video", "mode 'video' needs clip shards"),
+        ("split=test", "no split 'test'"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(project, monkeypatch, capsys, override, message):
+    monkeypatch.chdir(project)
+    assert evaluate_mod.main(["--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Video mode. A stand-in for LSTM-SSD with its interface: the state counts the frames seen
+# since the last reset, and every call records the count each sample starts from.
+
+
+class CountingTemporalModel(nn.Module):
+    is_temporal = True
+
+    def __init__(self, detector: nn.Module):
+        super().__init__()
+        self.detector = detector
+        self.register_buffer("priors", detector.priors.clone())
+        self.image_size = detector.image_size
+        self.seen: list[list[int]] = []
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, dtype=torch.int64, device=device)
+
+    def forward(self, images, state=None, reset=None):
+        if state is None:
+            state = self.init_state(images.shape[0], images.device)
+        if reset is not None:
+            state = torch.where(reset, torch.zeros_like(state), state)
+        self.seen.append(state.tolist())
+        logits, deltas = self.detector(images)
+        return logits, deltas, state + 1
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory) -> Path:
+    # valvid0: frames 1..8 (two clips), valvid1: frames 1..4 (one clip)
+    return write_clip_dataset(tmp_path_factory.mktemp("data") / "ir", {"val": [8, 4]}, clip_length=4, size=48)
+
+
+def clip_loader(clips: Path, batch_size: int = 3):
+    return eval_loader(read_manifest(clips).shard_paths("val"), image_size=64, rank=0, world_size=1,
+                       batch_size=batch_size, num_workers=0, kind="frames_from_clips")
+
+
+def test_video_mode_carries_state_within_a_video_and_resets_at_the_next(clips):
+    model = CountingTemporalModel(tiny_model()).eval()
+    post = PostProcessor(model.priors, PostprocessConfig())
+    acc = evaluate_mod.predict(model, post, clip_loader(clips), "video", "cpu")
+    assert model.seen == [[t] for t in range(8)] + [[t] for t in range(4)]  # one frame per call
+    assert len(acc) == 12
+    assert [r.image_id for r in acc.records][:2] == ["valvid0_000001/000", "valvid0_000001/001"]
+
+    model.seen.clear()
+    per_frame = evaluate_mod.predict(model, post, clip_loader(clips), "per_frame", "cpu")
+    assert model.seen == [[0, 0, 0]] * 4  # batches of 3, every frame from a fresh state
+    # the stand-in's detections don't depend on its state: both modes agree
+    assert per_frame.voc(2).map07 == acc.voc(2).map07
+
+
+def test_a_gap_in_frame_numbers_or_a_new_video_starts_a_new_sequence():
+    start = evaluate_mod.starts_sequence
+    assert start(None, ("a", 5))
+    assert not start(("a", 5), ("a", 6))
+    assert start(("a", 5), ("a", 8))  # frames 6 and 7 missing
+    assert start(("a", 5), ("b", 6))
+    assert start(("a", 5), ("a", 5))
+
+
+def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState, PartialState
+
+    model = CountingTemporalModel(tiny_model())
+    path = tmp_path / "lstm.pt"
+    path.write_bytes(b"stand-in")
+    monkeypatch.setattr(evaluate_mod, "load_model_file",
+                        lambda p: (model, {"class_names": list(CLASSES), "image_size": 64}))
+    monkeypatch.chdir(tmp_path)
+    params = {"evaluate": {"model": str(path), "shards": str(clips), "num_workers": 0, "examples": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        assert evaluate_mod.main([]) == 0
+        video = json.loads((tmp_path / "metrics" / "eval-lstm.json").read_text())
+        assert video["mode"] == "video" and video["images"] == 12
+        assert model.seen == [[t] for t in range(8)] + [[t] for t in range(4)]
+        assert len(list((tmp_path / "reports" / "lstm").glob("*.png"))) == 2
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+        model.seen.clear()
+        assert evaluate_mod.main(["--set", "mode=per_frame", "--set", "name=lstm-per-frame"]) == 0
+        per_frame = json.loads((tmp_path / "metrics" / "eval-lstm-per-frame.json").read_text())
+        assert per_frame["mode"] == "per_frame" and per_frame["images"] == 12
+        assert all(s == [0] * len(s) for s in model.seen)
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+
+
+def test_stage_runs_an_lstm_ssd_model_file_in_video_mode(clips, tmp_path, monkeypatch):
+    """The real temporal model, through its model file, once its builder is registered."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    from ssd.models import BUILDERS, build_model
+
+    if "lstm_ssd_mobilenet_v2" not in BUILDERS:
+        pytest.skip("LSTM-SSD is not registered in ssd.models yet")
+    torch.manual_seed(0)
+    model = build_model({"name": "lstm_ssd_mobilenet_v2", "num_classes": 3, "width_mult": 0.25, "image_size": 64})
+    save_model_file(tmp_path / "lstm.pt", model, CLASSES)
+    monkeypatch.chdir(tmp_path)
+    params = {"evaluate": {"model": "lstm.pt", "shards": str(clips), "num_workers": 0, "examples": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        assert evaluate_mod.main([]) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    metrics = json.loads((tmp_path / "metrics" / "eval-lstm.json").read_text())
+    assert metrics["mode"] == "video" and metrics["images"] == 12
+
+
+def test_modes_that_do_not_fit_the_shards_or_the_model_are_refused(clips, shards):
+    frames, clip = read_manifest(shards), read_manifest(clips)
+    resolve = evaluate_mod.resolve_mode
+    assert resolve("auto", frames, False) == ("frames", "frames")
+    assert resolve("auto", frames, True) == ("frames", "frames")
+    assert resolve("auto", clip, True) == ("video", "frames_from_clips")
+    assert resolve("auto", clip, False) == ("per_frame", "frames_from_clips")
+    assert resolve("per_frame", clip, True) == ("per_frame", "frames_from_clips")
+    with pytest.raises(StageError, match="needs a temporal model"):
+        resolve("video", clip, False)
+    with pytest.raises(StageError, match="needs clip shards"):
+        resolve("per_frame", frames, True)
+    with pytest.raises(StageError, match="needs frame shards"):
+        resolve("frames", clip, False)
