@@ -95,3 +95,15 @@ def test_l2norm_finite_in_half_precision(vgg):
     y = layer(x)
     assert torch.isfinite(y).all()
     assert_close(y.float().pow(2).sum(1).sqrt(), torch.full((1, 2, 2), 20.0), rtol=0.02, atol=0)
+
+
+def test_stride8_tap_adds_a_finer_map():
+    priors = PriorConfig(min_sizes=(12, 24, 44, 72, 100, 128, 150), aspect_ratios=((2,),) * 7)
+    model = ssdlite_mobilenet_v2(num_classes=3, width_mult=0.5, image_size=160, taps=(6, 13, 17), priors=priors)
+    shapes = feature_shapes(model.backbone, model.extras, 160)
+    assert [h for _, h, _ in shapes] == [20, 10, 5, 3, 2, 1, 1]
+    assert model.arch["taps"] == [6, 13, 17]
+    again = build_model(model.arch)
+    assert again.priors.shape == model.priors.shape
+    with pytest.raises(ValueError, match="taps"):
+        ssdlite_mobilenet_v2(num_classes=3, taps=(13, 6))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+from ssd.models.lstm_ssd import LSTMSSD, lstm_ssd_mobilenet_v2
 from ssd.models.ssd import SSD
 from ssd.models.ssdlite import ssdlite_mobilenet_v2
 from ssd.models.vgg import ssd300_vgg16
@@ -16,6 +17,7 @@ from ssd.models.vgg import ssd300_vgg16
 BUILDERS: dict[str, Callable[..., SSD]] = {
     "ssdlite_mobilenet_v2": ssdlite_mobilenet_v2,
     "ssd300_vgg16": ssd300_vgg16,
+    "lstm_ssd_mobilenet_v2": lstm_ssd_mobilenet_v2,
 }
 
 
@@ -28,4 +30,4 @@ def build_model(arch: Mapping[str, Any], **extra: Any) -> SSD:
     return BUILDERS[name](**args, **extra)
 
 
-__all__ = ["SSD", "BUILDERS", "build_model", "ssdlite_mobilenet_v2", "ssd300_vgg16"]
+__all__ = ["SSD", "LSTMSSD", "BUILDERS", "build_model", "ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2"]

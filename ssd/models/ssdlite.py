@@ -20,31 +20,41 @@ from ssd.models.heads import SSDLiteHead
 from ssd.models.ssd import SSD, feature_shapes, load_backbone_weights
 from ssd.priors import PriorConfig, generate_priors, resolve_prior_config
 
-#: Blocks of torchvision's ``mobilenet_v2().features`` whose outputs feed the head.
+#: Blocks of torchvision's ``mobilenet_v2().features`` whose outputs feed the head
+#: (ssds.pytorch's baseline). Adding block 6 (stride 8) gives small objects a finer grid.
 TAPS = (13, 17)
+
+#: The last block at stride 16: where the LSTM-SSD paper puts its ConvLSTM.
+STRIDE16_BLOCK = 13
 
 #: Extra-layer widths of the baseline at width multiplier 1.
 EXTRA_CHANNELS = (512, 256, 256, 128)
 
 
 class MobileNetV2Backbone(nn.Module):
-    """``Tensor[B, 3, S, S] -> [block 13 output (S/16), block 17 output (S/32)]``.
+    """``Tensor[B, 3, S, S] -> [output of each tapped block]`` (default: block 13 at S/16, block 17 at S/32).
 
     Args:
         width_mult: torchvision's width multiplier (channels rounded to multiples of 8).
+        taps: increasing block indices of ``mobilenet_v2().features`` whose outputs are maps
+            (at most 17; e.g. ``(6, 13, 17)`` adds the stride-8 map).
     """
 
-    def __init__(self, width_mult: float = 1.0):
+    def __init__(self, width_mult: float = 1.0, taps: Sequence[int] = TAPS):
         super().__init__()
+        taps = tuple(int(t) for t in taps)
+        if not taps or list(taps) != sorted(set(taps)) or taps[0] < 1 or taps[-1] > 17:
+            raise ValueError(f"taps must be increasing block indices in 1..17, got {list(taps)}")
+        self.taps = taps
         stack = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult).features
-        # Block 18 (the 1x1 conv to 1280 channels) is not used by the detector.
-        self.features = nn.Sequential(*list(stack)[: TAPS[-1] + 1])
+        # Blocks after the last tap (block 18, the 1x1 conv to 1280 channels) are not used.
+        self.features = nn.Sequential(*list(stack)[: taps[-1] + 1])
 
     def forward(self, x: Tensor) -> list[Tensor]:
         maps = []
         for i, block in enumerate(self.features):
             x = block(x)
-            if i in TAPS:
+            if i in self.taps:
                 maps.append(x)
         return maps
 
@@ -88,6 +98,7 @@ def ssdlite_mobilenet_v2(
     extra_channels: Sequence[int] | None = None,
     priors: PriorConfig | Mapping[str, Any] | None = None,
     backbone_state_dict: Mapping[str, Tensor] | None = None,
+    taps: Sequence[int] = TAPS,
 ) -> SSD:
     """SSDLite-MobileNetV2.
 
@@ -98,16 +109,17 @@ def ssdlite_mobilenet_v2(
         extra_channels: widths of the extra blocks (default: 512/256/256/128 times ``width_mult``);
             one map per entry.
         priors: prior layout (default: ssds.pytorch's at 300, scaled for other sizes). It must
-            describe ``2 + len(extra_channels)`` maps.
+            describe ``len(taps) + len(extra_channels)`` maps.
         backbone_state_dict: torchvision ``mobilenet_v2`` weights of the same width (keys
             ``features.N.*``), e.g. read by :func:`ssd.model_file.load_state_dict_file`.
+        taps: backbone blocks whose outputs are maps (default ssds.pytorch's 13 and 17).
     """
     extra_channels = list(extra_channels) if extra_channels is not None else scaled_channels(EXTRA_CHANNELS, width_mult)
     prior_cfg = resolve_prior_config(priors, ssds_mobilenet_v2_priors(), 300, image_size)
-    backbone = MobileNetV2Backbone(width_mult)
+    backbone = MobileNetV2Backbone(width_mult, taps)
     if backbone_state_dict is not None:
         load_backbone_weights(backbone, backbone_state_dict)
-    in_channels = backbone.features[TAPS[-1]].out_channels
+    in_channels = backbone.features[backbone.taps[-1]].out_channels
     extras = nn.ModuleList()
     for c in extra_channels:
         extras.append(extra_block(in_channels, c))
@@ -125,5 +137,6 @@ def ssdlite_mobilenet_v2(
         "image_size": image_size,
         "extra_channels": extra_channels,
         "priors": prior_cfg.to_dict(),
+        "taps": list(backbone.taps),
     }
     return SSD(backbone, extras, head, prior_boxes, image_size, arch=arch)
