@@ -4,7 +4,8 @@ Contents (a ``torch.save`` of plain data, loadable with ``weights_only=True``)::
 
     {
       "format": "ssd-model", "version": 1,
-      "arch": {"name": builder, **builder arguments},   # model.arch
+      "arch": {"name": builder, **builder arguments},   # model.arch; a pruned model's also holds
+                                                         # "pruned": {module: widths} (ssd.pruning)
       "class_names": [...],                              # object classes, label k -> class_names[k-1]
       "image_size": S, "mean": [...], "std": [...],      # the input the model expects
       "state_dict": {...},
@@ -26,7 +27,8 @@ from typing import Any, Mapping
 
 import torch
 
-from ssd.models import SSD, build_model
+from ssd.models import SSD
+from ssd.pruning import rebuild_model
 
 FORMAT = "ssd-model"
 VERSION = 1
@@ -100,7 +102,7 @@ def load_model_file(path: str | os.PathLike, map_location: str | torch.device = 
     payload = read_model_file(path)
     state = payload.pop("state_dict")
     try:
-        model = build_model(payload["arch"])
+        model = rebuild_model(payload["arch"])  # build_model, plus the widths of a pruned model
         model.load_state_dict(state)
     except (ValueError, RuntimeError, TypeError, KeyError) as e:
         raise ModelFileError(f"{path}: can't rebuild the model ({str(e).splitlines()[0][:300]})") from None

@@ -1,0 +1,360 @@
+"""Prune a trained detector: remove channels for real, fine-tune, and measure what it bought.
+
+Usage::
+
+    python -m pipeline.prune [--section prune] [--set pruning.ratio=0.3 ...] [--restart]
+
+The ``--section`` of ``params.yaml`` (default ``prune``) is parsed into a frozen
+:class:`PruneStageConfig`. Steps, on the model file ``model``:
+
+1. measure it (parameters, multiply-adds, CPU latency) and evaluate it;
+2. prune it (:func:`ssd.pruning.prune_model`: L1-norm filter pruning that removes
+   channels, their batch norms and every consumer of them), measure and evaluate it;
+3. fine-tune it through the training stage's own code (:func:`pipeline.train.train`
+   with ``model.from_file`` set to the pruned model file) for ``finetune.steps``
+   steps, and evaluate it again.
+
+Outputs (``{name}``: the config's ``name``, by default the input file's stem):
+
+- ``models/{name}-pruned.pt``: the pruned, fine-tuned model file; it loads with
+  :func:`ssd.model_file.load_model_file` like any other (its ``arch`` records the
+  pruned widths);
+- ``metrics/prune-{name}.json``: parameters, multiply-adds and CPU latency (median
+  of ``latency.runs`` forwards at batch 1) before and after, and mAP before
+  pruning, after pruning and after fine-tuning.
+
+Scratch, not outputs: ``runs/{name}-pruned/prune/`` (the pruned model before
+fine-tuning, the evaluations' own files), the fine-tuning's TensorBoard logs in
+``runs/{name}-pruned/`` and its checkpoints in ``checkpoints/{name}-pruned/``.
+
+Preemption: fine-tuning stops like training does (exit code 75); running the
+stage again prunes again (deterministic: the same model) and resumes the
+fine-tuning from its last checkpoint.
+
+One process: the stage evaluates, fine-tunes and evaluates again in the same
+process (fine-tuning a pruned model is short), so it refuses to run under a
+multi-process launcher.
+
+Exit codes: 0 done, 2 bad configuration or input, 75 preempted (rerun to resume).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from pipeline import atomic
+from pipeline.config import ConfigError, load_config, load_params, to_dict
+from pipeline.stage import StageError, arg_parser, run
+from pipeline.train import DataConfig
+from ssd.loss import LossConfig
+from ssd.model_file import ModelFileError, load_model_file, save_model_file
+from ssd.optim import OptimConfig
+from ssd.postprocess import PostprocessConfig
+from ssd.pruning import PruneConfig, count_macs_params, prune_model
+
+log = logging.getLogger("pipeline.prune")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 1000
+    """Optimiser steps of fine-tuning after pruning (Li et al. retrain after the cut); 0: none,
+    the pruned weights are the output."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """What to fine-tune on (shards, split, batch size, workers, augmentation), as in training."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=50))
+    """A fifth of training's default learning rate: the weights are trained, only the damage of
+    the cut needs repairing."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    seed: int = 0
+    """Seeds the data order and augmentation of the fine-tuning."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    """Through Accelerate; fp16 needs a GPU."""
+    checkpoint_every: int = 200
+    """Steps between fine-tuning checkpoints (what a preempted run resumes from)."""
+    log_every: int = 10
+    """Steps between log lines and plot rows."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"finetune.steps must not be negative, got {self.steps}")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    enabled: bool = True
+    """Evaluate before pruning, after pruning and after fine-tuning; false: mAP is null."""
+    shards: str = "data/shards/voc"
+    """Directory with manifest.json and the {split}-NNNNNN.tar shards (the model's classes)."""
+    split: str = "val"
+    mode: Literal["auto", "frames", "video", "per_frame"] = "auto"
+    """As the evaluate stage's mode (auto: frames, or video for a temporal model on clips)."""
+    batch_size: int = 16
+    num_workers: int = 2
+    """Loader worker processes (0: load in this process)."""
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    voc_metric: Literal["voc07", "voc2010"] = "voc07"
+    """Which VOC AP is reported as map_voc."""
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    runs: int = 30
+    """Timed forwards at batch 1; the median is reported."""
+    warmup: int = 5
+    """Untimed forwards first (allocator, kernel selection)."""
+    threads: int = 0
+    """torch CPU threads while timing; 0 keeps torch's default."""
+
+    def __post_init__(self) -> None:
+        if self.runs < 1 or self.warmup < 0 or self.threads < 0:
+            raise ValueError("latency: runs must be at least 1, warmup and threads not negative")
+
+
+@dataclass(frozen=True)
+class PruneStageConfig:
+    model: str = "models/ssdlite_voc.pt"
+    """The model file to prune (written by a train stage)."""
+    name: str | None = None
+    """Names the outputs; null: the model file's stem."""
+    pruning: PruneConfig = field(default_factory=PruneConfig)
+    """How many channels go and how they are chosen (ratio, mode, round_to, ignore, ...)."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluate: EvalSettings = field(default_factory=EvalSettings)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    models_dir: str = "models"
+    metrics_dir: str = "metrics"
+    runs_dir: str = "runs"
+    checkpoints_dir: str = "checkpoints"
+
+
+@torch.no_grad()
+def cpu_latency_ms(model: nn.Module, image_size: int, runs: int = 30, warmup: int = 5, threads: int = 0) -> float:
+    """Median wall time of one forward at batch 1 on the CPU, in milliseconds.
+
+    Times a copy of ``model`` in eval mode (the caller's model is left where it is). A temporal
+    model carries its state from call to call, as when streaming a video.
+    """
+    model = copy.deepcopy(model).cpu().eval()
+    x = torch.rand(1, 3, image_size, image_size)
+    temporal = bool(getattr(model, "is_temporal", False))
+    state = None
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        for _ in range(warmup):
+            out = model(x, state=state) if temporal else model(x)
+            state = out[2] if temporal else None
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            out = model(x, state=state) if temporal else model(x)
+            times.append(time.perf_counter() - t0)
+            state = out[2] if temporal else None
+    finally:
+        torch.set_num_threads(previous_threads)
+    return statistics.median(times) * 1000.0
+
+
+def _cost(model: nn.Module, image_size: int, cfg: LatencyConfig) -> dict[str, float]:
+    macs, params = count_macs_params(model, image_size)
+    latency = cpu_latency_ms(model, image_size, cfg.runs, cfg.warmup, cfg.threads)
+    return {"params": params, "macs": macs, "latency_ms": latency}
+
+
+def _fresh_accelerate() -> None:
+    # evaluate() and train() each set up Accelerate's process-wide state for themselves (and
+    # end it); reset it between them so that the second one's settings (mixed precision, ...)
+    # take effect instead of clashing with the first one's.
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _evaluate(cfg: PruneStageConfig, model_path: Path, name: str, work: Path) -> dict[str, Any] | None:
+    """The evaluate stage's metrics of ``model_path`` (its own files go to ``work``); None if disabled."""
+    if not cfg.evaluate.enabled:
+        return None
+    from pipeline.evaluate import EvaluateConfig, evaluate
+
+    e = cfg.evaluate
+    ecfg = EvaluateConfig(
+        model=str(model_path), shards=e.shards, split=e.split, name=name, mode=e.mode,
+        batch_size=e.batch_size, num_workers=e.num_workers, postprocess=e.postprocess,
+        voc_metric=e.voc_metric, examples=0,
+        metrics_dir=str(work), plots_dir=str(work), reports_dir=str(work), runs_dir=str(work),
+    )
+    _fresh_accelerate()
+    return evaluate(ecfg)
+
+
+def _finetune(cfg: PruneStageConfig, pruned_path: Path, image_size: int, train_name: str, work: Path, restart: bool) -> int:
+    """Fine-tune the pruned model file with the training stage's code; its model file goes to ``work``."""
+    from pipeline.train import ModelConfig, TrainConfig, train
+
+    f = cfg.finetune
+    tcfg = TrainConfig(
+        name=train_name,
+        # The architecture, pruned widths included, and the weights come from the file; the
+        # image size is the file's (the loader reads it from here).
+        model=ModelConfig(from_file=str(pruned_path), image_size=image_size),
+        data=f.data, optim=f.optim, loss=f.loss, steps=f.steps, seed=f.seed,
+        mixed_precision=f.mixed_precision, checkpoint_every=f.checkpoint_every, log_every=f.log_every,
+        models_dir=str(work), metrics_dir=str(work), plots_dir=str(work),
+        runs_dir=cfg.runs_dir, checkpoints_dir=cfg.checkpoints_dir,
+    )
+    _fresh_accelerate()
+    return train(tcfg, restart=restart)
+
+
+def _map(metrics: dict[str, Any] | None, *keys: str) -> float | None:
+    for key in keys:
+        if metrics is None:
+            return None
+        metrics = metrics.get(key)  # type: ignore[assignment]
+    return metrics  # type: ignore[return-value]
+
+
+def _change(before: float, after: float) -> float:
+    return round(1.0 - after / before, 4) if before else 0.0
+
+
+def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
+    """Run the stage as ``cfg`` says; returns the exit code."""
+    t_start = time.perf_counter()
+    name = cfg.name or Path(cfg.model).stem
+    train_name = f"{name}-pruned"
+    out_model = Path(cfg.models_dir) / f"{train_name}.pt"
+    out_metrics = Path(cfg.metrics_dir) / f"prune-{name}.json"
+    work = Path(cfg.runs_dir) / train_name / "prune"
+
+    try:
+        model, info = load_model_file(cfg.model)
+    except ModelFileError as e:
+        raise StageError(str(e)) from None
+    classes, size = list(info["class_names"]), int(info["image_size"])
+
+    cost_before = _cost(model, size, cfg.latency)
+    log.info("%s: %d parameters, %d multiply-adds, %.2f ms on the CPU", cfg.model,
+             cost_before["params"], cost_before["macs"], cost_before["latency_ms"])
+    eval_before = _evaluate(cfg, Path(cfg.model), f"{name}-unpruned", work)
+
+    try:
+        result = prune_model(model, cfg.pruning)
+    except ValueError as e:
+        raise StageError(f"{cfg.model}: {e}") from None
+    cost_after = _cost(model, size, cfg.latency)
+    log.info(
+        "pruned %d of %d channels: %d parameters (-%.0f%%), %d multiply-adds (-%.0f%%), %.2f ms (%.2fx)",
+        result.channels_before - result.channels_after, result.channels_before,
+        cost_after["params"], 100 * _change(cost_before["params"], cost_after["params"]),
+        cost_after["macs"], 100 * _change(cost_before["macs"], cost_after["macs"]),
+        cost_after["latency_ms"], cost_before["latency_ms"] / cost_after["latency_ms"],
+    )
+    meta: dict[str, Any] = {
+        "source_model": cfg.model,
+        "pruning": {
+            **to_dict(cfg.pruning),
+            "channels_before": result.channels_before,
+            "channels_after": result.channels_after,
+            "groups": {k: list(v) for k, v in result.groups.items()},
+        },
+    }
+    pruned_path = work / f"{name}-pruned-only.pt"
+    save_model_file(pruned_path, model, classes, meta=meta)
+    eval_pruned = _evaluate(cfg, pruned_path, f"{name}-pruned-only", work)
+
+    eval_finetuned = None
+    if cfg.finetune.steps > 0:
+        code = _finetune(cfg, pruned_path, size, train_name, work, restart)
+        if code:
+            return code  # preempted: the checkpoint is saved, a rerun resumes
+        finetuned_path = work / f"{train_name}.pt"
+        try:
+            model, tuned = load_model_file(finetuned_path)
+        except ModelFileError as e:
+            raise StageError(str(e)) from None
+        meta["finetune"] = tuned["meta"]
+        eval_finetuned = _evaluate(cfg, finetuned_path, f"{name}-finetuned", work)
+
+    save_model_file(out_model, model, classes, meta=meta)
+    metric = cfg.evaluate.voc_metric
+    metrics = {
+        "model": cfg.model,
+        "pruned_model": str(out_model),
+        "ratio": cfg.pruning.ratio,
+        "mode": cfg.pruning.mode,
+        "channels": {"before": result.channels_before, "after": result.channels_after},
+        "params": {
+            "before": cost_before["params"], "after": cost_after["params"],
+            "reduction": _change(cost_before["params"], cost_after["params"]),
+        },
+        "macs": {
+            "before": cost_before["macs"], "after": cost_after["macs"],
+            "reduction": _change(cost_before["macs"], cost_after["macs"]),
+        },
+        "latency_ms": {
+            "before": round(cost_before["latency_ms"], 3),
+            "after": round(cost_after["latency_ms"], 3),
+            "speedup": round(cost_before["latency_ms"] / cost_after["latency_ms"], 3),
+            "runs": cfg.latency.runs,
+            "threads": cfg.latency.threads or torch.get_num_threads(),
+        },
+        "map_voc": {
+            "metric": metric,
+            "before": _map(eval_before, "map_voc"),
+            "pruned": _map(eval_pruned, "map_voc"),
+            "finetuned": _map(eval_finetuned, "map_voc"),
+        },
+        "coco_map_50": {
+            "before": _map(eval_before, "coco", "map_50"),
+            "pruned": _map(eval_pruned, "coco", "map_50"),
+            "finetuned": _map(eval_finetuned, "coco", "map_50"),
+        },
+        "finetune_steps": cfg.finetune.steps,
+        "image_size": size,
+        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "wall_time_s": round(time.perf_counter() - t_start, 2),
+    }
+    atomic.write_json(out_metrics, metrics)
+    log.info("wrote %s and %s", out_model, out_metrics)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--section", default="prune", help="params.yaml section (default: %(default)s)")
+    parser.add_argument("--restart", action="store_true", help="discard fine-tuning checkpoints of another config")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        # faster_coco_eval prints its whole summary table at INFO; the evaluate log line says enough.
+        logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise StageError("the prune stage runs as one process: python -m pipeline.prune")
+        try:
+            cfg = load_config(PruneStageConfig, load_params(args.params), args.section, args.overrides)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a config dataclass's own checks
+            raise StageError(f"{args.section}: {e}") from None
+        return prune(cfg, restart=args.restart)
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

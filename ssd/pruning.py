@@ -1,0 +1,588 @@
+"""Structured channel pruning that physically removes channels.
+
+Filters are ranked by the L1 norm of their weights (Li et al., "Pruning Filters
+for Efficient ConvNets", arXiv 1608.08710) and the weakest are *removed*, not
+masked: the convolution's output channels, its batch norm, and every consumer
+of those channels go (the next convolution's inputs; a depthwise convolution
+and its batch norm in full; every branch of a MobileNetV2 residual addition;
+the SSD head's predictors). Torch-Pruning's dependency graph (DepGraph, arXiv
+2301.12900) works out which channels are coupled: a *group* is a set of
+channels that can only go together, and a channel's importance is the mean L1
+norm of every weight slice it owns in the group (conv filters, consumer
+columns, batch-norm scales).
+
+The head's final prediction convolutions keep their output channels, so the
+detector's outputs keep their shapes: the same ``P`` priors and ``C`` classes.
+
+Two ways to choose how many channels go (:class:`PruneConfig`):
+
+- ``uniform``: every group loses ``ratio`` of its channels (Li et al.'s
+  per-layer scheme with one fraction everywhere);
+- ``global``: channels are ranked across all groups and the weakest ``ratio``
+  of them all go, at most ``max_layer_ratio`` of any one group. Scores are
+  divided by their group's mean first: the raw L1 norm of a 9-weight depthwise
+  filter and of a 960-input 1x1 filter are not comparable.
+
+Pruned model files. A pruned model's widths differ from what its builder
+builds. :func:`prune_model` records them in ``model.arch["pruned"]``
+(``{module name: {"out_channels": ..., ...}}``, plain data, only the modules
+that differ from the builder's), so the model file's ``arch`` still describes
+the architecture completely; :func:`rebuild_model` builds the model and
+resizes those modules before the weights are loaded, which is what
+:func:`ssd.model_file.load_model_file` does.
+
+Temporal models (LSTM-SSD, ``model.is_temporal``): Torch-Pruning can't trace a
+ConvLSTM cell unrolled inside ``forward``. While the graph is built and pruned,
+a 1x1 probe convolution stands in for each cell, so the graph decides the
+cell's input and output channels together with the layers around it; the
+cell's own hidden and bottleneck units are then scored by the L1 norm of their
+filters (a hidden unit: its four gate filters) and cut here with the library's
+low-level ``prune_conv_out_channels`` / ``prune_conv_in_channels`` (see the
+section on temporal models below).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ssd.lstm import BottleneckConvLSTMCell
+from ssd.models import SSD, build_model
+from ssd.models.vgg import L2Norm
+
+#: ``{module name: {attribute: width}}``: what ``arch["pruned"]`` holds.
+Widths = dict[str, dict[str, int]]
+
+#: Key of the pruned widths in a model's ``arch``.
+ARCH_KEY = "pruned"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float = 0.5
+    """Fraction of channels removed: of every group (uniform) or of all of them (global)."""
+    mode: Literal["uniform", "global"] = "uniform"
+    """uniform: the same fraction per group; global: channels ranked across groups."""
+    round_to: int | None = 8
+    """Kept widths are rounded to the nearest multiple of this (at least one multiple, at most the
+    original width): vectorised CPU kernels and GPU tensor cores like multiples of 8. null or 1:
+    no rounding."""
+    ignore: tuple[str, ...] = ()
+    """fnmatch patterns of module names (e.g. ``backbone.features.0.*``) whose output channels are
+    kept; their inputs still shrink with their producers. The head's prediction convolutions are
+    always kept."""
+    max_layer_ratio: float = 0.8
+    """Global mode: at most this fraction of any one group goes, so no layer is pruned away."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio < 1.0:
+            raise ValueError(f"ratio must be in [0, 1) (the fraction of channels removed), got {self.ratio}")
+        if not 0.0 < self.max_layer_ratio < 1.0:
+            raise ValueError(f"max_layer_ratio must be in (0, 1), got {self.max_layer_ratio}")
+        if self.mode == "global" and self.ratio > self.max_layer_ratio:
+            raise ValueError(
+                f"ratio {self.ratio} is above max_layer_ratio {self.max_layer_ratio}: "
+                "no group may lose that much, so the global ratio can't be reached"
+            )
+        if self.round_to is not None and self.round_to < 1:
+            raise ValueError(f"round_to must be at least 1 (or null), got {self.round_to}")
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """What :func:`prune_model` did."""
+
+    channels_before: int
+    """Prunable channels (summed over groups) before."""
+    channels_after: int
+    groups: dict[str, tuple[int, int]]
+    """Per group of coupled channels, named by the convolution that produces them (a cell's own
+    units as ``temporal.K.hidden`` / ``.bottleneck``): ``(channels before, after)``."""
+    widths: Widths
+    """The model's pruned widths, as stored in ``model.arch["pruned"]``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Pruning
+
+
+def prune_model(model: nn.Module, config: PruneConfig, image_size: int | None = None) -> PruneResult:
+    """Remove the least important channels of ``model`` in place.
+
+    Args:
+        model: a detector (``model.head.cls_layers`` / ``box_layers`` hold the predictors), or a
+            temporal one (``model.is_temporal``, its cells in ``model.temporal``); its mode
+            (train/eval) is restored afterwards, its batch-norm statistics are untouched.
+        config: how much and how to choose.
+        image_size: side of the square dummy input the dependency graph is traced with
+            (default ``model.image_size``).
+
+    Returns:
+        What was removed; ``model.arch["pruned"]`` records the new widths (merged with those of an
+        earlier pruning) so that :func:`rebuild_model` can rebuild it.
+
+    Raises:
+        ValueError: an ``ignore`` pattern that matches no module, or a ratio that would leave a
+            group with no channel (the model is then left as it was).
+    """
+    import torch_pruning as tp
+
+    size = int(image_size or model.image_size)
+    names = {m: n for n, m in model.named_modules()}
+    ignored = _ignored_modules(model, config.ignore)
+    cells = _temporal_cells(model)
+    frozen = {key for key, cell in cells.items() if any(m in ignored for m in cell.modules())}
+    # Decided before anything is cut, so that a ratio that is too high leaves the model whole.
+    cell_plans = {key: _plan_cell(cell, f"temporal.{key}", config, key in frozen) for key, cell in cells.items()}
+    shapes_before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    widths_before = module_widths(model)
+
+    was_training = model.training
+    model.eval()  # the tracing forward must not update batch-norm statistics
+    probes = {key: _CellProbe(cell) for key, cell in cells.items()}
+    for key, probe in probes.items():
+        model.temporal[key] = probe
+        names[probe.conv] = f"temporal.{key}"
+        if key in frozen:
+            ignored.add(probe.conv)  # an ignored cell keeps its output channels
+    try:
+        example = torch.rand(1, 3, size, size, device=_device(model))
+        outputs_before: list[tuple[int, ...]] = []
+
+        def trace(m: nn.Module, x: Tensor) -> list[Tensor]:
+            out = _outputs(m, x)
+            outputs_before[:] = [tuple(t.shape) for t in out]
+            return out
+
+        graph = tp.DependencyGraph().build_dependency(
+            model,
+            example_inputs=example,
+            forward_fn=trace,
+            # L2Norm's per-channel scale follows its input's channels (dim 0).
+            unwrapped_parameters=[(m.weight, 0) for m in model.modules() if isinstance(m, L2Norm)],
+        )
+        importance = tp.importance.MagnitudeImportance(
+            p=1, group_reduction="mean", normalizer="mean" if config.mode == "global" else None
+        )
+        plan = []  # (root module, pruning function, scores)
+        labels = []  # each group's name in the result
+        for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=[nn.Conv2d]):
+            _check_group(group, names)
+            scores = importance(group)
+            if scores is None:
+                continue
+            plan.append((group[0].dep.target.module, group[0].dep.handler, scores.detach().float().cpu()))
+            labels.append(_group_label(group, graph, names))
+        removed = _choose(plan, names, config)
+
+        groups: dict[str, tuple[int, int]] = {}
+        probe_of = {probe.conv: key for key, probe in probes.items()}
+        cut: dict[str, dict[str, list[int]]] = {key: {"in": [], "out": []} for key in probes}
+        for (root, handler, scores), idxs, label in zip(plan, removed, labels):
+            groups[label] = (len(scores), len(scores) - len(idxs))
+            if not idxs:
+                continue
+            group = graph.get_pruning_group(root, handler, idxs)
+            for dep, dep_idxs in group:  # what the graph cut from a cell's inputs and outputs
+                key = probe_of.get(dep.target.module)
+                if key is not None:
+                    side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+                    cut[key][side] = sorted(int(i) for i in dep_idxs)
+            group.prune()
+    finally:
+        for key, cell in cells.items():
+            model.temporal[key] = cell
+        model.train(was_training)
+
+    for key, cell in cells.items():
+        groups.update(_prune_cell(cell, f"temporal.{key}", cell_plans[key], cut[key]["in"], cut[key]["out"]))
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        try:
+            outputs_after = [tuple(t.shape) for t in _outputs(model, example)]
+        finally:
+            model.train(was_training)
+    if outputs_after != outputs_before:  # the head's predictors are ignored: can't happen
+        raise RuntimeError(f"pruning changed the output shapes {outputs_before} -> {outputs_after}")
+
+    widths_after = module_widths(model)
+    _check_recorded(model, shapes_before)
+    changed = {n: w for n, w in widths_after.items() if widths_before.get(n) != w}
+    arch = dict(getattr(model, "arch", None) or {})
+    widths = {**arch.get(ARCH_KEY, {}), **changed}
+    if hasattr(model, "arch") and widths:
+        model.arch = {**arch, ARCH_KEY: widths}
+    before = sum(b for b, _ in groups.values())
+    after = sum(a for _, a in groups.values())
+    return PruneResult(channels_before=before, channels_after=after, groups=groups, widths=widths)
+
+
+def _outputs(model: nn.Module, images: Tensor) -> list[Tensor]:
+    # The tensors the dependency graph is traced back from: class logits and box offsets (a
+    # temporal model's new state is left out: its cell is pruned by hand).
+    out = model(images)
+    return list(out[:2])
+
+
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _ignored_modules(model: nn.Module, patterns: Sequence[str]) -> set[nn.Module]:
+    """The modules whose output channels are kept: the head's predictors and ``patterns``' matches."""
+    ignored: set[nn.Module] = set()
+    head = model.head
+    for branch in [*head.cls_layers, *head.box_layers]:
+        convs = [m for m in branch.modules() if isinstance(m, nn.Conv2d)]
+        ignored.add(convs[-1])  # the convolution that writes the predictions
+    named = dict(model.named_modules())
+    for pattern in patterns:
+        matches = [m for n, m in named.items() if n and fnmatch.fnmatchcase(n, pattern)]
+        if not matches:
+            raise ValueError(f"ignore pattern {pattern!r} matches no module of the model")
+        for m in matches:
+            ignored.update(m.modules())
+    return ignored
+
+
+def _check_group(group: Any, names: Mapping[nn.Module, str]) -> None:
+    # Grouped (not depthwise) convolutions would need their channels pruned per group; none of
+    # our architectures has one, so refuse rather than cut them wrong.
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.Conv2d) and 1 < m.groups and not (m.groups == m.in_channels == m.out_channels):
+            raise ValueError(f"{names.get(m, m)}: grouped convolutions (groups={m.groups}) can't be pruned")
+
+
+def _group_label(group: Any, graph: Any, names: Mapping[nn.Module, str]) -> str:
+    # A group is named after the first convolution that produces its channels (not a depthwise
+    # one, which only passes them through), e.g. "backbone.features.13.conv.2".
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and graph.is_out_channel_pruning_fn(dep.handler):
+            return names[m]
+    return names[group[0].dep.target.module]
+
+
+def _kept(n: int, keep: float, round_to: int | None) -> int:
+    """Channels kept of ``n`` when ``keep`` of them should stay: rounded to ``round_to``, at least one."""
+    step = round_to or 1
+    k = math.floor(keep / step + 0.5) * step
+    return int(min(n, max(k, step, 1)))
+
+
+def _choose(
+    plan: Sequence[tuple[nn.Module, Callable, Tensor]], names: Mapping[nn.Module, str], config: PruneConfig
+) -> list[list[int]]:
+    """Per group, the indices of the channels to remove (its lowest scores)."""
+    if config.ratio == 0 or not plan:
+        return [[] for _ in plan]
+    if config.mode == "uniform":
+        counts = []
+        for root, _, scores in plan:
+            n = len(scores)
+            target = n * (1.0 - config.ratio)
+            if target < 1:
+                raise ValueError(
+                    f"ratio {config.ratio} would leave no channel of the {n} of {names[root]}; "
+                    "lower the ratio or add the layer to ignore"
+                )
+            counts.append(n - _kept(n, target, config.round_to))
+    else:
+        # Global ranking: remove the lowest normalised scores across all groups, skipping a
+        # group once it has lost max_layer_ratio of its channels.
+        sizes = [len(s) for _, _, s in plan]
+        caps = [n - max(1, math.ceil(n * (1.0 - config.max_layer_ratio))) for n in sizes]
+        pool = torch.cat([s for _, _, s in plan])
+        owner = torch.cat([torch.full((n,), i) for i, n in enumerate(sizes)])
+        goal = int(config.ratio * len(pool))
+        taken = [0] * len(plan)
+        done = 0
+        for j in torch.argsort(pool, stable=True).tolist():
+            if done == goal:
+                break
+            g = int(owner[j])
+            if taken[g] < caps[g]:
+                taken[g] += 1
+                done += 1
+        counts = [n - _kept(n, n - t, config.round_to) if t else 0 for n, t in zip(sizes, taken)]
+    return [torch.argsort(s, stable=True)[:c].tolist() for (_, _, s), c in zip(plan, counts)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Temporal models: the Bottleneck ConvLSTM cells, pruned by hand
+#
+# A cell (ssd.lstm.BottleneckConvLSTMCell) has three sets of channels of its own besides its input
+# x (M channels) and output (O):
+#   - hidden units u (N): h and c channel u, the unit's four gate filters (rows u, N+u, 2N+u, 3N+u
+#     of gates[1]), its recurrent input (channel M+u of bottleneck[0] and column M+u of
+#     bottleneck[1]) and its column of the projection; without a projection h *is* the output,
+#     and the hidden units are the output channels the graph chose;
+#   - bottleneck units v (N_b): row v of bottleneck[1], channel v of gates[0], column v of gates[1];
+#   - inputs and outputs, which belong to the groups of the layers around the cell.
+# Torch-Pruning can't trace the recurrence, so while the graph is built and pruned a _CellProbe (a
+# 1x1 convolution from M to O channels) stands in for each cell: the graph decides the cell's
+# inputs and outputs with the layers around it, and the cell's own units are chosen here by the
+# L1 norm of their filters, with the same ratio and rounding (in global mode too: the cell's
+# units are not ranked against the graph's channels).
+
+
+class _CellProbe(nn.Module):
+    """Stands in for a cell while the graph is traced and pruned: ``x -> (conv1x1(x), state)``.
+
+    Zero weights: the probe adds nothing to the importance of the channels around it.
+    """
+
+    def __init__(self, cell: BottleneckConvLSTMCell):
+        super().__init__()
+        self.conv = nn.Conv2d(cell.in_channels, cell.out_channels, 1, bias=False)
+        nn.init.zeros_(self.conv.weight)
+        self.conv.to(cell.gates[1].weight.device)
+        self.init_state = cell.init_state  # the model asks its cells for the zero state
+
+    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
+        return self.conv(x), state
+
+
+def _temporal_cells(model: nn.Module) -> dict[str, BottleneckConvLSTMCell]:
+    """A temporal model's cells by their key in ``model.temporal`` (none for other models)."""
+    if not getattr(model, "is_temporal", False):
+        return {}
+    temporal = getattr(model, "temporal", None)
+    if not isinstance(temporal, nn.ModuleDict) or not all(isinstance(c, BottleneckConvLSTMCell) for c in temporal.values()):
+        raise ValueError("a temporal model can be pruned only with its Bottleneck ConvLSTM cells in model.temporal")
+    return dict(temporal.items())
+
+
+def _lowest(scores: Tensor, count: int) -> list[int]:
+    return sorted(torch.argsort(scores, stable=True)[:count].tolist())
+
+
+def _plan_cell(cell: BottleneckConvLSTMCell, name: str, config: PruneConfig, frozen: bool) -> dict[str, list[int] | None]:
+    """The hidden and bottleneck units to remove (``None``: hidden units follow the outputs)."""
+    n, nb = cell.hidden_channels, cell.bottleneck[1].out_channels
+    if frozen or config.ratio == 0:
+        return {"hidden": [] if cell.project is not None else None, "bottleneck": []}
+    for units, what in ((n, "hidden"), (nb, "bottleneck")):
+        if units * (1.0 - config.ratio) < 1:
+            raise ValueError(
+                f"ratio {config.ratio} would leave no {what} unit of the {units} of {name}; "
+                "lower the ratio or add the cell to ignore"
+            )
+    with torch.no_grad():
+        # Li et al.'s L1 norm of a unit's filters: its four gate filters, its bottleneck filter.
+        gate_l1 = cell.gates[1].weight.abs().flatten(1).sum(1).view(4, n).sum(0)
+        bottleneck_l1 = cell.bottleneck[1].weight.abs().flatten(1).sum(1)
+    hidden = None
+    if cell.project is not None:
+        hidden = _lowest(gate_l1.cpu(), n - _kept(n, n * (1.0 - config.ratio), config.round_to))
+    bottleneck = _lowest(bottleneck_l1.cpu(), nb - _kept(nb, nb * (1.0 - config.ratio), config.round_to))
+    return {"hidden": hidden, "bottleneck": bottleneck}
+
+
+def _prune_cell(
+    cell: BottleneckConvLSTMCell,
+    name: str,
+    plan: Mapping[str, list[int] | None],
+    inputs: Sequence[int],
+    outputs: Sequence[int],
+) -> dict[str, tuple[int, int]]:
+    """Cut ``cell``'s removed input channels, output channels, hidden and bottleneck units."""
+    import torch_pruning as tp
+
+    m, n, nb = cell.in_channels, cell.hidden_channels, cell.bottleneck[1].out_channels
+    hidden = list(outputs) if plan["hidden"] is None else list(plan["hidden"])
+    bottleneck = list(plan["bottleneck"] or [])
+    concat = [*inputs, *(m + u for u in hidden)]  # the bottleneck reads cat(x, h)
+    dw_b, pw_b = cell.bottleneck[0], cell.bottleneck[1]
+    dw_g, pw_g = cell.gates[0], cell.gates[1]
+    if concat:
+        tp.prune_depthwise_conv_out_channels(dw_b, concat)
+        tp.prune_conv_in_channels(pw_b, concat)
+    if bottleneck:
+        tp.prune_conv_out_channels(pw_b, bottleneck)
+        tp.prune_depthwise_conv_out_channels(dw_g, bottleneck)
+        tp.prune_conv_in_channels(pw_g, bottleneck)
+    if hidden:
+        tp.prune_conv_out_channels(pw_g, [g * n + u for g in range(4) for u in hidden])  # gates i, f, g, o
+    if cell.project is not None:
+        if hidden:
+            tp.prune_conv_in_channels(cell.project, hidden)
+        if outputs:
+            tp.prune_conv_out_channels(cell.project, list(outputs))
+    cell.in_channels = m - len(inputs)
+    cell.hidden_channels = n - len(hidden)
+    cell.out_channels = cell.project.out_channels if cell.project is not None else cell.hidden_channels
+    report = {f"{name}.bottleneck": (nb, nb - len(bottleneck))}
+    if plan["hidden"] is not None:  # otherwise counted with the output group
+        report[f"{name}.hidden"] = (n, cell.hidden_channels)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Widths: recording them and rebuilding a pruned model
+
+
+def _conv_widths(m: nn.Conv2d) -> dict[str, int]:
+    return {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
+
+
+def _resize_conv(m: nn.Conv2d, w: Mapping[str, int]) -> None:
+    cin, cout, groups = w["in_channels"], w["out_channels"], w["groups"]
+    if min(cin, cout, groups) < 1 or cin % groups or cout % groups:
+        raise ValueError(f"invalid convolution widths {dict(w)}")
+    m.in_channels, m.out_channels, m.groups = cin, cout, groups
+    m.weight = _blank(m.weight, (cout, cin // groups, *m.kernel_size))
+    if m.bias is not None:
+        m.bias = _blank(m.bias, (cout,))
+
+
+def _bn_widths(m: nn.BatchNorm2d) -> dict[str, int]:
+    return {"num_features": m.num_features}
+
+
+def _resize_bn(m: nn.BatchNorm2d, w: Mapping[str, int]) -> None:
+    n = w["num_features"]
+    if n < 1:
+        raise ValueError(f"invalid batch-norm width {n}")
+    m.num_features = n
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        t = getattr(m, key)
+        if t is not None:
+            setattr(m, key, _blank(t, (n,)))
+
+
+def _l2norm_widths(m: L2Norm) -> dict[str, int]:
+    return {"channels": m.weight.numel()}
+
+
+def _resize_l2norm(m: L2Norm, w: Mapping[str, int]) -> None:
+    if w["channels"] < 1:
+        raise ValueError(f"invalid L2Norm width {w['channels']}")
+    m.weight = _blank(m.weight, (w["channels"],))
+
+
+def _cell_widths(m: BottleneckConvLSTMCell) -> dict[str, int]:
+    return {"in_channels": m.in_channels, "hidden_channels": m.hidden_channels, "out_channels": m.out_channels}
+
+
+def _resize_cell(m: BottleneckConvLSTMCell, w: Mapping[str, int]) -> None:
+    # Only the cell's own attributes (the zero state's width, ...): its convolutions are
+    # recorded and resized on their own.
+    if min(w.values()) < 1:
+        raise ValueError(f"invalid cell widths {dict(w)}")
+    m.in_channels, m.hidden_channels, m.out_channels = w["in_channels"], w["hidden_channels"], w["out_channels"]
+
+
+def _blank(t: Tensor, shape: tuple[int, ...]) -> Tensor:
+    # A placeholder of the new shape; load_state_dict fills it.
+    new = torch.zeros(shape, dtype=t.dtype, device=t.device)
+    return nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+
+#: Module types whose widths can be recorded and restored: (type, widths, resize).
+_RESIZABLE: list[tuple[type, Callable[[Any], dict[str, int]], Callable[[Any, Mapping[str, int]], None]]] = [
+    (nn.Conv2d, _conv_widths, _resize_conv),
+    (nn.BatchNorm2d, _bn_widths, _resize_bn),
+    (L2Norm, _l2norm_widths, _resize_l2norm),
+    (BottleneckConvLSTMCell, _cell_widths, _resize_cell),
+]
+
+
+def _resizer(m: nn.Module):
+    for cls, widths, resize in _RESIZABLE:
+        if type(m) is cls:
+            return widths, resize
+    return None
+
+
+def module_widths(model: nn.Module) -> Widths:
+    """The widths of every resizable module (convolutions, batch norms, L2Norm, ConvLSTM cells), by name."""
+    out: Widths = {}
+    for name, m in model.named_modules():
+        r = _resizer(m)
+        if r is not None:
+            out[name] = r[0](m)
+    return out
+
+
+def _check_recorded(model: nn.Module, shapes_before: Mapping[str, tuple[int, ...]]) -> None:
+    # Every tensor whose shape changed must belong to a module whose widths are recorded, or the
+    # pruned model could not be rebuilt from its arch.
+    owners = {}
+    for mname, m in model.named_modules():
+        for pname, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
+            owners[f"{mname}.{pname}" if mname else pname] = m
+    for key, t in model.state_dict().items():
+        if tuple(t.shape) != shapes_before.get(key) and _resizer(owners[key]) is None:
+            raise RuntimeError(
+                f"pruning resized {key} of a {type(owners[key]).__name__}, whose widths can't be recorded"
+            )
+
+
+def resize_modules(model: nn.Module, widths: Mapping[str, Mapping[str, int]]) -> None:
+    """Give the named modules of ``model`` the recorded ``widths`` (their weights become zeros).
+
+    Raises:
+        ValueError: a name the model lacks, a module that can't be resized, or widths that don't
+            fit the module.
+    """
+    named = dict(model.named_modules())
+    for name, w in widths.items():
+        m = named.get(name)
+        if m is None:
+            raise ValueError(f"pruned widths name a module the architecture lacks: {name!r}")
+        r = _resizer(m)
+        if r is None:
+            raise ValueError(f"pruned widths for {name!r}, a {type(m).__name__}, which can't be resized")
+        expected = set(r[0](m))
+        if not isinstance(w, Mapping) or set(w) != expected:
+            raise ValueError(f"pruned widths for {name!r}: expected keys {sorted(expected)}, got {w!r}")
+        try:
+            r[1](m, w)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
+def rebuild_model(arch: Mapping[str, Any]) -> SSD:
+    """:func:`ssd.models.build_model`, resizing the modules ``arch["pruned"]`` names (if any).
+
+    The result has the pruned model's shapes (weights still to be loaded) and the full ``arch``,
+    so saving it again keeps the record.
+    """
+    arch = dict(arch)
+    widths = arch.pop(ARCH_KEY, None)
+    model = build_model(arch)
+    if widths:
+        if not isinstance(widths, Mapping):
+            raise ValueError(f"arch[{ARCH_KEY!r}] must map module names to widths")
+        resize_modules(model, widths)
+        model.arch = {**model.arch, ARCH_KEY: copy.deepcopy(dict(widths))}
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost
+
+
+def count_macs_params(model: nn.Module, image_size: int | None = None) -> tuple[int, int]:
+    """``(multiply-adds, parameters)`` of one forward at batch 1 and ``image_size`` (default ``model.image_size``).
+
+    Multiply-adds are Torch-Pruning's count: convolutions and linear layers, plus one per element
+    for batch norms and activations (well under 1% of the total for these detectors).
+    """
+    import torch_pruning as tp
+
+    size = int(image_size or model.image_size)
+    example = torch.zeros(1, 3, size, size, device=_device(model))
+    macs, params = tp.utils.count_ops_and_params(model, example)
+    return int(macs), int(params)

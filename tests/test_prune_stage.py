@@ -1,0 +1,157 @@
+"""The prune stage, run as users run it: a subprocess on a tiny model file and tiny shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from shardgen import CLASSES, write_frame_dataset
+from ssd.model_file import load_model_file, read_model_file, save_model_file
+from ssd.models import ssdlite_mobilenet_v2
+from ssd.pruning import ARCH_KEY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PRUNE = {
+    "model": "models/tiny.pt",
+    "pruning": {"ratio": 0.5},
+    "finetune": {
+        "steps": 2,
+        "data": {"shards": "shards", "batch_size": 4, "num_workers": 0, "streams": 2, "shuffle_buffer": 8},
+        "optim": {"lr": 0.001, "warmup_steps": 1},
+        "log_every": 1,
+    },
+    "evaluate": {"shards": "shards", "batch_size": 6, "num_workers": 0},
+    "latency": {"runs": 3, "warmup": 1},
+}
+
+
+def env() -> dict:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    e.pop("ACCELERATE_CONFIG_FILE", None)
+    return e
+
+
+def run(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.prune", *args], cwd=cwd, env=env(), capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    write_frame_dataset(root / "shards", {"train": [8], "val": [6]})
+    torch.manual_seed(0)
+    save_model_file(root / "models" / "tiny.pt", ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.5, image_size=64),
+                    CLASSES, meta={"note": "untrained"})
+    (root / "params.yaml").write_text(yaml.safe_dump({"prune": PRUNE}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def pruned(project) -> subprocess.CompletedProcess:
+    result = run(project)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_stage_writes_the_pruned_model_and_its_metrics(project, pruned):
+    metrics = json.loads((project / "metrics" / "prune-tiny.json").read_text())
+    assert metrics["pruned_model"] == "models/tiny-pruned.pt"
+    assert metrics["params"]["after"] < 0.4 * metrics["params"]["before"]
+    assert metrics["macs"]["after"] < 0.45 * metrics["macs"]["before"]
+    assert metrics["params"]["reduction"] == pytest.approx(1 - metrics["params"]["after"] / metrics["params"]["before"], abs=1e-4)
+    latency = metrics["latency_ms"]
+    assert latency["before"] > 0 and latency["after"] > 0 and math.isfinite(latency["speedup"])
+    for key in ("before", "pruned", "finetuned"):  # an untrained model: numbers, not necessarily good ones
+        assert 0.0 <= metrics["map_voc"][key] <= 1.0
+        assert metrics["coco_map_50"][key] is None or 0.0 <= metrics["coco_map_50"][key] <= 1.0
+    assert metrics["finetune_steps"] == 2
+
+    model, info = load_model_file(project / "models" / "tiny-pruned.pt")
+    assert sum(p.numel() for p in model.parameters()) == metrics["params"]["after"]
+    assert info["class_names"] == CLASSES and ARCH_KEY in info["arch"]
+    assert info["meta"]["pruning"]["ratio"] == 0.5 and info["meta"]["source_model"] == "models/tiny.pt"
+    assert info["meta"]["finetune"]["summary"]["steps"] == 2
+    # fine-tuning changed the pruned weights
+    before = read_model_file(project / "runs" / "tiny-pruned" / "prune" / "tiny-pruned-only.pt")["state_dict"]
+    after = read_model_file(project / "models" / "tiny-pruned.pt")["state_dict"]
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert not (project / "checkpoints" / "tiny-pruned").exists()  # removed once fine-tuning finished
+
+
+def test_pruned_file_loads_and_times_in_a_fresh_process(project, pruned):
+    code = (
+        "import sys, torch; from ssd.model_file import load_model_file; from pipeline.prune import cpu_latency_ms; "
+        "m, info = load_model_file(sys.argv[1]); x = torch.rand(1, 3, 64, 64); l, d = m(x); "
+        "print(l.shape[1], l.shape[2], d.shape[2], cpu_latency_ms(m, info['image_size'], runs=3, warmup=1))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(project / "models" / "tiny-pruned.pt")],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    priors, classes, four, ms = out.stdout.split()
+    original, _ = load_model_file(project / "models" / "tiny.pt")
+    assert (int(priors), int(classes), int(four)) == (original.priors.shape[0], len(CLASSES) + 1, 4)
+    assert float(ms) > 0
+
+
+def test_without_finetuning_or_evaluation_the_pruned_weights_are_the_output(project, tmp_path):
+    sets = ["finetune.steps=0", "evaluate.enabled=false", "name=quick", f"metrics_dir={tmp_path}", f"models_dir={tmp_path}"]
+    result = run(project, *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((tmp_path / "prune-quick.json").read_text())
+    assert metrics["map_voc"]["before"] is None and metrics["finetune_steps"] == 0
+    model, info = load_model_file(tmp_path / "quick-pruned.pt")
+    original, _ = load_model_file(project / "models" / "tiny.pt")
+    assert "finetune" not in info["meta"]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert model(x)[0].shape == original(x)[0].shape
+
+
+@pytest.fixture
+def _drop_stage_log_handlers():
+    """A stage run in-process leaves its stderr handler on the root logger, bound to this
+    test's captured stderr; later tests would log into a closed stream."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_ssd_stage", False)]:
+        root.removeHandler(handler)
+
+
+@pytest.mark.usefixtures("_drop_stage_log_handlers")
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pruning.ratio=1.0", "ratio must be in [0, 1)"),
+        ("pruning.mode=random", "prune.pruning.mode: expected one of"),
+        ("finetune.step=3", "prune.finetune.step: unknown key"),
+        ("model=models/none.pt", "model file not found"),
+        ("pruning.ignore=[nothing]", "matches no module"),
+    ],
+)
+def test_bad_config_is_a_one_line_error(project, monkeypatch, capsys, override, message):
+    from pipeline import prune as stage
+
+    monkeypatch.chdir(project)
+    code = stage.main(["--set", override, "--set", "metrics_dir=never", "--set", "evaluate.enabled=false",
+                       "--set", "latency.runs=1", "--set", "latency.warmup=0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert message in line
+    assert not (project / "never").exists()
