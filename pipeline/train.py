@@ -54,7 +54,8 @@ from ssd.data.transforms import AugmentConfig
 from ssd.loss import LossConfig, MultiBoxLoss
 from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file, save_model_file
 from ssd.models import build_model
-from ssd.optim import OptimConfig, build_optimizer, lr_factor
+from ssd.clip_loss import clip_loss
+from ssd.optim import OptimConfig, build_optimizer, group_factors
 
 log = logging.getLogger("pipeline.train")
 
@@ -78,14 +79,20 @@ class PriorsParams:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["ssdlite_mobilenet_v2", "ssd300_vgg16"] = "ssdlite_mobilenet_v2"
-    """Architecture (builder in ssd.models)."""
+    name: Literal["ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2"] = "ssdlite_mobilenet_v2"
+    """Architecture (builder in ssd.models); LSTM-SSD trains on clips (data.kind: clips)."""
     image_size: int = 300
     """Square input side in pixels."""
     width_mult: float = 1.0
     """MobileNetV2 width multiplier (SSDLite only)."""
     extra_channels: tuple[int, ...] | None = None
     """SSDLite extra-layer widths; null: 512/256/256/128 x width_mult."""
+    taps: tuple[int, ...] = (13, 17)
+    """MobileNetV2 blocks whose outputs are maps (ssds.pytorch: 13, 17; add 6 for a stride-8 map)."""
+    placement: tuple[str, ...] = ("backbone",)
+    """LSTM-SSD: where the ConvLSTM cells go: backbone (the paper: after the stride-16 map), extras."""
+    state_reduction: int = 1
+    """LSTM-SSD: state channels = map channels / state_reduction."""
     priors: PriorsParams | None = None
     """Prior layout; null: the architecture's reference layout scaled to image_size."""
     backbone_weights: str | None = None
@@ -100,10 +107,14 @@ class ModelConfig:
     def arch(self, num_classes: int) -> dict[str, Any]:
         """The builder arguments (what model files store)."""
         arch: dict[str, Any] = {"name": self.name, "num_classes": num_classes, "image_size": self.image_size}
-        if self.name == "ssdlite_mobilenet_v2":
+        if self.name in ("ssdlite_mobilenet_v2", "lstm_ssd_mobilenet_v2"):
             arch["width_mult"] = self.width_mult
+            arch["taps"] = list(self.taps)
             if self.extra_channels is not None:
                 arch["extra_channels"] = list(self.extra_channels)
+        if self.name == "lstm_ssd_mobilenet_v2":
+            arch["placement"] = list(self.placement)
+            arch["state_reduction"] = self.state_reduction
         if self.priors is not None:
             arch["priors"] = to_dict(self.priors)
         return arch
@@ -151,6 +162,8 @@ class TrainConfig:
     """Keep the checkpoints once the run has finished."""
     log_every: int = 10
     """Steps between log lines, TensorBoard points and plot rows."""
+    freeze_backbone_steps: int = 0
+    """Hold the backbone still for the first steps (LSTM-SSD's stage-wise training from SSDLite)."""
     max_nonfinite: int = 5
     """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
     trace: bool = False
@@ -292,7 +305,15 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
     set_seed(cfg.seed)
     model = _build(cfg.model, classes)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg.optim, cfg.steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, group_factors(optimizer, cfg.optim, cfg.steps, cfg.freeze_backbone_steps)
+    )
+    temporal = bool(getattr(model, "is_temporal", False))
+    if temporal != (cfg.data.kind == "clips"):
+        raise StageError(
+            f"data.kind {cfg.data.kind!r} with model {model.arch.get('name')!r}: a temporal model "
+            "(lstm_ssd_mobilenet_v2) trains on clips, the others on frames or frames_from_clips"
+        )
     criterion = MultiBoxLoss(model.priors, cfg.loss).to(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -310,13 +331,14 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
         log.info("resumed from %s at step %d", latest, step)
 
     accum = cfg.optim.grad_accum
+    image_size = accelerator.unwrap_model(model).image_size  # a model file's own size with from_file
     batches_per_epoch = max(1, math.ceil(num_samples / (cfg.data.batch_size * world)))
 
     def micro_batches(first: int):
         """Micro-batches from position ``first`` on, across epochs; deterministic in the position."""
         epoch, start = divmod(first, batches_per_epoch)
         while True:
-            loader = _loader(cfg, shards, rank, world, epoch, start, batches_per_epoch)
+            loader = _loader(cfg, shards, image_size, rank, world, epoch, start, batches_per_epoch)
             # Loader workers are forked here. With SIGTERM/SIGINT blocked while they start, they
             # inherit the block and a preemption signal can't kill one mid-epoch; the training
             # process gets the pending signal as soon as the block is lifted.
@@ -362,8 +384,12 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
                 keys += batch.keys
                 sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
                 with sync:
-                    logits, deltas = model(batch.images)
-                    out = criterion(logits, deltas, batch.targets)
+                    if temporal:  # every frame of every clip counts, gradients through the clip
+                        logits, deltas, _ = model(batch.images)
+                        out = clip_loss(criterion, logits, deltas, batch.targets)
+                    else:
+                        logits, deltas = model(batch.images)
+                        out = criterion(logits, deltas, batch.targets)
                     flags = torch.tensor(
                         [0.0 if torch.isfinite(out["loss"]) else 1.0, 1.0 if stop.requested else 0.0],
                         device=accelerator.device,
@@ -375,7 +401,8 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
                         accelerator.backward(out["loss"] / accum)
                         for k in parts:
                             parts[k] += out[k].item() / accum
-                window["images"] += len(batch) * world
+                frames = batch.images.shape[0] * (batch.images.shape[1] if temporal else 1)
+                window["images"] += frames * world
             grad_norm = float("nan")
             if not skipped:
                 clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -397,7 +424,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
             scheduler.step()
             step += 1
             progress.update(1)
-            history["images"] += cfg.data.batch_size * accum * world
+            history["images"] += frames * accum * world
 
             if cfg.trace:
                 checksum = sum(float(p.detach().double().sum()) for p in unwrapped.parameters())
@@ -483,13 +510,15 @@ def _build(cfg: ModelConfig, classes: list[str]):
         raise StageError(f"model: {e}") from None
 
 
-def _loader(cfg: TrainConfig, shards: list[str], rank: int, world: int, epoch: int, start: int, per_epoch: int):
+def _loader(
+    cfg: TrainConfig, shards: list[str], image_size: int, rank: int, world: int, epoch: int, start: int, per_epoch: int
+):
     from ssd.data.loader import train_loader
 
     return train_loader(
         shards,
         cfg.data.augment,
-        image_size=cfg.model.image_size,
+        image_size=image_size,
         rank=rank,
         world_size=world,
         seed=cfg.seed,

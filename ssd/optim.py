@@ -58,20 +58,39 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     """The optimiser of ``config`` over ``model``'s trainable parameters.
 
     Weight decay applies to weights of convolutions and linear layers only, not to
-    biases, batch-norm parameters or L2Norm scales (decaying those only hurts).
+    biases, batch-norm parameters or L2Norm scales (decaying those only hurts). Each
+    parameter group carries ``"backbone": bool`` (parameters named ``backbone.*``), so a
+    schedule can hold the backbone still for a while (:func:`group_factors`).
     """
-    decay, no_decay = [], []
-    for p in model.parameters():
+    buckets: dict[tuple[bool, bool], list] = {}
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim > 1 else no_decay).append(p)
+        key = (name.startswith("backbone."), p.ndim > 1)
+        buckets.setdefault(key, []).append(p)
     groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "backbone": backbone}
+        for (backbone, decay), params in sorted(buckets.items())
     ]
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def group_factors(
+    optimizer: torch.optim.Optimizer, config: OptimConfig, total_steps: int, freeze_backbone_steps: int = 0
+) -> list[Callable[[int], float]]:
+    """One ``LambdaLR`` factor per parameter group: :func:`lr_factor`, and 0 for the backbone's
+    groups during the first ``freeze_backbone_steps`` steps (the LSTM-SSD paper's stage-wise
+    training: the new layers learn on a fixed backbone first). A zero learning rate freezes
+    the weights for SGD and AdamW alike (weight decay is scaled by it too) while every
+    process still computes every gradient, which keeps DDP's gradient buckets unchanged."""
+    base = lr_factor(config, total_steps)
+
+    def frozen(step: int) -> float:
+        return 0.0 if step < freeze_backbone_steps else base(step)
+
+    return [frozen if g.get("backbone") else base for g in optimizer.param_groups]
 
 
 def lr_factor(config: OptimConfig, total_steps: int) -> Callable[[int], float]:

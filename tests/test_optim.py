@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ssd.optim import OptimConfig, build_optimizer, lr_factor
+from ssd.optim import OptimConfig, build_optimizer, group_factors, lr_factor
 
 
 def test_warmup_then_cosine():
@@ -23,8 +23,8 @@ def test_step_schedule_milestones():
 def test_no_weight_decay_on_biases_and_norms():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
     opt = build_optimizer(model, OptimConfig(name="sgd", weight_decay=0.1))
-    decayed, plain = opt.param_groups
-    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 3, 3, 3])]
+    plain, decayed = opt.param_groups
+    assert [p.shape for p in decayed["params"]] == [torch.Size([4, 3, 3, 3])] and decayed["weight_decay"] == 0.1
     assert len(plain["params"]) == 3 and plain["weight_decay"] == 0.0
     assert isinstance(build_optimizer(model, OptimConfig(name="adamw")), torch.optim.AdamW)
 
@@ -32,3 +32,31 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_invalid_values_rejected():
     with pytest.raises(ValueError, match="grad_accum"):
         OptimConfig(grad_accum=0)
+
+
+def test_backbone_frozen_for_the_first_steps():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = torch.nn.Linear(2, 2)
+            self.head = torch.nn.Linear(2, 1)
+
+        def forward(self, x):
+            return self.head(self.backbone(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    cfg = OptimConfig(name="adamw", lr=0.1, warmup_steps=0, schedule="constant", weight_decay=0.1)
+    opt = build_optimizer(net, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, group_factors(opt, cfg, 10, freeze_backbone_steps=3))
+    before = net.backbone.weight.detach().clone()
+    head_before = net.head.weight.detach().clone()
+    for step in range(4):
+        opt.zero_grad()
+        net(torch.randn(4, 2)).sum().backward()
+        opt.step()
+        sched.step()
+        if step == 2:
+            torch.testing.assert_close(net.backbone.weight, before)  # frozen, weight decay too
+            assert not torch.equal(net.head.weight, head_before)
+    assert not torch.equal(net.backbone.weight, before)  # learns from step 3 on

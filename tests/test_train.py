@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from shardgen import write_frame_dataset
+from shardgen import write_clip_dataset, write_frame_dataset
 from ssd.model_file import load_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +40,28 @@ def env() -> dict:
     return e
 
 
-def workdir(tmp_path: Path, **overrides) -> Path:
-    """A project directory with tiny shards and a params.yaml holding ``train``."""
-    shards = tmp_path.parent / "shards-cache"
-    if not shards.exists():
-        write_frame_dataset(shards, {"train": [9, 7, 5], "val": [6]})
-    (tmp_path / "shards").symlink_to(shards)
-    cfg = json.loads(json.dumps(TRAIN))
+LSTM = {
+    **TRAIN,
+    "model": {"name": "lstm_ssd_mobilenet_v2", "image_size": 48, "width_mult": 0.25},
+    "data": {"shards": "clips", "kind": "clips", "batch_size": 2, "num_workers": 1, "streams": 2, "shuffle_buffer": 4},
+    "steps": 10,
+    "checkpoint_every": 3,
+    "freeze_backbone_steps": 2,
+}
+
+
+def workdir(tmp_path: Path, base: dict = TRAIN, **overrides) -> Path:
+    """A project directory with tiny frame and clip shards and a params.yaml holding ``train``."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    frames = tmp_path.parent / "shards-cache"
+    if not frames.exists():
+        write_frame_dataset(frames, {"train": [9, 7, 5], "val": [6]})
+    clips = tmp_path.parent / "clips-cache"
+    if not clips.exists():
+        write_clip_dataset(clips, {"train": [12, 9, 8], "val": [8]}, clip_length=4)
+    (tmp_path / "shards").symlink_to(frames)
+    (tmp_path / "clips").symlink_to(clips)
+    cfg = json.loads(json.dumps(base))
     for key, value in overrides.items():
         node = cfg
         *parents, last = key.split(".")
@@ -121,9 +136,9 @@ def test_two_processes_read_different_samples_and_keep_identical_weights(referen
     assert rows[0].startswith("step,loss,") and len(rows) == 1 + TRAIN["steps"] // TRAIN["log_every"]
 
 
-def test_sigterm_checkpoints_and_resume_matches_uninterrupted(reference_run, tmp_path):
-    cwd = workdir(tmp_path)
-    stop_after = random.Random().randint(2, TRAIN["steps"] - 3)
+def stop_and_resume(cwd: Path, reference: Path, steps: int) -> None:
+    """SIGTERM a 2-process run at a random step; rerun; compare with the uninterrupted ``reference``."""
+    stop_after = random.Random().randint(2, steps - 3)
     proc = subprocess.Popen(launch(cwd, 2), cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     deadline = time.time() + 180
@@ -132,7 +147,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(reference_run, tmp
     kill_tree(proc.pid, signal.SIGTERM)  # what a spot instance's shutdown does to every process
     output, _ = proc.communicate(timeout=120)
     stopped = len(trace(cwd, 0))
-    assert stopped < TRAIN["steps"], "the run finished before it could be stopped"
+    assert stopped < steps, "the run finished before it could be stopped"
     assert "stopped at step" in output, output[-3000:]
     assert (cwd / "checkpoints" / "tiny" / f"step-{stopped:08d}" / "meta.json").is_file()
     assert not (cwd / "models" / "tiny.pt").exists()
@@ -140,10 +155,26 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(reference_run, tmp
     resumed = run_train(cwd, 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoints/tiny/step-{stopped:08d}" in resumed.stderr
-    assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference_run / "models/tiny.pt")) < 1e-5
+    assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference / "models/tiny.pt")) < 1e-5
     # no batch replayed or skipped: the resumed trace continues the reference's keys
-    ref = trace(reference_run, 1)
+    ref = trace(reference, 1)
     assert [t["keys"] for t in trace(cwd, 1)] == [t["keys"] for t in ref[:stopped]] + [t["keys"] for t in ref[stopped:]]
+
+
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(reference_run, tmp_path):
+    stop_and_resume(workdir(tmp_path), reference_run, TRAIN["steps"])
+
+
+def test_lstm_ssd_trains_on_clips_in_two_processes_and_resumes_after_sigterm(tmp_path):
+    reference = workdir(tmp_path / "reference", LSTM)
+    result = run_train(reference, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = trace(reference, 0), trace(reference, 1)
+    assert len(r0) == len(r1) == LSTM["steps"] and all(a["checksum"] == b["checksum"] for a, b in zip(r0, r1))
+    assert all(k.startswith(("trainvid", "train")) for k in r0[0]["keys"])
+    model, info = load_model_file(reference / "models/tiny.pt")
+    assert info["arch"]["name"] == "lstm_ssd_mobilenet_v2" and model.is_temporal
+    stop_and_resume(workdir(tmp_path / "interrupted", LSTM), reference, LSTM["steps"])
 
 
 def test_sigkill_resumes_from_last_periodic_checkpoint_ignoring_half_written(reference_run, tmp_path):
