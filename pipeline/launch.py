@@ -14,7 +14,9 @@ What the DVC stages run, so that ``dvc repro`` needs no ``accelerate config``:
 
 An Accelerate config of your own wins: ``ACCELERATE_CONFIG_FILE`` or the file written by
 ``accelerate config`` (then ``accelerate launch --config_file <it>`` is used as is). The
-exit code is the stage's (75: preempted, rerun to resume).
+exit code is the stage's when it runs as one process (75: preempted, rerun to resume);
+under ``accelerate launch`` it is the launcher's, non-zero whenever a process failed or was
+stopped; either way, rerunning the same command resumes from the newest checkpoint.
 """
 
 from __future__ import annotations

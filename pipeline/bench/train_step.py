@@ -22,8 +22,8 @@ import torch
 from ssd.data.loader import train_loader
 from ssd.data.transforms import AugmentConfig
 from ssd.loss import MultiBoxLoss
-from ssd.models import build_model
 from ssd.optim import OptimConfig, build_optimizer
+from ssd.pruning import rebuild_model
 
 
 def run(
@@ -35,11 +35,16 @@ def run(
     steps: int = 30,
     warmup: int = 5,
     samples: int = 2000,
+    device: str = "cpu",
 ) -> dict:
-    """Images/s of the bare and the full step (medians over ``steps`` after ``warmup``)."""
+    """Images/s of the bare and the full step (medians over ``steps`` after ``warmup``).
+
+    ``arch``: a model file's arch (a pruned one too); ``device``: where the model runs (on
+    CUDA the device is synchronised after every step, so a step's queued kernels count).
+    """
     torch.manual_seed(0)
-    model = build_model({**arch, "num_classes": num_classes}).train()
-    criterion = MultiBoxLoss(model.priors)
+    model = rebuild_model({**arch, "num_classes": num_classes}).to(device).train()
+    criterion = MultiBoxLoss(model.priors).to(device)
     optimizer = build_optimizer(model, OptimConfig())
     loader = train_loader(
         shards, AugmentConfig(), image_size=model.image_size, rank=0, world_size=1, seed=0, epoch=0,
@@ -47,7 +52,8 @@ def run(
         num_workers=num_workers, streams=max(2, num_workers),
     )
     batches = iter(loader)
-    fixed = next(batches)
+    fixed = next(batches).to(device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
 
     def bare() -> None:
         logits, deltas = model(fixed.images)
@@ -55,7 +61,7 @@ def run(
         model.zero_grad(set_to_none=True)
 
     def full() -> None:
-        batch = next(batches)
+        batch = next(batches).to(device)
         out = criterion(*model(batch.images), batch.targets)
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -69,8 +75,10 @@ def run(
             fn()
         times = []
         for _ in range(steps):
+            sync()
             t0 = time.perf_counter()
             fn()
+            sync()
             times.append(time.perf_counter() - t0)
         times.sort()
         median = times[len(times) // 2]

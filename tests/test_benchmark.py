@@ -1,0 +1,210 @@
+"""The benchmark stage, run as users run it (a subprocess on tiny model files and shards), and its parts.
+
+Only the structure of the figures is checked: no timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pytest
+import torch
+import yaml
+
+from pipeline import benchmark
+from pipeline.bench import models as bench_models
+from shardgen import CLASSES, write_frame_dataset
+from ssd.model_file import save_model_file
+from ssd.models import lstm_ssd_mobilenet_v2, ssdlite_mobilenet_v2
+from ssd.pruning import PruneConfig, prune_model
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = ["models/tiny.pt", "models/tiny-pruned.pt", "models/tiny_lstm.pt"]
+
+BENCHMARK = {
+    "threads": 0,  # the in-process tests must not change this process's threads
+    "device": "cpu",
+    "models": {"files": FILES, "batch": 2, "repeats": 2, "throughput_repeats": 1, "warmup": 1, "source_size": [96, 72]},
+    "postprocess": {"batch": 1, "repeat": 1},
+    "loader": {"shards": "shards", "image_size": 64, "batch_size": 2, "num_workers": 0, "num_batches": 1},
+    "train_step": {"model": "models/tiny.pt", "shards": "shards", "batch_size": 2, "num_workers": 0, "steps": 1, "warmup": 0},
+}
+
+
+def env() -> dict:
+    e = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    e.pop("ACCELERATE_CONFIG_FILE", None)
+    return e
+
+
+def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.benchmark", *args], cwd=cwd, env=env(), capture_output=True, text=True,
+        timeout=300, check=False,
+    )  # fmt: skip
+
+
+def tiny_ssdlite(image_size: int = 64):
+    return ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25, image_size=image_size).eval()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    write_frame_dataset(root / "shards", {"train": [6], "val": [2]})
+    torch.manual_seed(0)
+    model = tiny_ssdlite()
+    save_model_file(root / "models" / "tiny.pt", model, CLASSES)
+    lstm = lstm_ssd_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25, image_size=64).eval()
+    save_model_file(root / "models" / "tiny_lstm.pt", lstm, CLASSES)
+    prune_model(model, PruneConfig(ratio=0.5))
+    save_model_file(root / "models" / "tiny-pruned.pt", model, CLASSES)
+    (root / "params.yaml").write_text(yaml.safe_dump({"benchmark": BENCHMARK}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def figures(project) -> dict:
+    result = run(project)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((project / "metrics" / "benchmark.json").read_text())
+
+
+def test_every_model_has_its_latency_parts_and_costs(figures):
+    assert figures["device"].startswith("cpu") and figures["threads"] >= 1
+    assert list(figures["models"]) == ["tiny", "tiny-pruned", "tiny_lstm"]
+    for name, fig in figures["models"].items():
+        ms = fig["latency_ms"]
+        assert set(ms) == {"pre", "forward", "post", "total"}
+        assert all(ms[k] > 0 for k in ("pre", "forward", "post"))
+        assert ms["total"] == pytest.approx(ms["pre"] + ms["forward"] + ms["post"], abs=2e-3)
+        assert sum(fig["share"].values()) == pytest.approx(1.0, abs=1e-3)
+        assert figures["postprocess_share"][name] == fig["share"]["post"]
+        assert fig["params"] > 0 and fig["macs"] > 0
+        assert fig["throughput"]["batch"] == 2 and fig["throughput"]["images_per_s"] > 0
+        assert set(fig["throughput"]["ms_per_batch"]) == {"pre", "forward", "post", "total"}
+    models = figures["models"]
+    assert models["tiny_lstm"]["mode"] == "streaming" and models["tiny"]["mode"] == "frame"
+    assert models["tiny-pruned"]["pruned"] == "yes" and models["tiny-pruned"]["macs"] < models["tiny"]["macs"]
+
+
+def test_peer_and_lstm_comparisons_are_present(figures):
+    peer = figures["peer"]
+    assert peer["compared_with"] == "tiny" and peer["image_size"] == 64 and peer["num_classes"] == len(CLASSES) + 1
+    assert sum(peer["share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert math.isfinite(figures["peer_ratio"]) and figures["peer_ratio"] > 0 and peer["forward_ratio"] > 0
+    assert peer["ours_ms"] > 0 and peer["macs"] > 0
+    lstm = figures["lstm_vs_ssdlite"]["tiny_lstm"]
+    assert lstm["reference"] == "tiny" and lstm["random_reference"] == "no"  # same arch: the listed model
+    assert figures["lstm_vs_ssdlite_latency_ratio"] == lstm["forward_ratio"] > 0
+
+
+def test_other_sections_are_collected(figures):
+    assert set(figures["postprocess"]["flat"]) >= {"ours_ms", "torchvision_ms", "speedup"}
+    assert figures["loader"]["shard_over_bare"] > 0
+    assert figures["train_step"]["model"] == "tiny" and math.isfinite(figures["train_step"]["overhead"])
+
+
+def test_headline_figures_come_first(figures):
+    keys = list(figures)
+    assert keys.index("postprocess_share") < keys.index("models")
+    assert keys.index("peer_ratio") < keys.index("models") and keys.index("lstm_vs_ssdlite_latency_ratio") < keys.index("models")
+
+
+def test_chart_is_a_png(project, figures):
+    path = project / "reports" / "benchmark.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+@pytest.fixture
+def _drop_stage_log_handlers():
+    """A stage run in-process leaves its stderr handler on the root logger, bound to this
+    test's captured stderr; later tests would log into a closed stream."""
+    yield
+    import logging
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_ssd_stage", False)]:
+        root.removeHandler(handler)
+
+
+@pytest.mark.usefixtures("_drop_stage_log_handlers")
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "models.files=[models/tiny.pt, models/gone.pt]"], "models/gone.pt: model file not found"),
+        (["--only", "models,speed"], "unknown benchmark section 'speed'"),
+        (["--set", "models.repeats=0"], "benchmark.models.repeats: must be at least 1"),
+        (["--set", "models.source_image=gone.jpg"], "gone.jpg: image not found"),
+        (["--set", "train_step.model=models/gone.pt", "--only", "train_step"], "models/gone.pt: model file not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(project, monkeypatch, capsys, tmp_path, args, message):
+    monkeypatch.chdir(project)
+    out = tmp_path / "never.json"
+    assert benchmark.main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_models_section_decodes_a_given_image(project, tmp_path):
+    image = tmp_path / "frame.jpg"
+    image.write_bytes(bench_models.synthetic_jpeg(80, 60, seed=1))
+    result = bench_models.run([str(project / "models" / "tiny.pt")], batch=2, repeats=1, throughput_repeats=1,
+                              warmup=0, source_image=str(image), peer=False)  # fmt: skip
+    assert result["source_size"] == "80x60" and list(result["models"]) == ["tiny"]
+    assert "peer_ratio" not in result and "lstm_vs_ssdlite_latency_ratio" not in result
+
+
+def test_time_steps_chains_the_steps_and_counts_only_the_repeats():
+    calls = []
+
+    def first(value):
+        calls.append("first")
+        return 1
+
+    def second(value):
+        calls.append("second")
+        return value + 1
+
+    seconds, last = bench_models.time_steps([("a", first), ("b", second)], repeats=3, warmup=2, device=torch.device("cpu"))
+    assert list(seconds) == ["a", "b"] and all(s >= 0 for s in seconds.values())
+    assert last == 2 and calls == ["first", "second"] * 5
+
+
+def test_lstm_without_a_listed_ssdlite_of_its_arch_gets_a_random_one():
+    torch.manual_seed(0)
+    lstm = lstm_ssd_mobilenet_v2(3, width_mult=0.25, image_size=64, placement=("backbone",), state_reduction=2).eval()
+    other = tiny_ssdlite(image_size=96)
+    name, reference, random = bench_models._reference(lstm, {"lstm": lstm, "other": other})
+    assert random and "random" in name
+    assert reference.arch == bench_models.ssdlite_arch(lstm.arch) and reference.image_size == 64
+    assert "placement" not in reference.arch and reference.arch["name"] == "ssdlite_mobilenet_v2"
+    with torch.no_grad():  # the reference runs on the same input and predicts for the same priors
+        assert reference(torch.rand(1, 3, 64, 64))[0].shape == lstm(torch.rand(1, 3, 64, 64))[0].shape
+
+
+def test_peer_steps_are_its_own_forward():
+    torch.manual_seed(0)
+    peer = bench_models.build_peer(num_classes=3, image_size=64)
+    jpeg = bench_models.synthetic_jpeg(96, 72)
+    _, split = bench_models.time_steps(
+        bench_models.peer_steps(peer, jpeg, 1, torch.device("cpu")), repeats=1, warmup=0, device=torch.device("cpu")
+    )
+    image = torch.from_numpy(bench_models.decode_rgb(jpeg)).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        whole = peer([image])
+        features = list(peer.backbone(peer.transform([image])[0].tensors).values())
+    assert features[0].shape[-1] == 4  # 64 px / 16: the peer really runs at our size, not at 320
+    assert len(split) == len(whole) == 1
+    for key in ("boxes", "scores", "labels"):
+        torch.testing.assert_close(split[0][key], whole[0][key])
