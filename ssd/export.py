@@ -1,0 +1,261 @@
+"""Detectors as graphs of plain tensors, for ONNX and the runtimes that read it.
+
+A detector's ``forward`` already returns raw predictions; what an exported graph
+needs on top is a fixed signature of tensors, in and out:
+
+- :class:`RawOutputs`: ``images -> (class_logits [B, P, C], box_deltas [B, P, 4])``,
+  the model's own outputs (a runtime decodes them with the priors and
+  ``ssd.boxes.VARIANCES``);
+- :class:`DecodedOutputs`: ``images -> (scores [B, P, C], boxes [B, P, 4])``: the
+  softmax over all classes (column 0 the background) and the decoded boxes, xyxy
+  normalised to ``[0, 1]`` and clipped to the image, which is exactly what
+  :class:`ssd.postprocess.PostProcessor` thresholds and suppresses. NMS stays outside
+  the graph (every runtime has its own, and its thresholds are the deployer's choice);
+- for a temporal model (LSTM-SSD, ``model.is_temporal``) either of the above with the
+  recurrent state as explicit inputs and outputs: ``(images, state_0 .. state_{2k-1})
+  -> (..., new_state_0 .. new_state_{2k-1})``, in the order of ``model.init_state``
+  (``h, c`` per cell). A runtime streams a video by feeding each call's new state to
+  the next; zeros (``model.init_state``) start a video.
+
+Every input and output has a dynamic batch axis (axis 0).
+
+:func:`onnx_bytes` exports with the TorchScript-based exporter (``dynamo=False``), which
+needs no ``onnxscript`` and traces these fixed-shape graphs faithfully; :func:`save_onnx`
+is the one function here that writes a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ssd.boxes import VARIANCES, clip_boxes, decode
+from ssd.models import SSD
+
+DEFAULT_OPSET = 17
+
+
+class RawOutputs(nn.Module):
+    """``images [B, 3, S, S]`` -> ``(class_logits [B, P, C], box_deltas [B, P, 4])``.
+
+    For a temporal model the state tensors follow the images as inputs, and the new
+    state follows the predictions as outputs.
+    """
+
+    def __init__(self, model: SSD):
+        super().__init__()
+        self.model = model
+        self.temporal = bool(getattr(model, "is_temporal", False))
+
+    def forward(self, images: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        if self.temporal:
+            logits, deltas, new_state = self.model(images, state=tuple(state))
+            return (logits, deltas, *new_state)
+        logits, deltas = self.model(images)
+        return logits, deltas
+
+
+class DecodedOutputs(RawOutputs):
+    """``images [B, 3, S, S]`` -> ``(scores [B, P, C], boxes [B, P, 4])``.
+
+    ``scores``: softmax over the ``C`` classes, column 0 the background. ``boxes``: xyxy
+    normalised to ``[0, 1]``, clipped to the image: :class:`ssd.postprocess.PostProcessor`'s
+    scores and boxes before thresholding and NMS. State inputs and outputs as for
+    :class:`RawOutputs`.
+    """
+
+    def forward(self, images: Tensor, *state: Tensor) -> tuple[Tensor, ...]:
+        logits, deltas, *new_state = super().forward(images, *state)
+        scores = torch.softmax(logits.float(), dim=-1)
+        boxes = clip_boxes(decode(deltas.float(), self.model.priors))
+        return (scores, boxes, *new_state)
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What an exported graph takes and returns."""
+
+    module: nn.Module
+    """The wrapper to trace (in eval mode)."""
+    inputs: tuple[Tensor, ...]
+    """Example inputs, in ``input_names`` order."""
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: dict[str, dict[int, str]]
+    """Axis 0 of every input and output is the batch."""
+
+
+def export_spec(model: SSD, decoded: bool = False, batch_size: int = 1) -> ExportSpec:
+    """The wrapper, example inputs and names for exporting ``model``.
+
+    Args:
+        model: any detector of :mod:`ssd.models` (pruned ones included); a temporal one
+            gets its state as inputs and outputs.
+        decoded: :class:`DecodedOutputs` (``scores``, ``boxes``) instead of
+            :class:`RawOutputs` (``class_logits``, ``box_deltas``).
+        batch_size: batch of the example inputs (the exported batch axis is dynamic).
+
+    The wrapper, and so ``model``, is put in eval mode: an export traces inference.
+    """
+    wrapper = (DecodedOutputs if decoded else RawOutputs)(model).eval()
+    param = next(model.parameters())
+    size = int(model.image_size)
+    images = torch.rand(batch_size, 3, size, size, device=param.device, dtype=param.dtype)
+    inputs: tuple[Tensor, ...] = (images,)
+    input_names = ["images"]
+    output_names = ["scores", "boxes"] if decoded else ["class_logits", "box_deltas"]
+    if wrapper.temporal:
+        state = model.init_state(batch_size, param.device, param.dtype)
+        inputs += tuple(state)
+        input_names += [f"state_{i}" for i in range(len(state))]
+        output_names += [f"new_state_{i}" for i in range(len(state))]
+    return ExportSpec(
+        module=wrapper,
+        inputs=inputs,
+        input_names=tuple(input_names),
+        output_names=tuple(output_names),
+        dynamic_axes={name: {0: "batch"} for name in [*input_names, *output_names]},
+    )
+
+
+def onnx_bytes(
+    model: SSD,
+    decoded: bool = False,
+    opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, Any] | None = None,
+) -> bytes:
+    """``model`` as a checked ONNX model (serialised), with a dynamic batch axis.
+
+    Args:
+        model: the detector; its train/eval mode is left as it was.
+        decoded, opset: see :func:`export_spec` and the ONNX operator set version.
+        metadata: extra ``metadata_props`` (values that aren't strings are stored as JSON),
+            next to the ones always written: ``image_size``, ``input`` (the expected
+            input), ``outputs``, ``box_variances`` and for temporal models ``state``.
+
+    Raises:
+        onnx.checker.ValidationError: the exported graph is not valid ONNX.
+    """
+    import onnx
+
+    was_training = model.training
+    buffer = io.BytesIO()
+    try:
+        spec = export_spec(model, decoded)  # puts the model in eval mode
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript exporter announces its own deprecation and warns about every
+            # shape-dependent Python value it traces; the graph is checked below instead.
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                spec.module,
+                spec.inputs,
+                buffer,
+                dynamo=False,
+                input_names=list(spec.input_names),
+                output_names=list(spec.output_names),
+                dynamic_axes=spec.dynamic_axes,
+                opset_version=opset,
+                do_constant_folding=True,
+            )
+    finally:
+        # The exporter puts the wrapper back in the mode it found it in (eval), which may
+        # not be the caller's.
+        model.train(was_training)
+    proto = onnx.load_from_string(buffer.getvalue())
+    props = {
+        "image_size": model.image_size,
+        "input": "images: float32 RGB in [0, 1], NCHW, square image_size (normalisation is in the graph)",
+        "outputs": list(spec.output_names),
+        "box_variances": list(VARIANCES),
+        **(
+            {"state": [list(s.shape[1:]) for s in spec.inputs[1:]]}
+            if len(spec.inputs) > 1
+            else {}
+        ),
+        **dict(metadata or {}),
+    }
+    for key, value in props.items():
+        entry = proto.metadata_props.add()
+        entry.key = str(key)
+        entry.value = value if isinstance(value, str) else json.dumps(value)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto.SerializeToString()
+
+
+def save_onnx(
+    path: str | os.PathLike,
+    model: SSD,
+    decoded: bool = False,
+    opset: int = DEFAULT_OPSET,
+    metadata: Mapping[str, Any] | None = None,
+) -> None:
+    """Export ``model`` (:func:`onnx_bytes`) and write it to ``path`` atomically.
+
+    The file appears complete or not at all: it is written to a temporary name in the
+    same directory, fsynced and renamed. Nothing is written when the check fails.
+    """
+    data = onnx_bytes(model, decoded, opset, metadata)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def onnxruntime_difference(
+    model: SSD, data: bytes, decoded: bool = False, frames: int = 1, batch_size: int = 2, seed: int = 0
+) -> float:
+    """Largest absolute difference between onnxruntime running ``data`` and ``model`` itself.
+
+    Feeds ``frames`` random batches of ``batch_size`` images (a temporal model: in sequence,
+    each call's new state fed to the next, from the zero state) and compares every output.
+    ``model`` must be on the CPU in float32 (as :func:`ssd.model_file.load_model_file`
+    returns it).
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    was_training = model.training
+    wrapper = (DecodedOutputs if decoded else RawOutputs)(model).eval()
+    generator = torch.Generator().manual_seed(seed)
+    size = int(model.image_size)
+    state: Sequence[Tensor] = (
+        model.init_state(batch_size, "cpu", torch.float32) if wrapper.temporal else ()
+    )
+    ort_state = [s.numpy() for s in state]
+    names = [i.name for i in session.get_inputs()]
+    worst = 0.0
+    try:
+        with torch.no_grad():
+            for _ in range(frames):
+                images = torch.rand(batch_size, 3, size, size, generator=generator)
+                expected = wrapper(images, *state)
+                got = session.run(None, dict(zip(names, [images.numpy(), *ort_state])))
+                for e, g in zip(expected, got):
+                    worst = max(worst, float(np.abs(e.numpy() - g).max()))
+                state, ort_state = expected[2:], got[2:]  # each side streams its own state
+    finally:
+        model.train(was_training)
+    return worst
