@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline import atomic
+from ssd import atomic
 from pipeline.config import ConfigError, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, run
 from ssd.data.shards import list_shards

@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.atomic import TMP_PREFIX, write_json
+from ssd.atomic import TMP_PREFIX, write_json
 
 log = logging.getLogger("pipeline.checkpoints")
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import atomic
+from ssd import atomic
 from pipeline.stage import StageError, run
 
 log = logging.getLogger("pipeline.detect")

@@ -69,7 +69,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import atomic
+from ssd import atomic
 from pipeline.config import ConfigError, load_config, load_params, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.stage import StageError, arg_parser, run

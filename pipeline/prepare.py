@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import TMP_PREFIX, atomic_dir, write_json
+from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from pipeline.config import ConfigError, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, run
 from ssd.data import annotations as ann

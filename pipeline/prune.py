@@ -53,7 +53,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from pipeline import atomic
+from ssd import atomic
 from pipeline.config import ConfigError, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, run
 from pipeline.train import DataConfig

@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_dir, write_json, write_text
+from ssd.atomic import atomic_dir, write_json, write_text
 from pipeline.config import ConfigError, load_config, load_params
 from pipeline.stage import StageError, arg_parser, run
 from ssd.data.synthetic import (

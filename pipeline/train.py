@@ -46,7 +46,8 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from pipeline import atomic, checkpoints
+from pipeline import checkpoints
+from ssd import atomic
 from pipeline.config import flatten, load_config, load_params, to_dict
 from pipeline.datasets import read_manifest
 from pipeline.stage import StageError, arg_parser, run

@@ -26,20 +26,18 @@ is the one function here that writes a file.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ssd.boxes import VARIANCES, clip_boxes, decode
+from ssd.atomic import atomic_open
 from ssd.models import SSD
 
 DEFAULT_OPSET = 17
@@ -205,22 +203,8 @@ def save_onnx(
     same directory, fsynced and renamed. Nothing is written when the check fails.
     """
     data = onnx_bytes(model, decoded, opset, metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes the file private
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        f.write(data)
 
 
 def onnxruntime_difference(

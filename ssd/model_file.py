@@ -19,14 +19,13 @@ library's only readers and writers of model weights.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 
+from ssd.atomic import atomic_open
 from ssd.models import SSD
 from ssd.pruning import rebuild_model
 
@@ -61,19 +60,8 @@ def save_model_file(
         "state_dict": state,
         "meta": dict(meta or {}),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save(payload, f)
 
 
 def read_model_file(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from pipeline import atomic
+from ssd import atomic
 
 
 def test_write_json_replaces_atomically(tmp_path):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ssd.boxes import encode, xyxy_to_cxcywh
+from ssd.boxes import encode
 from ssd.loss import LossConfig, MultiBoxLoss
 from ssd.priors import PriorConfig, generate_priors
 

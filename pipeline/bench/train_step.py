@@ -85,5 +85,4 @@ def run(
         result[f"{name}_images_per_s"] = round(batch_size / median, 2)
         result[f"{name}_step_ms"] = round(median * 1e3, 2)
     result["overhead"] = round(1 - result["full_images_per_s"] / result["bare_images_per_s"], 4)
-    del batches
     return result
