@@ -125,7 +125,7 @@ class VocSpec:
     max_side: int = 224
     max_objects: int = 6  # a non-empty image has 1..max_objects objects
     empty_fraction: float = 0.03  # chance that an image has no object (a background sample)
-    min_scale: float = 0.08  # object size as a fraction of the shorter side, log-uniform in [min, max]
+    min_scale: float = 0.12  # object size as a fraction of the shorter side, log-uniform in [min, max]
     max_scale: float = 0.6
     difficult_scale: float = 0.1  # boxes with a longer side below this fraction are difficult
     difficult_visibility: float = 0.5  # objects less visible than this (occluded) are difficult
@@ -160,7 +160,7 @@ def voc_image(seed: int, index: int, spec: VocSpec = VocSpec()) -> SyntheticImag
     img = _voc_background(rng, h, w)
     inst = np.zeros((h, w), np.int16)
     short = min(w, h)
-    for _ in range(int(rng.integers(2, 7))):
+    for _ in range(int(rng.integers(1, 4))):
         _voc_distractor(rng, img, None, short)
 
     n = 0 if rng.random() < spec.empty_fraction else int(rng.integers(1, spec.max_objects + 1))
@@ -177,7 +177,7 @@ def voc_image(seed: int, index: int, spec: VocSpec = VocSpec()) -> SyntheticImag
             continue
         drawn.append((cls, *_voc_object(rng, img, inst, len(drawn) + 1, cls, *centre, r)))
 
-    if rng.random() < 0.4:  # clutter in front of the objects
+    if rng.random() < 0.25:  # clutter in front of the objects
         for _ in range(int(rng.integers(1, 3))):
             _voc_distractor(rng, img, inst, short)
 
@@ -240,7 +240,14 @@ def _hue_colour(rng, hue_range, sat=(150, 255), val=(150, 255)) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)[0, 0].astype(np.float32)
 
 
-def _random_colour(rng, sat=(0, 256), val=(30, 256)) -> np.ndarray:
+#: Saturation range of everything that is not an object (background, blobs, lines, distractors).
+#: The objects are saturated (150-255): colour tells figure from clutter at a glance, shape and
+#: texture tell the classes apart. With clutter as saturated as the objects, a from-scratch
+#: SSDLite reached only 0.12-0.19 VOC07 mAP in the CPU budget of the default pipeline.
+_CLUTTER_SAT = (0, 110)
+
+
+def _random_colour(rng, sat=_CLUTTER_SAT, val=(30, 256)) -> np.ndarray:
     return _hue_colour(rng, (0, 180), sat, val)
 
 
@@ -279,12 +286,14 @@ def _voc_background(rng, h: int, w: int) -> np.ndarray:
 def _voc_distractor(rng, img: np.ndarray, inst: np.ndarray | None, short: int) -> None:
     """Draw one shape that is none of the classes; with ``inst`` it hides what is under it.
 
-    Elongated ellipses, smooth irregular blobs (plain, striped or checkered, so
-    texture alone does not give a class away) and scribbles.
+    Elongated ellipses, smooth irregular blobs (mostly plain, a few striped or
+    checkered, so texture alone does not quite give a class away) and scribbles.
+    The textured ones are rare: with many of them a from-scratch model needs far
+    more than the CPU budget of the default pipeline to learn shape over texture.
     """
     h, w = img.shape[:2]
     # 0 ellipse, 1 plain blob, 2 textured blob, 3 scribble
-    kind = int(rng.choice(4, p=(0.3, 0.3, 0.15, 0.25)))
+    kind = int(rng.choice(4, p=(0.35, 0.35, 0.05, 0.25)))
     mask = np.zeros((h, w), np.uint8)
     cx, cy = float(rng.uniform(0, w)), float(rng.uniform(0, h))
     size = float(rng.uniform(0.05, 0.25)) * short
@@ -302,9 +311,9 @@ def _voc_distractor(rng, img: np.ndarray, inst: np.ndarray | None, short: int) -
         pts = np.stack([cx + size * radius * np.cos(theta), cy + size * radius * np.sin(theta)], axis=1)
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
     sel = mask.astype(bool)
-    colour = _random_colour(rng, (0, 256), (40, 256))
+    colour = _random_colour(rng, _CLUTTER_SAT, (40, 256))
     if kind == 2:  # textured blob
-        other = _random_colour(rng, (0, 256), (40, 256))
+        other = _random_colour(rng, _CLUTTER_SAT, (40, 256))
         ys, xs = np.nonzero(sel)
         period = rng.uniform(3, 9)
         if rng.random() < 0.5:

@@ -1,0 +1,148 @@
+"""The whole `dvc repro`, on a tiny configuration, in a temporary copy of the repository.
+
+This is what guards the pipeline end to end in CI: every stage of dvc.yaml runs as users
+run it (the same commands, the same params.yaml keys, only smaller numbers), a second
+`dvc repro` has nothing to do, and an experiment with a changed training key shows up in
+`dvc metrics diff`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+#: params.yaml keys changed for the tiny run (dotted paths); everything else is the real file.
+TINY = {
+    "sample.voc.train_images": 40,
+    "sample.voc.val_images": 12,
+    "sample.ir.videos": 4,
+    "sample.ir.frames": 16,
+    "sample.ir.val_fraction": 0.25,
+    "prepare.voc.shard_size": 16,
+    "prepare.ir.shard_size": 4,
+}
+for section in ("train_voc", "train_ir_ssdlite", "train_ir_lstm"):
+    TINY.update({
+        f"{section}.model.width_mult": 0.25,
+        f"{section}.model.image_size": 96,
+        f"{section}.data.batch_size": 2,
+        f"{section}.data.num_workers": 0,
+        f"{section}.data.shuffle_buffer": 8,
+        f"{section}.steps": 3,
+        f"{section}.checkpoint_every": 2,
+        f"{section}.log_every": 1,
+        f"{section}.optim.warmup_steps": 1,
+    })
+TINY["train_ir_lstm.data.batch_size"] = 1
+for section in ("evaluate", "evaluate_ir_ssdlite", "evaluate_ir_lstm", "evaluate_ir_lstm_per_frame", "evaluate_pruned"):
+    TINY[f"{section}.num_workers"] = 0
+    TINY[f"{section}.batch_size"] = 4
+    TINY[f"{section}.examples"] = 2
+TINY.update({
+    "prune.finetune.steps": 2,
+    "prune.finetune.data.batch_size": 2,
+    "prune.finetune.data.num_workers": 0,
+    "prune.finetune.data.shuffle_buffer": 8,
+    "prune.finetune.checkpoint_every": 1,
+    "prune.finetune.optim.warmup_steps": 1,
+    "prune.evaluate.num_workers": 0,
+    "prune.latency.runs": 2,
+    "prune.latency.warmup": 1,
+    "benchmark.models.batch": 2,
+    "benchmark.models.repeats": 2,
+    "benchmark.models.throughput_repeats": 1,
+    "benchmark.models.warmup": 1,
+    "benchmark.postprocess.batch": 2,
+    "benchmark.postprocess.repeat": 2,
+    "benchmark.loader.batch_size": 2,
+    "benchmark.loader.num_workers": 0,
+    "benchmark.loader.num_batches": 2,
+    "benchmark.loader.image_size": 96,
+    "benchmark.train_step.batch_size": 2,
+    "benchmark.train_step.num_workers": 0,
+    "benchmark.train_step.steps": 2,
+    "benchmark.train_step.warmup": 1,
+})
+
+
+def _set(params: dict, dotted: str, value) -> None:
+    node = params
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node.setdefault(key, {})
+    node[last] = value
+
+
+def tiny_params() -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for key, value in TINY.items():
+        _set(params, key, value)
+    return params
+
+
+def run(cmd: list[str], cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(cwd)}
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh copy of the tracked files (as a clone would have them), with the tiny params, committed."""
+    dest = tmp_path_factory.mktemp("repo")
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                           cwd=ROOT, capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file() and not name.startswith(("data/", "models/", "metrics/", "plots/", "reports/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    (dest / "dvc.lock").unlink(missing_ok=True)
+    (dest / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid"]
+    run(["git", "init", "-q"], dest)
+    run([*git, "add", "-A"], dest)
+    run([*git, "commit", "-qm", "tiny pipeline"], dest)
+    run(["dvc", "repro"], dest, timeout=1500)
+    run([*git, "add", "-A"], dest)  # dvc.lock and the metrics: the baseline `dvc metrics diff` compares with
+    run([*git, "commit", "-qm", "results"], dest)
+    return dest
+
+
+def test_dvc_repro_runs_every_stage(repo):
+    for name in ("train-ssdlite_voc", "train-ssdlite_ir", "train-lstm_ir", "eval-ssdlite_voc", "eval-ssdlite_ir",
+                 "eval-lstm_ir", "eval-lstm_ir_per_frame", "prune-ssdlite_voc", "eval-ssdlite_voc-pruned", "benchmark"):
+        data = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        assert data, name
+    for model in ("ssdlite_voc", "ssdlite_ir", "lstm_ir", "ssdlite_voc-pruned"):
+        assert (repo / "models" / f"{model}.pt").is_file()
+    assert json.loads((repo / "metrics" / "eval-lstm_ir.json").read_text())["mode"] == "video"
+    assert (repo / "reports" / "benchmark.png").is_file()
+    assert any((repo / "reports" / "ssdlite_voc").iterdir())
+
+
+def test_second_repro_does_nothing(repo):
+    out = run(["dvc", "repro"], repo)
+    assert "Data and pipelines are up to date" in out.stdout + out.stderr
+    status = run(["dvc", "status"], repo)
+    assert "up to date" in status.stdout
+
+
+def test_experiment_shows_in_metrics_diff(repo):
+    run(["dvc", "exp", "run", "-S", "train_voc.optim.lr=0.01"], repo, timeout=1500)
+    diff = run(["dvc", "metrics", "diff", "--json"], repo)
+    changed = json.loads(diff.stdout)
+    assert "metrics/train-ssdlite_voc.json" in changed, changed.keys()
+    assert changed["metrics/train-ssdlite_voc.json"]["final_loss"]["diff"] != 0
