@@ -231,3 +231,23 @@ def test_batched_iou_crop_meets_torchvision_constraints(min_iou):
         iou = float(box_iou(box, torch.tensor([[left, top, left + w, top + h]], dtype=torch.float32)))
         assert iou >= min_iou - 1e-6  # float32 rounding of the same IoU
     assert _BatchedIoUCrop(sampler_options=[1.0]).make_params([image, boxes]) == {}
+
+
+def test_channel_shuffle_can_be_turned_off_to_keep_colour_cues():
+    from ssd.data.transforms import AugmentConfig, train_transform
+
+    red = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    red[0] = 200
+    target = {"boxes": torch.tensor([[4.0, 4.0, 28.0, 28.0]]), "labels": torch.tensor([1]),
+              "difficult": torch.tensor([False])}
+    geometry_off = dict(zoom_out_p=0.0, crop_p=0.0, flip_p=0.0)
+
+    def dominant(cfg, draws=30):
+        torch.manual_seed(0)
+        t = train_transform(32, cfg)
+        return {int(t(red, dict(target))[0].mean(dim=(1, 2)).argmax()) for _ in range(draws)}
+
+    assert dominant(AugmentConfig(photometric_p=1.0, channel_shuffle_p=0.0, hue=0.0, **geometry_off)) == {0}
+    assert len(dominant(AugmentConfig(photometric_p=1.0, **geometry_off))) > 1  # SSD's recipe permutes
+    with pytest.raises(ValueError, match="channel_shuffle_p"):
+        AugmentConfig(channel_shuffle_p=1.5)

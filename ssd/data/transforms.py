@@ -52,6 +52,11 @@ class AugmentConfig:
     # images at S=300 (the hue change dominates the augmentation cost), and the fill then gets
     # the image's colour change too.
     photometric_first: bool = True
+    # Largest hue shift, as a fraction of the hue circle (torchvision's and SSD's 0.05).
+    hue: float = 0.05
+    # Chance of a random permutation of the colour channels; None: photometric_p, as in SSD.
+    # Where colour is what tells classes apart (the generated sample), 0 keeps that cue.
+    channel_shuffle_p: float | None = None
     # SSD "expansion": half the images are placed on a larger canvas, which makes
     # small objects and teaches the small-scale priors.
     zoom_out_p: float = 0.5
@@ -81,6 +86,10 @@ class AugmentConfig:
     min_box_size: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.channel_shuffle_p is not None and not 0.0 <= self.channel_shuffle_p <= 1.0:
+            raise ValueError(f"AugmentConfig.channel_shuffle_p: a probability in [0, 1], got {self.channel_shuffle_p}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"AugmentConfig.hue: in [0, 0.5], got {self.hue}")
         for name in ("photometric_p", "zoom_out_p", "crop_p", "flip_p"):
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
@@ -178,7 +187,7 @@ class DetectionTransform:
         if cfg is None:
             return
         fill = tuple(round(255 * m) for m in cfg.fill_mean)  # images are still uint8 at zoom-out
-        colour = v2.RandomPhotometricDistort(p=cfg.photometric_p)
+        colour = _colour_distortion(cfg)
         zoom_out = v2.RandomZoomOut(
             fill={tv_tensors.Image: fill, "others": 0}, side_range=(1.0, cfg.zoom_out_max), p=cfg.zoom_out_p
         )
@@ -261,6 +270,26 @@ class DetectionTransform:
         if self._late_colour is not None:
             image = self._late_colour(image)
         return image.as_subclass(Tensor), out
+
+
+def _colour_distortion(cfg: AugmentConfig) -> v2.Transform:
+    """SSD's photometric distortion; with a channel-shuffle chance or hue range of its own,
+    the same steps (brightness, contrast, saturation, hue, channel permutation, each with its
+    own draw) composed from torchvision's pieces."""
+    shuffle_p = cfg.photometric_p if cfg.channel_shuffle_p is None else cfg.channel_shuffle_p
+    if shuffle_p == cfg.photometric_p and cfg.hue == 0.05:
+        return v2.RandomPhotometricDistort(p=cfg.photometric_p)
+    p = cfg.photometric_p
+    steps = [
+        v2.RandomApply([v2.ColorJitter(brightness=(0.875, 1.125))], p=p),
+        v2.RandomApply([v2.ColorJitter(contrast=(0.5, 1.5))], p=p),
+        v2.RandomApply([v2.ColorJitter(saturation=(0.5, 1.5))], p=p),
+    ]
+    if cfg.hue > 0:
+        steps.append(v2.RandomApply([v2.ColorJitter(hue=(-cfg.hue, cfg.hue))], p=p))
+    if shuffle_p > 0:
+        steps.append(v2.RandomApply([v2.RandomChannelPermutation()], p=shuffle_p))
+    return v2.Compose(steps)
 
 
 def train_transform(size: int, cfg: AugmentConfig = AugmentConfig()) -> DetectionTransform:
