@@ -24,11 +24,24 @@ class StageError(RuntimeError):
     """A problem with a stage's inputs, with a one-line message naming the file and the problem."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler that writes to whatever ``sys.stderr`` is at the time of the record,
+    so a stage run in-process (tests, notebooks) never logs into a stream replaced since."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Log ``LEVEL message`` lines to stderr (idempotent)."""
     root = logging.getLogger()
     if not any(getattr(h, "_ssd_stage", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._ssd_stage = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -124,19 +124,6 @@ def test_chart_is_a_png(project, figures):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
-@pytest.fixture
-def _drop_stage_log_handlers():
-    """A stage run in-process leaves its stderr handler on the root logger, bound to this
-    test's captured stderr; later tests would log into a closed stream."""
-    yield
-    import logging
-
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_ssd_stage", False)]:
-        root.removeHandler(handler)
-
-
-@pytest.mark.usefixtures("_drop_stage_log_handlers")
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -121,18 +121,6 @@ def project(tmp_path_factory, shards, model_file) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True)
-def _drop_stage_log_handlers():
-    """A stage run in-process leaves its stderr handler on the root logger, bound to this
-    test's captured stderr; later tests would log into a closed stream."""
-    yield
-    import logging
-
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_ssd_stage", False)]:
-        root.removeHandler(handler)
-
-
 def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMING}
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -26,20 +25,6 @@ from ssd.data.shards import SHARD_NAME, iter_samples
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 W, H = 40, 30  # generated image size
-
-
-@pytest.fixture(autouse=True)
-def _fresh_log_handler():
-    """Drop the stage's log handler after each test.
-
-    ``setup_logging`` binds its handler to the ``sys.stderr`` of the first test
-    that runs a stage; pytest replaces that stream per test, so the next stage
-    run would log into a closed stream.
-    """
-    yield
-    root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "_ssd_stage", False)]:
-        root.removeHandler(h)
 
 
 # ---------------------------------------------------------------------------

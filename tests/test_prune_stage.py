@@ -120,19 +120,6 @@ def test_without_finetuning_or_evaluation_the_pruned_weights_are_the_output(proj
         assert model(x)[0].shape == original(x)[0].shape
 
 
-@pytest.fixture
-def _drop_stage_log_handlers():
-    """A stage run in-process leaves its stderr handler on the root logger, bound to this
-    test's captured stderr; later tests would log into a closed stream."""
-    yield
-    import logging
-
-    root = logging.getLogger()
-    for handler in [h for h in root.handlers if getattr(h, "_ssd_stage", False)]:
-        root.removeHandler(handler)
-
-
-@pytest.mark.usefixtures("_drop_stage_log_handlers")
 @pytest.mark.parametrize(
     "override, message",
     [
