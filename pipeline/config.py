@@ -67,7 +67,10 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict:
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``data``, checking keys and types recursively."""
+    """Build the frozen dataclass ``cls`` from ``data``, checking keys and types recursively.
+
+    A ``ValueError`` from the dataclass's own checks becomes a :class:`ConfigError` naming where.
+    """
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -86,7 +89,12 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
             kwargs[name] = _convert(hints[name], data[name], key)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
 def to_dict(cfg: Any) -> dict:

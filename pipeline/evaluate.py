@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from ssd import atomic
-from pipeline.config import ConfigError, load_config, load_params, to_dict
+from pipeline.config import load_config, load_params, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.stage import StageError, arg_parser, run
 from ssd.draw import draw_detections
@@ -410,12 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         # faster_coco_eval prints its whole summary table at INFO; our log line and the JSON hold the numbers.
         logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
-        try:
-            cfg = load_config(EvaluateConfig, load_params(args.params), args.section, args.overrides)
-        except ConfigError:
-            raise
-        except ValueError as e:  # the config dataclass's own checks
-            raise StageError(f"{args.section}: {e}") from None
+        cfg = load_config(EvaluateConfig, load_params(args.params), args.section, args.overrides)
         evaluate(cfg)
         return 0
 

@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ssd import atomic
-from pipeline.config import ConfigError, load_config, load_params, to_dict
+from pipeline.config import load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, run
 from pipeline.train import DataConfig
 from ssd.loss import LossConfig
@@ -345,12 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise StageError("the prune stage runs as one process: python -m pipeline.prune")
-        try:
-            cfg = load_config(PruneStageConfig, load_params(args.params), args.section, args.overrides)
-        except ConfigError:
-            raise
-        except ValueError as e:  # a config dataclass's own checks
-            raise StageError(f"{args.section}: {e}") from None
+        cfg = load_config(PruneStageConfig, load_params(args.params), args.section, args.overrides)
         return prune(cfg, restart=args.restart)
 
     return run(body)

@@ -567,10 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        try:
-            cfg = load_config(TrainConfig, load_params(args.params), args.section, args.overrides)
-        except ValueError as e:  # a config dataclass's own check
-            raise StageError(f"{args.section}: {e}") from None
+        cfg = load_config(TrainConfig, load_params(args.params), args.section, args.overrides)
         return train(cfg, restart=args.restart)
 
     return run(body)

@@ -72,3 +72,16 @@ def test_params_file_errors(tmp_path):
 def test_flatten_for_trackers():
     flat = flatten({"a": {"b": 1, "c": [1, 2]}, "d": None})
     assert flat == {"a.b": 1, "a.c": "[1, 2]", "d": "None"}
+
+
+def test_a_dataclass_own_check_is_a_config_error_naming_the_section():
+    @dataclass(frozen=True)
+    class Checked:
+        steps: int = 1
+
+        def __post_init__(self):
+            if self.steps < 1:
+                raise ValueError(f"steps must be at least 1, got {self.steps}")
+
+    with pytest.raises(ConfigError, match=r"^train: steps must be at least 1, got 0$"):
+        from_dict(Checked, {"steps": 0}, "train")
