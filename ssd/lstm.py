@@ -47,6 +47,11 @@ class BottleneckConvLSTMCell(nn.Module):
             maps ``h_t`` to this many channels, so the layers after the cell keep the
             widths they had without it. ``None``: the output is ``h_t`` itself.
         kernel_size: side of the depthwise kernels (the paper's 3).
+        residual: ``False`` (the paper): the output is ``h_t`` (or its projection) and
+            replaces the input map. ``True``: the output is ``x_t + project(h_t)`` with the
+            projection initialised to zero, so a cell inserted into a trained detector
+            starts as the identity (the detector's accuracy is kept) and training only has
+            to learn what memory adds; needs ``out_channels == in_channels``.
 
     The state is a pair ``(h, c)`` of ``Tensor[B, N, H, W]``; the output of
     :meth:`forward` is ``Tensor[B, out_channels or N, H, W]``.
@@ -58,6 +63,7 @@ class BottleneckConvLSTMCell(nn.Module):
         hidden_channels: int,
         out_channels: int | None = None,
         kernel_size: int = 3,
+        residual: bool = False,
     ):
         super().__init__()
         if in_channels < 1 or hidden_channels < 1:
@@ -65,13 +71,18 @@ class BottleneckConvLSTMCell(nn.Module):
         self.in_channels = in_channels
         self.hidden_channels = hidden_channels
         self.out_channels = out_channels if out_channels is not None else hidden_channels
+        self.residual = bool(residual)
+        if self.residual and self.out_channels != in_channels:
+            raise ValueError(f"a residual cell's output has the input's {in_channels} channels, got {self.out_channels}")
         self.bottleneck = _separable(in_channels + hidden_channels, hidden_channels, kernel_size)
         self.gates = _separable(hidden_channels, 4 * hidden_channels, kernel_size)
-        self.project = nn.Conv2d(hidden_channels, self.out_channels, 1) if self.out_channels != hidden_channels else None
+        needs_projection = self.residual or self.out_channels != hidden_channels
+        self.project = nn.Conv2d(hidden_channels, self.out_channels, 1) if needs_projection else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """PyTorch's default conv initialisation, zero biases, and forget-gate bias 1.
+        """PyTorch's default conv initialisation, zero biases, and forget-gate bias 1;
+        a residual cell's projection starts at zero (the cell is the identity).
 
         A forget bias of 1 (Gers et al. 2000; Jozefowicz et al. 2015) starts the cell
         remembering about ``sigmoid(1) = 0.73`` of its state per step, so gradients reach
@@ -85,6 +96,8 @@ class BottleneckConvLSTMCell(nn.Module):
         n = self.hidden_channels
         with torch.no_grad():
             self.gates[1].bias[n : 2 * n].fill_(1.0)  # gate order: i, f, g, o
+            if self.residual:
+                nn.init.zeros_(self.project.weight)
 
     def init_state(
         self,
@@ -110,7 +123,7 @@ class BottleneckConvLSTMCell(nn.Module):
 
         Returns:
             ``(output, (h, c))``: ``output`` is ``Tensor[B, out_channels, H, W]`` (``h``
-            itself when there is no projection), ``h`` and ``c`` are ``Tensor[B, N, H, W]``.
+            itself when there is no projection; ``x + project(h)`` when residual), ``h`` and ``c`` are ``Tensor[B, N, H, W]``.
         """
         if state is None:
             state = self.init_state(x.shape[0], x.shape[2], x.shape[3], x.device, x.dtype)
@@ -120,4 +133,6 @@ class BottleneckConvLSTMCell(nn.Module):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * F.relu6(g)
         h = torch.sigmoid(o) * F.relu6(c)
         out = self.project(h) if self.project is not None else h
+        if self.residual:
+            out = x + out
         return out, (h, c)

@@ -86,6 +86,23 @@ def test_projection_restores_the_input_width():
     assert BottleneckConvLSTMCell(16, 16, out_channels=16).project is None
 
 
+def test_residual_cell_starts_as_the_identity_and_then_learns_to_add():
+    torch.manual_seed(0)
+    cell = BottleneckConvLSTMCell(6, 3, out_channels=6, residual=True)
+    x = torch.randn(2, 6, 4, 4)
+    out, (h, c) = cell(x)
+    assert_close(out, x)  # zero-initialised projection: the map passes unchanged
+    assert h.abs().sum() > 0  # ... while the state already runs
+    out.sum().backward()
+    assert cell.project.weight.grad.abs().sum() > 0  # and the projection gets a gradient
+    with torch.no_grad():
+        cell.project.weight.normal_()
+    out, (h, c) = cell(x)
+    assert_close(out, x + cell.project(h))
+    with pytest.raises(ValueError, match="residual"):
+        BottleneckConvLSTMCell(6, 3, out_channels=5, residual=True)
+
+
 def test_state_is_explicit_nothing_stored_on_the_module():
     torch.manual_seed(0)
     cell = BottleneckConvLSTMCell(4, 4)

@@ -53,6 +53,30 @@ def test_streaming_frame_by_frame_equals_the_unrolled_clip(placement, reduction)
     assert_close(rest_state, final, atol=1e-5, rtol=1e-5)
 
 
+def test_stride8_cell_feeds_every_later_map():
+    # As test_each_cells_output_replaces_its_map, for a cell on the stride-8 map (block 6):
+    # a "double the map" cell and the same doubling hooked on block 6 of SSDLite agree
+    # only if every later block, extra layer and head reads the cell's output.
+    priors = {"min_sizes": [6, 12, 20, 30, 40, 50, 60], "aspect_ratios": [[2]] * 7}
+    kwargs = dict(width_mult=0.25, image_size=S, taps=(6, 13, 17), priors=priors)
+    torch.manual_seed(0)
+    model = lstm_ssd_mobilenet_v2(3, placement=("stride8",), residual=True, **kwargs)
+    model = randomise_batch_norm(model).eval()
+    assert model.cell_maps == [0]
+    base = ssdlite_mobilenet_v2(3, **kwargs).eval()
+    load_matching_weights(base, model.state_dict())
+    model.temporal["0"].forward = lambda x, state: (2 * x, state)
+    base.backbone.features[6].register_forward_hook(lambda module, args, out: 2 * out)
+    images = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        logits, deltas, _ = model(images)
+        base_logits, base_deltas = base(images)
+    assert_close(logits, base_logits)
+    assert_close(deltas, base_deltas)
+    with pytest.raises(ValueError, match="stride8"):
+        lstm_ssd_mobilenet_v2(3, width_mult=0.25, image_size=S, placement=("stride8",))  # no tap 6
+
+
 def test_the_state_changes_the_prediction():
     model = randomise_batch_norm(tiny()).eval()
     frames = torch.rand(2, 3, S, S)
@@ -141,6 +165,27 @@ def test_same_detector_as_ssdlite_and_its_weights_load(placement, reduction):
     for key in loaded:
         assert_close(own[key], base.state_dict()[key])
     assert any(k.startswith("temporal.") for k in own)  # the cells keep their own weights
+
+
+@pytest.mark.parametrize("placement, reduction", PLACEMENTS)
+def test_residual_lstm_ssd_started_from_ssdlite_predicts_what_it_predicts(placement, reduction):
+    torch.manual_seed(0)
+    model = lstm_ssd_mobilenet_v2(
+        3, width_mult=0.25, image_size=S, placement=placement, state_reduction=reduction, residual=True
+    )
+    assert model.arch["residual"] is True
+    base = randomise_batch_norm(ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=S)).eval()
+    load_matching_weights(model, base.state_dict())
+    model.eval()
+    clips = torch.rand(2, 3, 3, S, S)
+    with torch.no_grad():
+        logits, deltas, state = model(clips)
+        base_logits, base_deltas = base(clips.flatten(0, 1))
+    assert_close(logits.flatten(0, 1), base_logits)
+    assert_close(deltas.flatten(0, 1), base_deltas)
+    assert any(s.abs().sum() > 0 for s in state)
+    rebuilt = build_model(model.arch)
+    assert all(cell.residual for cell in rebuilt.temporal.values())
 
 
 def test_load_matching_weights_skips_shape_mismatches():

@@ -192,19 +192,24 @@ def test_removing_dead_channels_leaves_the_outputs_unchanged():
 
 
 @pytest.mark.parametrize(
-    "placement, state_reduction", [(("backbone",), 1), (("backbone", "extras"), 2)], ids=["paper", "projected"]
+    "placement, state_reduction, residual",
+    [(("backbone",), 1, False), (("backbone", "extras"), 2, False), (("backbone", "extras"), 1, True)],
+    ids=["paper", "projected", "residual"],
 )
-def test_lstm_ssd_cells_are_pruned_with_the_model(placement, state_reduction):
+def test_lstm_ssd_cells_are_pruned_with_the_model(placement, state_reduction, residual):
     # "paper": one cell on block 13 whose h is the map (hidden units = output channels);
-    # "projected": cells everywhere, their state half as wide, a 1x1 projection after each.
+    # "projected": cells everywhere, their state half as wide, a 1x1 projection after each;
+    # "residual": each cell's projected output added to its input map.
     torch.manual_seed(4)
     arch = {"name": "lstm_ssd_mobilenet_v2", "num_classes": 4, "width_mult": 0.5, "image_size": SIZE,
-            "placement": list(placement), "state_reduction": state_reduction}
+            "placement": list(placement), "state_reduction": state_reduction, "residual": residual}
     model = build_model(arch).eval()
     with torch.no_grad():  # a recurrence strong enough to show in the state if it were cut wrong
         for cell in model.temporal.values():
             for conv in (cell.bottleneck[1], cell.gates[1]):
                 conv.weight.mul_(4)
+            if residual:  # not the zero start: the added path must survive pruning too
+                cell.project.weight.normal_()
     _kill_upper_half(model)
     clip = torch.rand(2, 4, 3, SIZE, SIZE)
     with torch.no_grad():

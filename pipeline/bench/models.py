@@ -58,11 +58,9 @@ from torchvision.transforms.v2 import functional as TF
 from ssd.data.transforms import eval_transform
 from ssd.model_file import load_model_file
 from ssd.models import build_model
+from ssd.models.lstm_ssd import TEMPORAL_ARCH_KEYS
 from ssd.postprocess import PostprocessConfig, PostProcessor
 from ssd.pruning import ARCH_KEY, count_macs_params
-
-#: Keys of an LSTM-SSD arch that an SSDLite arch lacks.
-TEMPORAL_KEYS = ("placement", "state_reduction")
 
 #: One step of a timed chain: a name and a function of the previous step's output.
 Step = tuple[str, Callable[[Any], Any]]
@@ -295,7 +293,7 @@ def measure_model(
 
 def ssdlite_arch(lstm_arch: dict[str, Any]) -> dict[str, Any]:
     """The arch of the SSDLite an LSTM-SSD arch is built on (no temporal keys, no pruning)."""
-    arch = {k: v for k, v in lstm_arch.items() if k not in TEMPORAL_KEYS and k != ARCH_KEY}
+    arch = {k: v for k, v in lstm_arch.items() if k not in TEMPORAL_ARCH_KEYS and k != ARCH_KEY}
     arch["name"] = "ssdlite_mobilenet_v2"
     return arch
 

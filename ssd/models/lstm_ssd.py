@@ -13,7 +13,10 @@ Placement (``placement`` of the builder, any non-empty combination):
 * ``"backbone"``: one cell on the backbone's stride-16 map (block 13 of
   MobileNetV2), between the two backbone stages: the paper's layout;
 * ``"extras"``: one cell after each extra layer (the original PyTorch
-  project's layout): every map from stride 64 down to 1x1 is temporal.
+  project's layout): every map from stride 64 down to 1x1 is temporal;
+* ``"stride8"``: one cell on the stride-8 map (block 6, which must be a tap), for
+  small inputs where that map detects many of the objects: every map after it is
+  computed from the cell's output, so all of them see the memory.
 
 The state is explicit: ``init_state`` gives the zero state, a flat tuple
 ``(h_0, c_0, h_1, c_1, ...)`` with one pair per cell in map order (plain
@@ -36,11 +39,14 @@ from torch import Tensor, nn
 
 from ssd.lstm import BottleneckConvLSTMCell
 from ssd.models.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, feature_shapes
-from ssd.models.ssdlite import STRIDE16_BLOCK, TAPS, ssdlite_mobilenet_v2
+from ssd.models.ssdlite import STRIDE8_BLOCK, STRIDE16_BLOCK, TAPS, ssdlite_mobilenet_v2
 from ssd.priors import PriorConfig
 
 #: Where temporal cells can go (see the module docstring).
-PLACEMENTS = ("backbone", "extras")
+PLACEMENTS = ("backbone", "extras", "stride8")
+
+#: The arch keys LSTM-SSD adds to its SSDLite's (without them, the arch builds that SSDLite).
+TEMPORAL_ARCH_KEYS = ("placement", "state_reduction", "residual")
 
 State = tuple[Tensor, ...]
 
@@ -213,6 +219,7 @@ def lstm_ssd_mobilenet_v2(
     state_reduction: int = 1,
     backbone_state_dict: Mapping[str, Tensor] | None = None,
     taps: Sequence[int] = TAPS,
+    residual: bool = False,
 ) -> LSTMSSD:
     """LSTM-SSD on SSDLite-MobileNetV2: the SSDLite of the same arguments plus temporal cells.
 
@@ -220,12 +227,16 @@ def lstm_ssd_mobilenet_v2(
         num_classes, width_mult, image_size, extra_channels, priors, backbone_state_dict, taps:
             as for :func:`ssd.models.ssdlite.ssdlite_mobilenet_v2`; the detector parts,
             priors included, are exactly that model's.
-        placement: where the cells go, a non-empty subset of ``("backbone", "extras")``
+        placement: where the cells go, a non-empty subset of ``("backbone", "extras", "stride8")``
             (module docstring).
         state_reduction: each cell's state has ``max(8, channels // state_reduction)``
             channels (the paper's LSTM width multiplier is ``1 / state_reduction``). When
             that differs from the map's channels, a 1x1 projection brings the cell's output
             back to them, so every layer after it keeps its SSDLite shape.
+        residual: cells add their (zero-initialised) output to the map instead of
+            replacing it (:class:`ssd.lstm.BottleneckConvLSTMCell`): LSTM-SSD started from a
+            trained SSDLite then predicts exactly what that SSDLite predicts, and training
+            learns what memory adds. ``False``: the paper's layout.
     """
     placement = list(placement)
     unknown = [p for p in placement if p not in PLACEMENTS]
@@ -242,6 +253,10 @@ def lstm_ssd_mobilenet_v2(
     taps = base.backbone.taps
     shapes = feature_shapes(base.backbone, base.extras, image_size)
     cell_maps: list[int] = []
+    if "stride8" in placement:
+        if STRIDE8_BLOCK not in taps:
+            raise ValueError(f"placement 'stride8' needs block {STRIDE8_BLOCK} (stride 8) among the taps {list(taps)}")
+        cell_maps.append(taps.index(STRIDE8_BLOCK))
     if "backbone" in placement:
         if STRIDE16_BLOCK not in taps:
             raise ValueError(f"placement 'backbone' needs block {STRIDE16_BLOCK} (stride 16) among the taps {list(taps)}")
@@ -251,13 +266,17 @@ def lstm_ssd_mobilenet_v2(
     temporal = {}
     for k in cell_maps:
         channels = shapes[k][0]
-        temporal[k] = BottleneckConvLSTMCell(channels, max(8, channels // state_reduction), out_channels=channels)
+        temporal[k] = BottleneckConvLSTMCell(
+            channels, max(8, channels // state_reduction), out_channels=channels, residual=residual
+        )
     arch = {
         **base.arch,
         "name": "lstm_ssd_mobilenet_v2",
         "placement": placement,
         "state_reduction": state_reduction,
     }
+    if residual:  # absent from older files, which are not residual
+        arch["residual"] = True
     return LSTMSSD(
         base.backbone,
         base.extras,

@@ -27,6 +27,9 @@ TAPS = (13, 17)
 #: The last block at stride 16: where the LSTM-SSD paper puts its ConvLSTM.
 STRIDE16_BLOCK = 13
 
+#: The last block at stride 8 (the tap that adds a stride-8 map).
+STRIDE8_BLOCK = 6
+
 #: Extra-layer widths of the baseline at width multiplier 1.
 EXTRA_CHANNELS = (512, 256, 256, 128)
 
