@@ -55,6 +55,7 @@ from ssd.data.transforms import AugmentConfig
 from ssd.loss import LossConfig, MultiBoxLoss
 from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file, save_model_file
 from ssd.models import build_model
+from ssd.models.ssd import freeze_batchnorm
 from ssd.clip_loss import clip_loss
 from ssd.optim import OptimConfig, build_optimizer, group_factors
 
@@ -91,9 +92,13 @@ class ModelConfig:
     taps: tuple[int, ...] = (13, 17)
     """MobileNetV2 blocks whose outputs are maps (ssds.pytorch: 13, 17; add 6 for a stride-8 map)."""
     placement: tuple[str, ...] = ("backbone",)
-    """LSTM-SSD: where the ConvLSTM cells go: backbone (the paper: after the stride-16 map), extras."""
+    """LSTM-SSD: where the ConvLSTM cells go: backbone (the paper: after the stride-16 map), extras,
+    stride8 (on the stride-8 map, tap 6: every later map sees the memory)."""
     state_reduction: int = 1
     """LSTM-SSD: state channels = map channels / state_reduction."""
+    residual: bool = False
+    """LSTM-SSD: cells add a zero-initialised output to their map (start equal to SSDLite)
+    instead of replacing it (the paper)."""
     priors: PriorsParams | None = None
     """Prior layout; null: the architecture's reference layout scaled to image_size."""
     backbone_weights: str | None = None
@@ -116,6 +121,8 @@ class ModelConfig:
         if self.name == "lstm_ssd_mobilenet_v2":
             arch["placement"] = list(self.placement)
             arch["state_reduction"] = self.state_reduction
+            if self.residual:
+                arch["residual"] = True
         if self.priors is not None:
             arch["priors"] = to_dict(self.priors)
         return arch
@@ -165,6 +172,10 @@ class TrainConfig:
     """Steps between log lines, TensorBoard points and plot rows."""
     freeze_backbone_steps: int = 0
     """Hold the backbone still for the first steps (LSTM-SSD's stage-wise training from SSDLite)."""
+    frozen_batchnorm: bool = False
+    """Batch norm uses and keeps its running statistics (eval mode) instead of each batch's:
+    for fine-tuning a trained model on batches of few, correlated samples (LSTM-SSD's clips:
+    4 clips x 8 frames hold only 4 scenes, whose statistics are not the data's)."""
     max_nonfinite: int = 5
     """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
     trace: bool = False
@@ -372,6 +383,8 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
         t_start = time.perf_counter()
         while step < cfg.steps:
             model.train()
+            if cfg.frozen_batchnorm:
+                freeze_batchnorm(model)
             skipped = False
             parts = {"loss": 0.0, "box_loss": 0.0, "class_loss": 0.0}
             stop_seen = False

@@ -11,7 +11,7 @@ milestone, given as fractions of ``total_steps``, as ssd.pytorch's 80k/100k of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
@@ -40,6 +40,10 @@ class OptimConfig:
     """Step: where to decay, as fractions of the total steps (ssd.pytorch: 80k and 100k of 120k)."""
     gamma: float = 0.1
     """Step: decay factor at each milestone."""
+    lr_factors: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name prefix (``{"temporal": 10}``: the modules
+    under ``temporal.``), e.g. for layers new to a model started from a trained one; the
+    longest matching prefix wins, other parameters get 1."""
     grad_clip: float = 0.0
     """Clip the global gradient norm to this; 0 disables clipping."""
     grad_accum: int = 1
@@ -52,6 +56,9 @@ class OptimConfig:
             raise ValueError(f"grad_accum must be at least 1, got {self.grad_accum}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        bad = {k: v for k, v in self.lr_factors.items() if not v > 0}
+        if bad:
+            raise ValueError(f"lr_factors must be positive, got {bad}")
 
 
 def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
@@ -60,21 +67,32 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     Weight decay applies to weights of convolutions and linear layers only, not to
     biases, batch-norm parameters or L2Norm scales (decaying those only hurts). Each
     parameter group carries ``"backbone": bool`` (parameters named ``backbone.*``), so a
-    schedule can hold the backbone still for a while (:func:`group_factors`).
+    schedule can hold the backbone still for a while (:func:`group_factors`), and its own
+    learning rate, ``config.lr`` times the factor of ``config.lr_factors`` that applies.
     """
-    buckets: dict[tuple[bool, bool], list] = {}
+    buckets: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        key = (name.startswith("backbone."), p.ndim > 1)
+        key = (name.startswith("backbone."), p.ndim > 1, _lr_factor_of(name, config.lr_factors))
         buckets.setdefault(key, []).append(p)
     groups = [
-        {"params": params, "weight_decay": config.weight_decay if decay else 0.0, "backbone": backbone}
-        for (backbone, decay), params in sorted(buckets.items())
+        {
+            "params": params,
+            "weight_decay": config.weight_decay if decay else 0.0,
+            "backbone": backbone,
+            "lr": config.lr * factor,
+        }
+        for (backbone, decay, factor), params in sorted(buckets.items())
     ]
     if config.name == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
     return torch.optim.AdamW(groups, lr=config.lr)
+
+
+def _lr_factor_of(name: str, factors: dict[str, float]) -> float:
+    matches = [p for p in factors if name == p or name.startswith(p.rstrip(".") + ".")]
+    return float(factors[max(matches, key=len)]) if matches else 1.0
 
 
 def group_factors(

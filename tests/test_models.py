@@ -107,3 +107,25 @@ def test_stride8_tap_adds_a_finer_map():
     assert again.priors.shape == model.priors.shape
     with pytest.raises(ValueError, match="taps"):
         ssdlite_mobilenet_v2(num_classes=3, taps=(13, 6))
+
+
+def test_frozen_batchnorm_uses_and_keeps_the_running_statistics():
+    from ssd.models.ssd import freeze_batchnorm
+
+    torch.manual_seed(0)
+    model = ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64)
+    bn = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in bn:  # statistics a batch would not reproduce
+        m.running_mean.fill_(0.3)
+        m.running_var.fill_(2.0)
+    images = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.eval()(images)
+    model.train()
+    freeze_batchnorm(model)
+    assert all(not m.training for m in bn) and model.head.training
+    logits, deltas = model(images)
+    torch.testing.assert_close((logits, deltas), expected)
+    assert all(torch.all(m.running_mean == 0.3) and torch.all(m.running_var == 2.0) for m in bn)
+    (logits.sum() + deltas.sum()).backward()
+    assert all(m.weight.grad is not None for m in bn)  # the affine parameters still learn

@@ -59,3 +59,22 @@ def test_backbone_frozen_for_the_first_steps():
             torch.testing.assert_close(net.backbone.weight, before)  # frozen, weight decay too
             assert not torch.equal(net.head.weight, head_before)
     assert not torch.equal(net.backbone.weight, before)  # learns from step 3 on
+
+
+def test_lr_factors_by_name_prefix_longest_match_wins():
+    model = torch.nn.ModuleDict(
+        {
+            "backbone": torch.nn.Linear(2, 2),
+            "temporal": torch.nn.ModuleDict({"a": torch.nn.Linear(2, 2), "b": torch.nn.Linear(2, 2)}),
+            "temporalx": torch.nn.Linear(2, 2),  # a prefix of the name, not of the module path
+        }
+    )
+    config = OptimConfig(lr=0.01, lr_factors={"temporal": 10.0, "temporal.b": 2.0})
+    optimizer = build_optimizer(model, config)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    expected = {"backbone": 0.01, "temporal.a": 0.1, "temporal.b": 0.02, "temporalx": 0.01}
+    for name, p in model.named_parameters():
+        prefix = next(k for k in sorted(expected, key=len, reverse=True) if name.startswith(k + "."))
+        assert lr_of[id(p)] == pytest.approx(expected[prefix]), name
+    with pytest.raises(ValueError, match="lr_factors"):
+        OptimConfig(lr_factors={"temporal": 0.0})

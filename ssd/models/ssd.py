@@ -124,3 +124,16 @@ def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor])
         if own[k].shape != v.shape:
             raise ValueError(f"backbone weight {k}: shape {tuple(v.shape)} does not match {tuple(own[k].shape)}")
     backbone.load_state_dict(usable, strict=False)
+
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """Put every batch-norm layer of ``model`` in eval mode (call after ``model.train()``).
+
+    They then normalise with their running statistics and stop updating them, as in
+    evaluation; their affine weights still train. For fine-tuning a trained detector
+    on batches whose statistics are not the data's, such as a few clips of a few
+    scenes each.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
