@@ -19,9 +19,10 @@ Outputs (``{name}``: the config's ``name``, by default the input file's stem):
 - ``models/{name}-pruned.pt``: the pruned, fine-tuned model file; it loads with
   :func:`ssd.model_file.load_model_file` like any other (its ``arch`` records the
   pruned widths);
-- ``metrics/prune-{name}.json``: parameters, multiply-adds and CPU latency (median
-  of ``latency.runs`` forwards at batch 1) before and after, and mAP before
-  pruning, after pruning and after fine-tuning.
+- ``metrics/prune-{name}.json``: parameters, multiply-adds and CPU forward times
+  (``cpu_forward``: medians of ``latency.runs`` forwards at batch 1 and at
+  ``latency.batch``, the unpruned and the pruned model timed alternately) before and
+  after, and mAP before pruning, after pruning and after fine-tuning.
 
 Scratch, not outputs: ``runs/{name}-pruned/prune/`` (the pruned model before
 fine-tuning, the evaluations' own files), the fine-tuning's TensorBoard logs in
@@ -48,7 +49,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
@@ -111,15 +112,18 @@ class EvalSettings:
 @dataclass(frozen=True)
 class LatencyConfig:
     runs: int = 30
-    """Timed forwards at batch 1; the median is reported."""
+    """Timed forwards per model and batch size; the median is reported."""
+    batch: int = 16
+    """The larger batch timed besides batch 1 (throughput: per-layer overheads, which don't
+    shrink with the channels, weigh less than at batch 1)."""
     warmup: int = 5
     """Untimed forwards first (allocator, kernel selection)."""
     threads: int = 0
     """torch CPU threads while timing; 0 keeps torch's default."""
 
     def __post_init__(self) -> None:
-        if self.runs < 1 or self.warmup < 0 or self.threads < 0:
-            raise ValueError("latency: runs must be at least 1, warmup and threads not negative")
+        if self.runs < 1 or self.batch < 1 or self.warmup < 0 or self.threads < 0:
+            raise ValueError("latency: runs and batch must be at least 1, warmup and threads not negative")
 
 
 @dataclass(frozen=True)
@@ -140,38 +144,51 @@ class PruneStageConfig:
 
 
 @torch.no_grad()
-def cpu_latency_ms(model: nn.Module, image_size: int, runs: int = 30, warmup: int = 5, threads: int = 0) -> float:
-    """Median wall time of one forward at batch 1 on the CPU, in milliseconds.
+def cpu_latency_ms(
+    models: Sequence[nn.Module], image_size: int, batch: int = 1, runs: int = 30, warmup: int = 5, threads: int = 0
+) -> list[float]:
+    """Median wall time of one forward of each model on the CPU, in milliseconds.
 
-    Times a copy of ``model`` in eval mode (the caller's model is left where it is). A temporal
-    model carries its state from call to call, as when streaming a video.
+    The models run alternately, one forward each per round, so a change in the machine's
+    load hits all of them alike and their ratio stays meaningful on a shared machine.
+    Copies of the models are timed in eval mode (the caller's are left where they are). A
+    temporal model carries its state from call to call, as when streaming a video.
     """
-    model = copy.deepcopy(model).cpu().eval()
-    x = torch.rand(1, 3, image_size, image_size)
-    temporal = bool(getattr(model, "is_temporal", False))
-    state = None
+    models = [copy.deepcopy(m).cpu().eval() for m in models]
+    x = torch.rand(batch, 3, image_size, image_size)
+    temporal = [bool(getattr(m, "is_temporal", False)) for m in models]
+    states: list[Any] = [None] * len(models)
+    times: list[list[float]] = [[] for _ in models]
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        for _ in range(warmup):
-            out = model(x, state=state) if temporal else model(x)
-            state = out[2] if temporal else None
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            out = model(x, state=state) if temporal else model(x)
-            times.append(time.perf_counter() - t0)
-            state = out[2] if temporal else None
+        for round_ in range(warmup + runs):
+            for i, model in enumerate(models):
+                t0 = time.perf_counter()
+                out = model(x, state=states[i]) if temporal[i] else model(x)
+                if round_ >= warmup:
+                    times[i].append(time.perf_counter() - t0)
+                states[i] = out[2] if temporal[i] else None
     finally:
         torch.set_num_threads(previous_threads)
-    return statistics.median(times) * 1000.0
+    return [statistics.median(t) * 1000.0 for t in times]
 
 
-def _cost(model: nn.Module, image_size: int, cfg: LatencyConfig) -> dict[str, float]:
+def _cost(model: nn.Module, image_size: int) -> dict[str, int]:
     macs, params = count_macs_params(model, image_size)
-    latency = cpu_latency_ms(model, image_size, cfg.runs, cfg.warmup, cfg.threads)
-    return {"params": params, "macs": macs, "latency_ms": latency}
+    return {"params": params, "macs": macs}
+
+
+def _speed(before: nn.Module, after: nn.Module, image_size: int, cfg: LatencyConfig) -> dict[str, Any]:
+    """Forward times of the unpruned and the pruned model at batch 1 and at ``cfg.batch``."""
+    out: dict[str, Any] = {"threads": cfg.threads or torch.get_num_threads(), "runs": cfg.runs}
+    for key, batch in (("batch_1", 1), (f"batch_{cfg.batch}", cfg.batch)):
+        if key in out:
+            continue
+        t_before, t_after = cpu_latency_ms((before, after), image_size, batch, cfg.runs, cfg.warmup, cfg.threads)
+        out[key] = {"before_ms": round(t_before, 3), "after_ms": round(t_after, 3), "speedup": round(t_before / t_after, 3)}
+    return out
 
 
 def _fresh_accelerate() -> None:
@@ -247,22 +264,27 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
         raise StageError(str(e)) from None
     classes, size = list(info["class_names"]), int(info["image_size"])
 
-    cost_before = _cost(model, size, cfg.latency)
-    log.info("%s: %d parameters, %d multiply-adds, %.2f ms on the CPU", cfg.model,
-             cost_before["params"], cost_before["macs"], cost_before["latency_ms"])
+    cost_before = _cost(model, size)
+    log.info("%s: %d parameters, %d multiply-adds", cfg.model, cost_before["params"], cost_before["macs"])
+    unpruned = copy.deepcopy(model)
     eval_before = _evaluate(cfg, Path(cfg.model), f"{name}-unpruned", work)
 
     try:
         result = prune_model(model, cfg.pruning)
     except ValueError as e:
         raise StageError(f"{cfg.model}: {e}") from None
-    cost_after = _cost(model, size, cfg.latency)
+    cost_after = _cost(model, size)
+    speed = _speed(unpruned, model, size, cfg.latency)
+    del unpruned
+    big = speed[f"batch_{cfg.latency.batch}"]
     log.info(
-        "pruned %d of %d channels: %d parameters (-%.0f%%), %d multiply-adds (-%.0f%%), %.2f ms (%.2fx)",
+        "pruned %d of %d channels: %d parameters (-%.0f%%), %d multiply-adds (-%.0f%%); CPU forward "
+        "%.2f -> %.2f ms at batch 1 (%.2fx), %.1f -> %.1f ms at batch %d (%.2fx)",
         result.channels_before - result.channels_after, result.channels_before,
         cost_after["params"], 100 * _change(cost_before["params"], cost_after["params"]),
         cost_after["macs"], 100 * _change(cost_before["macs"], cost_after["macs"]),
-        cost_after["latency_ms"], cost_before["latency_ms"] / cost_after["latency_ms"],
+        speed["batch_1"]["before_ms"], speed["batch_1"]["after_ms"], speed["batch_1"]["speedup"],
+        big["before_ms"], big["after_ms"], cfg.latency.batch, big["speedup"],
     )
     meta: dict[str, Any] = {
         "source_model": cfg.model,
@@ -306,13 +328,7 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
             "before": cost_before["macs"], "after": cost_after["macs"],
             "reduction": _change(cost_before["macs"], cost_after["macs"]),
         },
-        "latency_ms": {
-            "before": round(cost_before["latency_ms"], 3),
-            "after": round(cost_after["latency_ms"], 3),
-            "speedup": round(cost_before["latency_ms"] / cost_after["latency_ms"], 3),
-            "runs": cfg.latency.runs,
-            "threads": cfg.latency.threads or torch.get_num_threads(),
-        },
+        "cpu_forward": speed,
         "map_voc": {
             "metric": metric,
             "before": _map(eval_before, "map_voc"),

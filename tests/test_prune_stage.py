@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -30,7 +29,7 @@ PRUNE = {
         "log_every": 1,
     },
     "evaluate": {"shards": "shards", "batch_size": 6, "num_workers": 0},
-    "latency": {"runs": 3, "warmup": 1},
+    "latency": {"runs": 3, "warmup": 1, "batch": 2},
 }
 
 
@@ -71,8 +70,11 @@ def test_stage_writes_the_pruned_model_and_its_metrics(project, pruned):
     assert metrics["params"]["after"] < 0.4 * metrics["params"]["before"]
     assert metrics["macs"]["after"] < 0.45 * metrics["macs"]["before"]
     assert metrics["params"]["reduction"] == pytest.approx(1 - metrics["params"]["after"] / metrics["params"]["before"], abs=1e-4)
-    latency = metrics["latency_ms"]
-    assert latency["before"] > 0 and latency["after"] > 0 and math.isfinite(latency["speedup"])
+    speed = metrics["cpu_forward"]
+    for key in ("batch_1", "batch_2"):  # the test's latency.batch: 2
+        fig = speed[key]
+        assert fig["before_ms"] > 0 and fig["after_ms"] > 0
+        assert fig["speedup"] == pytest.approx(fig["before_ms"] / fig["after_ms"], rel=1e-2)
     for key in ("before", "pruned", "finetuned"):  # an untrained model: numbers, not necessarily good ones
         assert 0.0 <= metrics["map_voc"][key] <= 1.0
         assert metrics["coco_map_50"][key] is None or 0.0 <= metrics["coco_map_50"][key] <= 1.0
@@ -95,7 +97,7 @@ def test_pruned_file_loads_and_times_in_a_fresh_process(project, pruned):
     code = (
         "import sys, torch; from ssd.model_file import load_model_file; from pipeline.prune import cpu_latency_ms; "
         "m, info = load_model_file(sys.argv[1]); x = torch.rand(1, 3, 64, 64); l, d = m(x); "
-        "print(l.shape[1], l.shape[2], d.shape[2], cpu_latency_ms(m, info['image_size'], runs=3, warmup=1))"
+        "print(l.shape[1], l.shape[2], d.shape[2], cpu_latency_ms([m], info['image_size'], runs=3, warmup=1)[0])"
     )
     out = subprocess.run([sys.executable, "-c", code, str(project / "models" / "tiny-pruned.pt")],
                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120, check=False)
