@@ -31,7 +31,7 @@ TINY = {
     "prepare.voc.shard_size": 16,
     "prepare.ir.shard_size": 4,
 }
-for section in ("train_voc", "train_ir_ssdlite", "train_ir_lstm"):
+for section in ("train_voc", "train_ir_base", "train_ir_ssdlite", "train_ir_lstm"):
     TINY.update({
         f"{section}.model.width_mult": 0.25,
         f"{section}.model.image_size": 96,
@@ -122,11 +122,12 @@ def repo(tmp_path_factory) -> Path:
 
 
 def test_dvc_repro_runs_every_stage(repo):
-    for name in ("train-ssdlite_voc", "train-ssdlite_ir", "train-lstm_ir", "eval-ssdlite_voc", "eval-ssdlite_ir",
+    for name in ("train-ssdlite_voc", "train-ssdlite_ir_base", "train-ssdlite_ir", "train-lstm_ir", "eval-ssdlite_voc",
+                 "eval-ssdlite_ir",
                  "eval-lstm_ir", "eval-lstm_ir_per_frame", "prune-ssdlite_voc", "eval-ssdlite_voc-pruned", "benchmark"):
         data = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert data, name
-    for model in ("ssdlite_voc", "ssdlite_ir", "lstm_ir", "ssdlite_voc-pruned"):
+    for model in ("ssdlite_voc", "ssdlite_ir_base", "ssdlite_ir", "lstm_ir", "ssdlite_voc-pruned"):
         assert (repo / "models" / f"{model}.pt").is_file()
     assert json.loads((repo / "metrics" / "eval-lstm_ir.json").read_text())["mode"] == "video"
     assert (repo / "reports" / "benchmark.png").is_file()
