@@ -15,9 +15,11 @@ batch and all classes at once, with no Python loop over images or classes
    the full run's verdicts for those ``M``. ``M`` starts at twice
    ``max_detections`` and grows only while an image has fewer survivors than
    ``max_detections`` and candidates left: almost always one round;
-3. a single ``torchvision.ops.nms`` call over all images and classes, each
-   (image, class) group shifted to its own region of the plane so groups
-   never overlap (in float64, so the shift costs no precision).
+3. ``torchvision.ops.nms`` over the window of all images and classes, each
+   (image, class) group shifted to its own region of the plane so groups never
+   overlap, in calls of about 512 boxes (:func:`grouped_nms`): one call over the
+   whole window would cost its size squared (the trained 6-class sample model at
+   batch 16: 260 ms, against 40 ms in chunks).
 """
 
 from __future__ import annotations
@@ -113,17 +115,16 @@ def select_detections(scores: Tensor, boxes: Tensor, config: PostprocessConfig) 
     starts = per_image.cumsum(0) - per_image
     rank = torch.arange(img.numel(), device=device) - starts[img]
 
-    group = (img * num_classes + cls).to(torch.float64)
-    shifted = cand_boxes.to(torch.float64) + (2.0 * group).unsqueeze(1)  # boxes are in [0, 1]
+    group = img * num_classes + cls
     budget = 2 * config.max_detections
     while True:
         window = (rank < budget).nonzero(as_tuple=True)[0]
-        keep = window[nms(shifted[window], cand_scores[window].to(torch.float64), config.nms_threshold)]
+        keep = window[grouped_nms(cand_boxes[window], cand_scores[window], group[window], config.nms_threshold)]
         survivors = torch.bincount(img[keep], minlength=batch)
         short = (survivors < config.max_detections) & (per_image > budget)
         if not bool(short.any()):
             break
-        budget *= 4
+        budget *= 2
 
     # nms returns survivors by decreasing score; regroup by image, keep the best of each.
     keep = keep[img[keep].argsort(stable=True)]
@@ -138,3 +139,42 @@ def select_detections(scores: Tensor, boxes: Tensor, config: PostprocessConfig) 
     return [
         {"boxes": b, "scores": s, "labels": l} for b, s, l in zip(out_boxes, out_scores, out_labels)
     ]
+
+
+#: Boxes per NMS call in :func:`grouped_nms` (whole groups: a call can hold more).
+NMS_CHUNK = 512
+
+
+def grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, threshold: float) -> Tensor:
+    """Greedy NMS within each group: boxes of different groups never suppress each other.
+
+    Each group is shifted to its own square of the plane (in float64, so the shift costs
+    no precision), so that one ``torchvision.ops.nms`` call handles many groups. A call
+    compares every box with the later unsuppressed ones, about ``n**2`` for ``n`` boxes,
+    boxes of other groups included; so the groups, in order, are packed into calls of
+    about :data:`NMS_CHUNK` boxes (a group is never split).
+
+    Args:
+        boxes: ``Tensor[N, 4]`` xyxy boxes inside ``[0, 1]``.
+        scores: ``Tensor[N]``.
+        groups: ``int64 Tensor[N]``, the group (image and class) of each box.
+        threshold: IoU above which the lower-scored box of a pair in one group goes.
+
+    Returns:
+        ``int64 Tensor[K]``: indices of the kept boxes, by decreasing score.
+    """
+    shifted = boxes.to(torch.float64) + (2.0 * groups.to(torch.float64)).unsqueeze(1)
+    scores64 = scores.to(torch.float64)
+    n = boxes.shape[0]
+    if n <= NMS_CHUNK:
+        return nms(shifted, scores64, threshold)
+    order = groups.argsort(stable=True)
+    sorted_groups = groups[order]
+    first = torch.ones(n, dtype=torch.bool, device=boxes.device)
+    first[1:] = sorted_groups[1:] != sorted_groups[:-1]
+    starts = torch.arange(n, device=boxes.device)[first]  # where each group begins
+    chunk = starts[first.cumsum(0) - 1] // NMS_CHUNK  # a group's chunk: where it begins
+    sizes = torch.bincount(chunk).tolist()
+    kept = [idx[nms(shifted[idx], scores64[idx], threshold)] for idx in order.split([k for k in sizes if k])]
+    keep = torch.cat(kept)
+    return keep[scores[keep].argsort(descending=True, stable=True)]

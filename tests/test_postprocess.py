@@ -110,3 +110,22 @@ def test_survivor_window_grows_until_exact(monkeypatch):
     for a, r in zip(ours, reference(logits, deltas, PRIORS, cfg)):
         assert a["labels"].tolist() == r["labels"].tolist()
         assert_close(a["boxes"], r["boxes"])
+
+
+@pytest.mark.parametrize("n, groups", [(300, 5), (3000, 40)])
+def test_grouped_nms_equals_torchvisions_batched_nms(n, groups):
+    # Below NMS_CHUNK boxes one shifted call, above several chunks of whole groups: the same verdicts.
+    from torchvision.ops import batched_nms
+
+    from ssd.postprocess import grouped_nms
+
+    g = torch.Generator().manual_seed(n)
+    xy = torch.rand(n, 2, generator=g) * 0.8
+    wh = torch.rand(n, 2, generator=g) * 0.2 + 0.01
+    boxes = torch.cat([xy, xy + wh], dim=1)
+    scores = torch.randperm(n, generator=g).float() / n  # no ties
+    idx = torch.randint(0, groups, (n,), generator=g)
+    keep = grouped_nms(boxes, scores, idx, 0.45)
+    expected = batched_nms(boxes.double(), scores.double(), idx, 0.45)
+    assert torch.equal(keep, expected)
+    assert torch.all(scores[keep][1:] <= scores[keep][:-1])
