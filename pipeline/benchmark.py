@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ssd import atomic
+from ssd.postprocess import PostprocessConfig
 from pipeline.config import ConfigError, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, run
 from ssd.data.shards import list_shards
@@ -83,6 +84,10 @@ class ModelsBench:
     trained model's post-processing has less to sift on frames like those it was trained on)."""
     peer: bool = True
     """Also time torchvision's ssdlite320_mobilenet_v3_large at the first frame model's input size."""
+    postprocess: PostprocessConfig = field(default_factory=lambda: PostprocessConfig(score_threshold=0.3))
+    """Post-processing of the latency and throughput figures: a deployed detector's (pipeline/detect.py's
+    defaults: scores from 0.3). The evaluation's (0.01) is timed too, as ``post_eval_config_ms``:
+    it hands NMS thousands of candidates per frame, to score the full precision-recall curve."""
 
     def __post_init__(self) -> None:
         if not self.files:
@@ -163,7 +168,7 @@ Section = Callable[[BenchmarkConfig, str], dict[str, Any]]
 def _models(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
     from pipeline.bench import models
 
-    settings = to_dict(cfg.models)
+    settings = {**to_dict(cfg.models), "postprocess": cfg.models.postprocess}
     try:
         return models.run(device=device, **settings)
     except ModelFileError as e:

@@ -86,6 +86,7 @@ def test_every_model_has_its_latency_parts_and_costs(figures):
         assert ms["total"] == pytest.approx(ms["pre"] + ms["forward"] + ms["post"], abs=2e-3)
         assert sum(fig["share"].values()) == pytest.approx(1.0, abs=1e-3)
         assert figures["postprocess_share"][name] == fig["share"]["post"]
+        assert fig["post_eval_config_ms"] > 0  # the evaluation's post-processing, timed beside
         assert fig["params"] > 0 and fig["macs"] > 0
         assert fig["throughput"]["batch"] == 2 and fig["throughput"]["images_per_s"] > 0
         assert set(fig["throughput"]["ms_per_batch"]) == {"pre", "forward", "post", "total"}

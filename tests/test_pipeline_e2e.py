@@ -59,6 +59,7 @@ TINY.update({
     "prune.latency.runs": 2,
     "prune.latency.warmup": 1,
     "benchmark.models.batch": 2,
+    "benchmark.models.source_image": None,  # the tiny sample has no image 002006
     "benchmark.models.repeats": 2,
     "benchmark.models.throughput_repeats": 1,
     "benchmark.models.warmup": 1,

@@ -10,8 +10,10 @@ runs after ``warmup`` untimed ones):
     evaluation loader's steps), copy to the device;
   - ``forward``: the model. A temporal model (LSTM-SSD) carries its state from call to
     call, as when streaming a video: its figure is the per-frame *streaming* latency;
-  - ``post``: :class:`ssd.postprocess.PostProcessor` with the default config, on the
-    model's real outputs;
+  - ``post``: :class:`ssd.postprocess.PostProcessor` on the model's real outputs, with the
+    config given (the benchmark stage: a deployed detector's, scores from 0.3); the
+    evaluation's config (scores from 0.01, up to 200 detections) is timed on the same
+    outputs too, as ``post_eval_config_ms``;
   - ``total``: the sum of the three medians, so ``share`` (each part over the total)
     adds up to 1 and the chart's stacked bars add up to the total.
 
@@ -79,6 +81,7 @@ def run(
     jpeg_quality: int = 90,
     source_image: str | None = None,
     peer: bool = True,
+    postprocess: PostprocessConfig = PostprocessConfig(),
 ) -> dict[str, Any]:
     """Measure every model file of ``files`` (plus the peer and the LSTM-SSD comparison).
 
@@ -100,7 +103,7 @@ def run(
         raise ValueError(f"model files must have distinct names (stems): {list(files)}")
 
     figures = {
-        name: {"file": str(f), **measure_model(model, jpeg, dev, batch, repeats, throughput_repeats, warmup)}
+        name: {"file": str(f), **measure_model(model, jpeg, dev, batch, repeats, throughput_repeats, warmup, postprocess)}
         for (name, model), f in zip(models.items(), files)
     }
     comparisons = {
@@ -114,8 +117,8 @@ def run(
         # Compared with the first unpruned frame model (the peer is not pruned either).
         ours = next((n for n in frame_models if not models[n].arch.get(ARCH_KEY)), frame_models[0])
         model = models[ours]
-        peer_model = build_peer(model.num_classes, model.image_size).to(dev)
-        chain = model_steps(model, jpeg, 1, dev, PostProcessor(model.priors, PostprocessConfig()).to(dev))
+        peer_model = build_peer(model.num_classes, model.image_size, postprocess).to(dev)
+        chain = model_steps(model, jpeg, 1, dev, PostProcessor(model.priors, postprocess).to(dev))
         peer_figures = {"compared_with": ours, **measure_peer(peer_model, chain, jpeg, dev, repeats, warmup)}
         peer_ratio = peer_figures.pop("ratio")  # a headline figure: top level only
 
@@ -248,12 +251,18 @@ def model_steps(model: nn.Module, jpeg: bytes, batch: int, device: torch.device,
 
 
 def measure_model(
-    model: nn.Module, jpeg: bytes, device: torch.device, batch: int, repeats: int, throughput_repeats: int, warmup: int
+    model: nn.Module,
+    jpeg: bytes,
+    device: torch.device,
+    batch: int,
+    repeats: int,
+    throughput_repeats: int,
+    warmup: int,
+    config: PostprocessConfig = PostprocessConfig(),
 ) -> dict[str, Any]:
     """Latency at batch 1, throughput at ``batch``, cost, for one of our models (module docstring)."""
     model = model.eval()
     macs, params = count_macs_params(model)
-    config = PostprocessConfig()
     postprocessor = PostProcessor(model.priors, config).to(device)
     steps = model_steps(model, jpeg, 1, device, postprocessor)
     latency, _ = time_steps(steps, repeats, warmup, device)
@@ -262,6 +271,9 @@ def measure_model(
         logits, deltas = forward(pre(None))
         candidates = int((torch.softmax(logits.float(), dim=-1)[..., 1:] > config.score_threshold).sum())
         detections = post((logits, deltas))
+    # The evaluation's post-processing on the same outputs (timed alone: it needs no fresh frame).
+    evaluation = PostProcessor(model.priors, PostprocessConfig()).to(device)
+    eval_post, _ = time_steps([("post", lambda _: evaluation(logits, deltas))], repeats, warmup, device)
     rate, _ = time_steps(model_steps(model, jpeg, batch, device, postprocessor), throughput_repeats, warmup, device)
     arch = getattr(model, "arch", {})
     per_batch = _ms(rate)
@@ -279,6 +291,7 @@ def measure_model(
         "share": _shares(latency),
         "candidates_per_image": candidates,
         "detections_per_image": len(detections[0]["labels"]),
+        "post_eval_config_ms": round(eval_post["post"] * 1e3, 3),
         "throughput": {
             "batch": batch,
             "images_per_s": round(batch / (per_batch["total"] / 1e3), 2),
