@@ -45,11 +45,10 @@ import copy
 import logging
 import os
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -143,36 +142,43 @@ class PruneStageConfig:
     checkpoints_dir: str = "checkpoints"
 
 
-@torch.no_grad()
 def cpu_latency_ms(
     models: Sequence[nn.Module], image_size: int, batch: int = 1, runs: int = 30, warmup: int = 5, threads: int = 0
 ) -> list[float]:
     """Median wall time of one forward of each model on the CPU, in milliseconds.
 
-    The models run alternately, one forward each per round, so a change in the machine's
-    load hits all of them alike and their ratio stays meaningful on a shared machine.
-    Copies of the models are timed in eval mode (the caller's are left where they are). A
-    temporal model carries its state from call to call, as when streaming a video.
+    The models run alternately, one forward each per round (the benchmark's
+    :func:`pipeline.bench.models.time_steps`), so a change in the machine's load hits all
+    of them alike and their ratio stays meaningful on a shared machine. Copies of the
+    models are timed in eval mode (the caller's are left where they are). A temporal
+    model carries its state from call to call, as when streaming a video.
     """
-    models = [copy.deepcopy(m).cpu().eval() for m in models]
+    from pipeline.bench.models import time_steps
+
     x = torch.rand(batch, 3, image_size, image_size)
-    temporal = [bool(getattr(m, "is_temporal", False)) for m in models]
-    states: list[Any] = [None] * len(models)
-    times: list[list[float]] = [[] for _ in models]
+    steps = [(str(i), _forward_step(copy.deepcopy(m).cpu().eval(), x)) for i, m in enumerate(models)]
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        for round_ in range(warmup + runs):
-            for i, model in enumerate(models):
-                t0 = time.perf_counter()
-                out = model(x, state=states[i]) if temporal[i] else model(x)
-                if round_ >= warmup:
-                    times[i].append(time.perf_counter() - t0)
-                states[i] = out[2] if temporal[i] else None
+        seconds, _ = time_steps(steps, runs, warmup, torch.device("cpu"))
     finally:
         torch.set_num_threads(previous_threads)
-    return [statistics.median(t) * 1000.0 for t in times]
+    return [seconds[str(i)] * 1000.0 for i in range(len(models))]
+
+
+def _forward_step(model: nn.Module, x: torch.Tensor) -> Callable[[Any], None]:
+    """One forward of ``model`` on ``x`` per call; a temporal model's state goes from call to call."""
+    state = None
+
+    def step(_: Any) -> None:
+        nonlocal state
+        if getattr(model, "is_temporal", False):
+            _, _, state = model(x, state=state)
+        else:
+            model(x)
+
+    return step
 
 
 def _cost(model: nn.Module, image_size: int) -> dict[str, int]:
