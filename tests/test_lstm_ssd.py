@@ -53,6 +53,22 @@ def test_streaming_frame_by_frame_equals_the_unrolled_clip(placement, reduction)
     assert_close(rest_state, final, atol=1e-5, rtol=1e-5)
 
 
+def assert_cells_feed_their_maps(model, base, producers):
+    """Stub every cell of ``model`` with "double the map" and double the output of the module
+    of ``base`` (an SSDLite with the same weights) that makes the same map, ``producers[k]``
+    for the cell on map ``k``: the predictions agree only if each cell's output feeds both
+    the head and every layer after it."""
+    for k, cell in model.temporal.items():
+        cell.forward = lambda x, state: (2 * x, state)
+        producers[int(k)].register_forward_hook(lambda module, args, out: 2 * out)
+    images = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        logits, deltas, _ = model(images)
+        base_logits, base_deltas = base(images)
+    assert_close(logits, base_logits)
+    assert_close(deltas, base_deltas)
+
+
 def test_stride8_cell_feeds_every_later_map():
     # As test_each_cells_output_replaces_its_map, for a cell on the stride-8 map (block 6):
     # a "double the map" cell and the same doubling hooked on block 6 of SSDLite agree
@@ -65,14 +81,7 @@ def test_stride8_cell_feeds_every_later_map():
     assert model.cell_maps == [0]
     base = ssdlite_mobilenet_v2(3, **kwargs).eval()
     load_matching_weights(base, model.state_dict())
-    model.temporal["0"].forward = lambda x, state: (2 * x, state)
-    base.backbone.features[6].register_forward_hook(lambda module, args, out: 2 * out)
-    images = torch.rand(2, 3, S, S)
-    with torch.no_grad():
-        logits, deltas, _ = model(images)
-        base_logits, base_deltas = base(images)
-    assert_close(logits, base_logits)
-    assert_close(deltas, base_deltas)
+    assert_cells_feed_their_maps(model, base, {0: base.backbone.features[6]})
     with pytest.raises(ValueError, match="stride8"):
         lstm_ssd_mobilenet_v2(3, width_mult=0.25, image_size=S, placement=("stride8",))  # no tap 6
 
@@ -206,15 +215,7 @@ def test_each_cells_output_replaces_its_map(placement, reduction):
     base = ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=S).eval()
     load_matching_weights(base, model.state_dict())
     producers = [base.backbone.features[13], base.backbone.features[17], *base.extras]
-    for k, cell in model.temporal.items():
-        cell.forward = lambda x, state: (2 * x, state)
-        producers[int(k)].register_forward_hook(lambda module, args, out: 2 * out)
-    images = torch.rand(2, 3, S, S)
-    with torch.no_grad():
-        logits, deltas, _ = model(images)
-        base_logits, base_deltas = base(images)
-    assert_close(logits, base_logits)
-    assert_close(deltas, base_deltas)
+    assert_cells_feed_their_maps(model, base, {int(k): producers[int(k)] for k in model.temporal})
 
 
 def test_set_backbone_trainable():
