@@ -253,14 +253,11 @@ def lstm_ssd_mobilenet_v2(
     taps = base.backbone.taps
     shapes = feature_shapes(base.backbone, base.extras, image_size)
     cell_maps: list[int] = []
-    if "stride8" in placement:
-        if STRIDE8_BLOCK not in taps:
-            raise ValueError(f"placement 'stride8' needs block {STRIDE8_BLOCK} (stride 8) among the taps {list(taps)}")
-        cell_maps.append(taps.index(STRIDE8_BLOCK))
-    if "backbone" in placement:
-        if STRIDE16_BLOCK not in taps:
-            raise ValueError(f"placement 'backbone' needs block {STRIDE16_BLOCK} (stride 16) among the taps {list(taps)}")
-        cell_maps.append(taps.index(STRIDE16_BLOCK))
+    for where, block, stride in (("stride8", STRIDE8_BLOCK, 8), ("backbone", STRIDE16_BLOCK, 16)):
+        if where in placement:
+            if block not in taps:
+                raise ValueError(f"placement {where!r} needs block {block} (stride {stride}) among the taps {list(taps)}")
+            cell_maps.append(taps.index(block))
     if "extras" in placement:
         cell_maps.extend(range(len(taps), len(shapes)))
     temporal = {}
