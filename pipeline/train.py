@@ -57,6 +57,7 @@ from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file
 from ssd.models import build_model
 from ssd.models.ssd import freeze_batchnorm
 from ssd.clip_loss import clip_loss
+from ssd.state_carry import StateCarry, clip_keys
 from ssd.optim import OptimConfig, build_optimizer, group_factors
 
 log = logging.getLogger("pipeline.train")
@@ -145,7 +146,18 @@ class DataConfig:
     num_workers (which must divide it)."""
     shuffle_buffer: int = 256
     """Samples held per stream for shuffling."""
+    sequence_clips: int = 0
+    """LSTM-SSD on clips: carry the detached state from each clip to the next clip of its
+    video (truncated backpropagation through time). Each batch position then walks through
+    runs of up to this many consecutive clips of one video, augmented alike; 0: every clip
+    starts from a zero state."""
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.sequence_clips < 0:
+            raise ValueError(f"sequence_clips must not be negative, got {self.sequence_clips}")
+        if self.sequence_clips and self.kind != "clips":
+            raise ValueError(f"sequence_clips carries an LSTM state between clips: it needs kind 'clips', not {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -379,6 +391,8 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
     wait_total = 0.0
     exit_code = 0
     unwrapped = accelerator.unwrap_model(model)
+    # Sequence mode: a stream's next batch is `streams` micro-batches later; keep states twice that long.
+    carry = StateCarry(keep=2 * cfg.data.streams) if temporal and cfg.data.sequence_clips else None
     with _StopFlag() as stop, trace:
         t_start = time.perf_counter()
         while step < cfg.steps:
@@ -399,7 +413,13 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
                 sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
                 with sync:
                     if temporal:  # every frame of every clip counts, gradients through the clip
-                        logits, deltas, _ = model(batch.images)
+                        state = None
+                        if carry is not None:  # the state the previous clip of each run ended with
+                            start_keys, next_keys = clip_keys(batch.video, batch.frames, batch.runs)
+                            zero = unwrapped.init_state(len(batch), accelerator.device)
+                            state, carried = carry.take(zero, start_keys)
+                            history["carried_clips"] = history.get("carried_clips", 0) + carried
+                        logits, deltas, end_state = model(batch.images, state)
                         out = clip_loss(criterion, logits, deltas, batch.targets)
                     else:
                         logits, deltas = model(batch.images)
@@ -411,6 +431,8 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
                     flags = accelerator.reduce(flags, reduction="sum")  # every rank decides alike
                     skipped = skipped or bool(flags[0] > 0)
                     stop_seen = stop_seen or bool(flags[1] > 0)
+                    if carry is not None and not skipped:
+                        carry.put(end_state, next_keys)
                     if not skipped:
                         accelerator.backward(out["loss"] / accum)
                         for k in parts:
@@ -486,6 +508,8 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
             "nonfinite_steps": history["nonfinite"],
             "world_size": world,
         }
+        if carry is not None:  # clips (on this process) that started from the previous clip's state
+            summary["carried_clips"] = history.get("carried_clips", 0)
         save_model_file(
             paths.model, accelerator.unwrap_model(model), classes,
             meta={"train_config": to_dict(cfg), "summary": summary},
@@ -544,6 +568,7 @@ def _loader(
         kind=cfg.data.kind,
         streams=cfg.data.streams,
         shuffle_buffer=cfg.data.shuffle_buffer,
+        sequence_clips=cfg.data.sequence_clips,
         pin_memory=torch.cuda.is_available(),
     )
 

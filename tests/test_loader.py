@@ -137,10 +137,25 @@ def _assert_same_batches(a: list[Batch], b: list[Batch]) -> None:
     for x, y in zip(a, b):
         assert x.keys == y.keys
         assert_close(x.images, y.images, rtol=0, atol=0)
-        assert x.frames == y.frames
+        assert x.frames == y.frames and x.runs == y.runs
         for tx, ty in zip(_flat(x.targets), _flat(y.targets), strict=True):
             for name in ("boxes", "labels", "difficult"):
                 assert_close(tx[name], ty[name], rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def video_shards(tmp_path_factory) -> list[str]:
+    # Whole videos of consecutive clips (stride T): v0 has 4 clips, v1 2, v2 3, v3 1.
+    return write_clip_shards(
+        tmp_path_factory.mktemp("videos"),
+        [
+            [("v0", 0), ("v0", 3), ("v0", 6), ("v0", 9), ("v1", 0), ("v1", 3)],
+            [("v2", 0), ("v2", 3), ("v2", 6), ("v3", 0)],
+        ],
+    )
+
+
+VIDEO_CLIPS = {"v0": 4, "v1": 2, "v2": 3, "v3": 1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,6 +298,83 @@ def test_train_clips_resume(clip_shards):
     _assert_same_batches(
         _train(clip_shards, kind="clips", batches_per_epoch=5, batch_size=2, num_workers=2, start_batch=3), full[3:]
     )
+
+
+# Sequence mode: a batch position walks through consecutive clips of one video.
+
+
+def _runs(batches: list[Batch], position: int) -> list[list[tuple[str, list[int]]]]:
+    """The clips at one batch position, cut where the run number changes."""
+    runs: list[list[tuple[str, list[int]]]] = []
+    numbers: list[int] = []
+    for batch in batches:
+        clip = (batch.video[position], batch.frames[position])
+        if not numbers or batch.runs[position] != numbers[-1]:
+            assert batch.runs[position] not in numbers  # a run is never resumed later
+            numbers.append(batch.runs[position])
+            runs.append([clip])
+        else:  # a run goes on: the next clip of the same video
+            assert runs and clip[0] == runs[-1][-1][0] and clip[1][0] == runs[-1][-1][1][-1] + 1
+            runs[-1].append(clip)
+    return runs
+
+
+def _flipped(target: dict) -> bool:
+    # _frame draws its boxes in the left half; a horizontal flip moves them to the right half.
+    return bool(target["boxes"][0, 0] > 0.5)
+
+
+def test_sequence_mode_walks_each_position_through_whole_runs(video_shards):
+    limit = 3
+    batches = _train(
+        video_shards, kind="clips", batches_per_epoch=30, batch_size=2, streams=1, sequence_clips=limit
+    )
+    assert batches[0].runs[0] != batches[0].runs[1]
+    for position in range(2):
+        runs = _runs(batches, position)
+        assert len(runs) > 6
+        for run in runs[:-1]:  # the last run may be cut by the end of the batches
+            video, first = run[0][0], run[0][1][0]
+            assert first % T == 0 and len(run) <= limit
+            # A run starts at a video's start or where the previous run of the video stopped at
+            # `limit` clips, and it stops at `limit` clips or at the video's end.
+            assert first // T % limit == 0
+            assert len(run) == min(limit, VIDEO_CLIPS[video] - first // T)
+    videos = {v for batch in batches for v in batch.video}
+    assert videos == set(VIDEO_CLIPS)
+
+
+def test_sequence_mode_augments_a_run_alike(video_shards):
+    # Horizontal flips only: every clip of a run is flipped, or none is; runs differ.
+    cfg = AugmentConfig(photometric_p=0.0, zoom_out_p=0.0, crop_p=0.0, flip_p=0.5)
+    loader = train_loader(
+        video_shards, cfg, image_size=S, rank=0, world_size=1, seed=5, epoch=0, batches_per_epoch=40,
+        batch_size=2, num_workers=0, kind="clips", streams=1, shuffle_buffer=4, sequence_clips=3,
+    )  # fmt: skip
+    batches = list(loader)
+    seen = []
+    for position in range(2):
+        run_flips: list[set[bool]] = []
+        for i, batch in enumerate(batches):
+            if i == 0 or batch.runs[position] != batches[i - 1].runs[position]:
+                run_flips.append(set())
+            run_flips[-1] |= {_flipped(t) for t in batch.targets[position] if len(t["boxes"])}
+        assert all(len(flips) <= 1 for flips in run_flips), run_flips
+        seen += [f for flips in run_flips for f in flips]
+    assert set(seen) == {True, False}
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_sequence_mode_resume_and_workers(video_shards, num_workers):
+    kwargs = {"kind": "clips", "batches_per_epoch": 9, "batch_size": 2, "streams": 2, "sequence_clips": 2}
+    full = _train(video_shards, num_workers=0, **kwargs)
+    _assert_same_batches(_train(video_shards, num_workers=num_workers, **kwargs), full)
+    _assert_same_batches(_train(video_shards, num_workers=num_workers, start_batch=5, **kwargs), full[5:])
+
+
+def test_sequence_mode_needs_clips(frame_shards):
+    with pytest.raises(ValueError, match="sequence_clips needs kind 'clips'"):
+        _train(frame_shards, sequence_clips=2)
 
 
 def test_train_frames_from_clips(clip_shards):

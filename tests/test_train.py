@@ -177,6 +177,16 @@ def test_lstm_ssd_trains_on_clips_in_two_processes_and_resumes_after_sigterm(tmp
     stop_and_resume(workdir(tmp_path / "interrupted", LSTM), reference, LSTM["steps"])
 
 
+def test_lstm_ssd_carries_its_state_from_clip_to_clip(tmp_path):
+    # Train videos of 12, 9 and 8 frames: runs of 3, 2 and 2 clips of 4 frames.
+    cwd = workdir(tmp_path, LSTM, **{"data.sequence_clips": 3, "steps": 6, "trace": False})
+    result = run_train(cwd, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
+    # 12 clips in all, 3 or 4 of them first clips of their runs at the start; the rest follow on.
+    assert 4 <= summary["carried_clips"] <= 9
+
+
 def test_sigkill_resumes_from_last_periodic_checkpoint_ignoring_half_written(reference_run, tmp_path):
     cwd = workdir(tmp_path)
     kill_after = random.Random().randint(TRAIN["checkpoint_every"] + 1, TRAIN["steps"] - 2)
@@ -223,6 +233,7 @@ def test_tensorboard_has_loss_and_learning_rate(reference_run):
         (["optim.momentun=0.9"], "train.optim.momentun: unknown key; valid keys are:"),
         (["steps=ten"], "train.steps: expected an integer, got 'ten'"),
         (["data.shards=nowhere"], "nowhere/manifest.json: no manifest"),
+        (["data.sequence_clips=4"], "it needs kind 'clips', not 'frames'"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):

@@ -36,6 +36,13 @@ loader worker); global batch ``j`` of the epoch is batch ``j // streams`` of str
    around the call, so the training process's own random state is untouched when
    ``num_workers=0``).
 
+*Sequence mode* (``sequence_clips > 0``, clips only), for carrying a temporal model's state
+from clip to clip: the stream's clips are cut into runs of at most ``sequence_clips``
+consecutive clips of one video, the shuffle buffer shuffles whole runs, and batch position
+``b`` of the stream takes a run and hands out its clips one per batch before it takes the
+next. Run ``n`` of the stream is decoded and augmented as one sequence with the seed
+``(seed, epoch, rank, stream, n)``; ``Batch.runs`` numbers the runs.
+
 DataLoader workers hand out batches round-robin, worker 0 first, also after a resume. So
 worker ``w`` of ``W`` produces global batches ``start_batch + w, start_batch + w + W, ...``;
 with ``W`` dividing ``streams`` those all belong to a fixed set of streams, which the
@@ -125,6 +132,10 @@ class Batch:
     ``sizes``: original ``(width, height)`` of each sample's image(s).
     ``video``, ``frames``: for clip shards only (``"clips"`` and ``"frames_from_clips"``):
     the video name and the frame numbers (T per clip, one for a frame), else None.
+    ``runs``: sequence mode only (``train_loader(sequence_clips=...)``): per clip, the number
+    of the run it belongs to (unique within a rank and epoch). The clips of a run are
+    consecutive clips of one video, augmented alike, in consecutive batches of one stream;
+    a state may carry from a clip to the next clip *of the same run* only.
     """
 
     images: Tensor
@@ -133,6 +144,7 @@ class Batch:
     sizes: list[tuple[int, int]]
     video: list[str] | None = None
     frames: list[list[int]] | None = None
+    runs: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -149,12 +161,12 @@ class Batch:
                 return [move(v) for v in t]
             return t
 
-        return Batch(move(self.images), move(self.targets), self.keys, self.sizes, self.video, self.frames)
+        return Batch(move(self.images), move(self.targets), self.keys, self.sizes, self.video, self.frames, self.runs)
 
     def pin_memory(self) -> Batch:
         """Called by ``DataLoader(pin_memory=True)``."""
         images = self.images.pin_memory()
-        return Batch(images, self.targets, self.keys, self.sizes, self.video, self.frames)
+        return Batch(images, self.targets, self.keys, self.sizes, self.video, self.frames, self.runs)
 
 
 @dataclass
@@ -171,6 +183,7 @@ class Sample:
     size: tuple[int, int]
     video: str | None = None
     frames: list[int] | None = None
+    run: int | None = None  # sequence mode: the run the clip belongs to
 
 
 def collate(samples: Sequence[Sample]) -> Batch:
@@ -189,6 +202,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
         sizes=[s.size for s in samples],
         video=[s.video for s in samples] if has_video else None,  # type: ignore[misc]
         frames=[s.frames for s in samples] if has_video else None,  # type: ignore[misc]
+        runs=[int(s.run) for s in samples] if samples[0].run is not None else None,  # type: ignore[arg-type]
     )
 
 
@@ -301,8 +315,19 @@ def _target(boxes: Any, labels: Any, difficult: Any, width: int, height: int, wh
     }
 
 
-def decode_sample(raw: RawSample, kind: Kind, transform: DetectionTransform) -> Sample:
-    """Decode a raw sample (images and JSON), check it, and apply ``transform``."""
+@dataclass
+class _Decoded:
+    """A raw sample decoded and checked, not yet transformed."""
+
+    frames: Tensor  # uint8 [T, 3, H, W]
+    targets: list[dict[str, Tensor]]
+    size: tuple[int, int]  # (width, height)
+    video: str | None
+    numbers: list[int] | None
+
+
+def _decode(raw: RawSample, kind: Kind) -> _Decoded:
+    """Decode a raw sample's images and JSON, and check them."""
     where = f"{raw.url}: sample {raw.key!r}"
     try:
         meta = json.loads(raw.meta)
@@ -310,6 +335,7 @@ def decode_sample(raw: RawSample, kind: Kind, transform: DetectionTransform) -> 
         boxes, labels, difficult = meta["boxes"], meta["labels"], meta["difficult"]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"{where}: bad JSON member ({e!r})") from None
+    numbers: list[int] | None = None
     if kind == "frames":
         per_frame = [(boxes, labels, difficult)]
     else:
@@ -330,12 +356,45 @@ def decode_sample(raw: RawSample, kind: Kind, transform: DetectionTransform) -> 
         frames.append(image)
         targets.append(_target(b, lab, dif, width, height, at))
     stacked = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # [T, H, W, 3] -> [T, 3, H, W]
-    images, targets = transform.clip(stacked, targets)
+    video = None
+    if kind != "frames":
+        if "video" not in meta:
+            raise ValueError(f"{where}: a clip sample's JSON needs a 'video' name")
+        video = str(meta["video"])
+    return _Decoded(stacked, targets, (width, height), video, numbers)
+
+
+def decode_sample(raw: RawSample, kind: Kind, transform: DetectionTransform) -> Sample:
+    """Decode a raw sample (images and JSON), check it, and apply ``transform``."""
+    d = _decode(raw, kind)
+    images, targets = transform.clip(d.frames, d.targets)
     if kind == "clips":
-        return Sample(images, targets, raw.key, (width, height), str(meta["video"]), numbers)
+        return Sample(images, targets, raw.key, d.size, d.video, d.numbers)
     if kind == "frames_from_clips":
-        return Sample(images[0], targets[0], raw.key, (width, height), str(meta["video"]), numbers)
-    return Sample(images[0], targets[0], raw.key, (width, height))
+        return Sample(images[0], targets[0], raw.key, d.size, d.video, d.numbers)
+    return Sample(images[0], targets[0], raw.key, d.size)
+
+
+def decode_sequence(raws: Sequence[RawSample], transform: DetectionTransform) -> list[Sample]:
+    """Decode consecutive clips of one video and transform them *as one sequence*.
+
+    One parameter draw for all of them (the same colour change, zoom-out, crop and flip), so
+    a state carried from one clip to the next sees one continuous video, not a jump at
+    every clip boundary. Returns one clip :class:`Sample` per raw sample, in order.
+    """
+    decoded = [_decode(raw, "clips") for raw in raws]
+    sizes = {d.size for d in decoded}
+    if len(sizes) > 1:
+        raise ValueError(f"{raws[0].url}: clips of video {decoded[0].video!r} have different sizes {sorted(sizes)}")
+    lengths = [d.frames.shape[0] for d in decoded]
+    images, targets = transform.clip(
+        torch.cat([d.frames for d in decoded]), [t for d in decoded for t in d.targets]
+    )
+    out, start = [], 0
+    for raw, d, n in zip(raws, decoded, lengths):
+        out.append(Sample(images[start : start + n], targets[start : start + n], raw.key, d.size, d.video, d.numbers))
+        start += n
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +450,10 @@ class _TrainStreams(IterableDataset):
         batch_size: int,
         streams: int,
         shuffle_buffer: int,
+        sequence_clips: int = 0,
     ):
         self.urls = urls
+        self.sequence_clips = sequence_clips
         self.transform = transform
         self.kind = kind
         self.rank, self.world_size = rank, world_size
@@ -421,6 +482,9 @@ class _TrainStreams(IterableDataset):
 
     def _stream_batches(self, stream: int, first: int) -> Iterator[Batch]:
         """Batches ``first, first + 1, ...`` of a stream."""
+        if self.sequence_clips:
+            yield from self._sequence_batches(stream, first)
+            return
         raw = self._stream_raw(stream)
         index = first * self.batch_size
         # Resume: skip the samples of the earlier batches raw, before any decoding.
@@ -434,6 +498,55 @@ class _TrainStreams(IterableDataset):
                     samples.append(decode_sample(item, self.kind, self.transform))  # type: ignore[arg-type]
                 index += 1
             yield collate(samples)
+
+    def _sequence_batches(self, stream: int, first: int) -> Iterator[Batch]:
+        """Sequence mode: batch position ``b`` of the stream walks through runs of consecutive
+        clips of one video, a clip per batch; a finished run is followed by the next run of the
+        shuffled stream. Batches ``first, first + 1, ...``; the earlier ones are skipped
+        without decoding."""
+        rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
+        buffer = max(1, -(-self.shuffle_buffer // self.sequence_clips))  # runs held for shuffling
+        runs = enumerate(_shuffled(self._stream_runs(stream), buffer, rng))
+        # Per position: the run's number in the stream (its augmentation seed), its raw clips,
+        # the decoded clips (None until needed) and the next clip's index.
+        lanes: list[list[Any]] = [[0, [], None, 0] for _ in range(self.batch_size)]
+        for number in itertools.count():
+            samples = []
+            for lane in lanes:
+                if lane[3] == len(lane[1]):
+                    n, clips = next(runs)
+                    lane[:] = [n, clips, None, 0]
+                if number >= first:
+                    if lane[2] is None:
+                        seed = _seed(self.seed, self.epoch, self.rank, stream, lane[0], _AUGMENT)
+                        with _seeded_cpu_rng(seed):
+                            lane[2] = decode_sequence(lane[1], self.transform)
+                        for clip in lane[2]:
+                            clip.run = lane[0] * self.streams + stream  # unique among the rank's streams
+                    samples.append(lane[2][lane[3]])
+                lane[3] += 1
+            if number >= first:
+                yield collate(samples)
+
+    def _stream_runs(self, stream: int) -> Iterator[list[RawSample]]:
+        """The stream's clips (endless, in shard order) cut into runs of consecutive clips of one
+        video, at most ``sequence_clips`` long. A run ends where the video changes or its frame
+        numbers stop increasing (the next pass over the data)."""
+        run: list[RawSample] = []
+        last: tuple[str, int] | None = None
+        for raw in self._stream_source(stream):
+            try:
+                meta = json.loads(raw.meta)
+                video, start = str(meta["video"]), int(meta["frames"][0])
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                raise ValueError(f"{raw.url}: sample {raw.key!r}: bad JSON member ({e!r})") from None
+            if run and (last is None or video != last[0] or start <= last[1] or len(run) == self.sequence_clips):
+                yield run
+                run = []
+            run.append(raw)
+            last = (video, start)
+        if run:
+            yield run
 
     def _stream_raw(self, stream: int) -> Iterator[RawSample]:
         rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
@@ -489,6 +602,7 @@ def train_loader(
     kind: Kind = "frames",
     streams: int | None = None,
     shuffle_buffer: int = 128,
+    sequence_clips: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
     """The training batches of one rank for one epoch: exactly ``batches_per_epoch - start_batch``.
@@ -499,6 +613,12 @@ def train_loader(
     streams per rank (default ``max(1, num_workers)``; must be a multiple of ``num_workers``);
     fix it to keep the batches the same when ``num_workers`` changes. ``shuffle_buffer``:
     samples held per stream (raw bytes: about ``shuffle_buffer`` x sample size of memory).
+    ``sequence_clips`` (kind ``"clips"`` only; 0: off): sequence mode, for carrying a
+    temporal model's state from one clip to the next. Batch position ``b`` of a stream then
+    holds consecutive clips of one video in consecutive batches of the stream (runs of at
+    most ``sequence_clips`` clips, shuffled as runs), and a run's clips are augmented alike
+    (:func:`decode_sequence`). With ``streams > 1`` the stream's batches are every
+    ``streams``-th batch: match clips to states by video and frame number, not by position.
 
     The same ``(seed, epoch, rank)`` and settings give the same batches, augmentation included;
     see the module docstring. Don't pass the loader to ``accelerator.prepare`` (it would split
@@ -519,6 +639,8 @@ def train_loader(
             f"streams ({streams}) must be a positive multiple of num_workers ({num_workers})",
         ),
         (shuffle_buffer >= 1, f"shuffle_buffer must be positive, got {shuffle_buffer}"),
+        (sequence_clips >= 0, f"sequence_clips must not be negative, got {sequence_clips}"),
+        (sequence_clips == 0 or kind == "clips", f"sequence_clips needs kind 'clips', not {kind!r}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -536,6 +658,7 @@ def train_loader(
         batch_size=batch_size,
         streams=streams,
         shuffle_buffer=shuffle_buffer,
+        sequence_clips=sequence_clips,
     )
     return DataLoader(
         dataset,
