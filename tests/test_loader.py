@@ -372,6 +372,26 @@ def test_sequence_mode_resume_and_workers(video_shards, num_workers):
     _assert_same_batches(_train(video_shards, num_workers=num_workers, start_batch=5, **kwargs), full[5:])
 
 
+def test_decode_sequence_transforms_the_clips_of_a_run_as_one(video_shards, tmp_path, monkeypatch):
+    raws = [r for r in loader_module.read_raw_samples(video_shards[0], "clips") if r.key.startswith("v0_")]
+    transform = loader_module.train_transform(S, AugmentConfig(photometric_p=0.0, zoom_out_p=0.0, crop_p=0.0, flip_p=0.5))
+    flips_seen = set()
+    for seed in range(6):
+        torch.manual_seed(seed)
+        clips = loader_module.decode_sequence(raws, transform)
+        assert [c.frames for c in clips] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]]
+        flips = {_flipped(t) for c in clips for t in c.target if len(t["boxes"])}
+        assert len(flips) == 1  # one draw for the whole run
+        flips_seen |= flips
+    assert flips_seen == {True, False}
+    # Clips of one video stored at two image sizes can't be one sequence.
+    monkeypatch.setattr(sys.modules[__name__], "W", 40)
+    small = write_clip_shards(tmp_path, [[("v0", 12)]])
+    raw = next(loader_module.read_raw_samples(small[0], "clips"))
+    with pytest.raises(ValueError, match="different sizes"):
+        loader_module.decode_sequence([raws[0], raw], transform)
+
+
 def test_sequence_mode_needs_clips(frame_shards):
     with pytest.raises(ValueError, match="sequence_clips needs kind 'clips'"):
         _train(frame_shards, sequence_clips=2)
