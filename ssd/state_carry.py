@@ -46,8 +46,9 @@ class StateCarry:
     Args:
         keep: states not taken within this many :meth:`put` calls are dropped (a run
             that ended, or a clip the loader will not follow up), so memory stays bounded.
-            Must cover the batches between two consecutive batches of one loader stream
-            (``streams`` x gradient-accumulation micro-batches).
+            Must be at least the micro-batches between two consecutive batches of one
+            loader stream (``streams``: the loader deals its batches to the streams in turn,
+            whatever the gradient accumulation).
     """
 
     def __init__(self, keep: int):

@@ -386,14 +386,14 @@ def decode_sequence(raws: Sequence[RawSample], transform: DetectionTransform) ->
     sizes = {d.size for d in decoded}
     if len(sizes) > 1:
         raise ValueError(f"{raws[0].url}: clips of video {decoded[0].video!r} have different sizes {sorted(sizes)}")
-    lengths = [d.frames.shape[0] for d in decoded]
     images, targets = transform.clip(
         torch.cat([d.frames for d in decoded]), [t for d in decoded for t in d.targets]
     )
     out, start = [], 0
-    for raw, d, n in zip(raws, decoded, lengths):
-        out.append(Sample(images[start : start + n], targets[start : start + n], raw.key, d.size, d.video, d.numbers))
-        start += n
+    for raw, d in zip(raws, decoded):
+        end = start + d.frames.shape[0]
+        out.append(Sample(images[start:end], targets[start:end], raw.key, d.size, d.video, d.numbers))
+        start = end
     return out
 
 
@@ -430,6 +430,16 @@ def _shuffled(source: Iterator[RawSample], size: int, rng: np.random.Generator) 
             i = int(rng.integers(size))
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
             yield buffer.pop()
+
+
+@dataclass
+class _Lane:
+    """Sequence mode: the run one batch position is walking through."""
+
+    number: int = 0  # the run's number in its stream (its augmentation seed)
+    raws: list[RawSample] = field(default_factory=list)  # its clips, not decoded
+    clips: list[Sample] | None = None  # decoded and augmented, once needed
+    next: int = 0  # index of the clip the next batch takes
 
 
 class _TrainStreams(IterableDataset):
@@ -507,24 +517,22 @@ class _TrainStreams(IterableDataset):
         rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
         buffer = max(1, -(-self.shuffle_buffer // self.sequence_clips))  # runs held for shuffling
         runs = enumerate(_shuffled(self._stream_runs(stream), buffer, rng))
-        # Per position: the run's number in the stream (its augmentation seed), its raw clips,
-        # the decoded clips (None until needed) and the next clip's index.
-        lanes: list[list[Any]] = [[0, [], None, 0] for _ in range(self.batch_size)]
+        lanes = [_Lane() for _ in range(self.batch_size)]
         for number in itertools.count():
             samples = []
             for lane in lanes:
-                if lane[3] == len(lane[1]):
-                    n, clips = next(runs)
-                    lane[:] = [n, clips, None, 0]
+                if lane.next == len(lane.raws):
+                    lane.number, lane.raws = next(runs)
+                    lane.clips, lane.next = None, 0
                 if number >= first:
-                    if lane[2] is None:
-                        seed = _seed(self.seed, self.epoch, self.rank, stream, lane[0], _AUGMENT)
+                    if lane.clips is None:
+                        seed = _seed(self.seed, self.epoch, self.rank, stream, lane.number, _AUGMENT)
                         with _seeded_cpu_rng(seed):
-                            lane[2] = decode_sequence(lane[1], self.transform)
-                        for clip in lane[2]:
-                            clip.run = lane[0] * self.streams + stream  # unique among the rank's streams
-                    samples.append(lane[2][lane[3]])
-                lane[3] += 1
+                            lane.clips = decode_sequence(lane.raws, self.transform)
+                        for clip in lane.clips:
+                            clip.run = lane.number * self.streams + stream  # unique among the rank's streams
+                    samples.append(lane.clips[lane.next])
+                lane.next += 1
             if number >= first:
                 yield collate(samples)
 
@@ -533,20 +541,18 @@ class _TrainStreams(IterableDataset):
         video, at most ``sequence_clips`` long. A run ends where the video changes or its frame
         numbers stop increasing (the next pass over the data)."""
         run: list[RawSample] = []
-        last: tuple[str, int] | None = None
+        last = ("", 0)  # (video, first frame) of the run's last clip
         for raw in self._stream_source(stream):
             try:
                 meta = json.loads(raw.meta)
                 video, start = str(meta["video"]), int(meta["frames"][0])
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 raise ValueError(f"{raw.url}: sample {raw.key!r}: bad JSON member ({e!r})") from None
-            if run and (last is None or video != last[0] or start <= last[1] or len(run) == self.sequence_clips):
+            if run and (video != last[0] or start <= last[1] or len(run) == self.sequence_clips):
                 yield run
                 run = []
             run.append(raw)
             last = (video, start)
-        if run:
-            yield run
 
     def _stream_raw(self, stream: int) -> Iterator[RawSample]:
         rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
@@ -618,7 +624,8 @@ def train_loader(
     holds consecutive clips of one video in consecutive batches of the stream (runs of at
     most ``sequence_clips`` clips, shuffled as runs), and a run's clips are augmented alike
     (:func:`decode_sequence`). With ``streams > 1`` the stream's batches are every
-    ``streams``-th batch: match clips to states by video and frame number, not by position.
+    ``streams``-th batch: match clips to states by run and frame number (``Batch.runs``,
+    :func:`ssd.state_carry.clip_keys`), not by position.
 
     The same ``(seed, epoch, rank)`` and settings give the same batches, augmentation included;
     see the module docstring. Don't pass the loader to ``accelerator.prepare`` (it would split
