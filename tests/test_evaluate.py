@@ -93,7 +93,7 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model_file(shards, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny.pt"
-    save_model_file(path, train_on(read_manifest(shards).shard_paths("val"), steps=45), CLASSES)
+    save_model_file(path, train_on(read_manifest(shards).shard_paths("val"), steps=80), CLASSES)
     return path
 
 
