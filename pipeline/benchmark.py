@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> int:
-        cfg = load_config(BenchmarkConfig, load_params(args.params), "benchmark", args.overrides)
+        cfg = load_config(BenchmarkConfig, load_params(args.params), "benchmark", args.overrides, args.params)
         names = args.only.split(",") if args.only else list(cfg.sections)
         unknown = [n for n in names if n not in SECTIONS]
         if unknown:

@@ -103,11 +103,48 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_config(
-    cls: type[T], params: Mapping[str, Any], section: str, overrides: Sequence[str] = ()
+    cls: type[T], params: Mapping[str, Any], section: str, overrides: Sequence[str] = (), source: str = "params"
 ) -> T:
-    """Parse ``params[section]`` (after ``overrides``, given relative to the section) into ``cls``."""
+    """Parse ``params[section]`` (after ``overrides``, given relative to the section) into ``cls``.
+
+    A section missing from ``params`` is an error, never a run with the defaults.
+    """
+    if section not in params:
+        known = ", ".join(sections_of(cls, params)) or "none"
+        raise ConfigError(f"{source}: no section {section!r} (sections this stage can run: {known})")
     data = apply_overrides(params.get(section) or {}, overrides)
     return from_dict(cls, data, section)
+
+
+def sections_of(cls: type, params: Mapping[str, Any]) -> list[str]:
+    """The top-level sections of ``params`` that are valid ``cls`` configs, in file order."""
+    found = []
+    for name, data in params.items():
+        if not isinstance(data, Mapping):
+            continue
+        try:
+            from_dict(cls, data, str(name))
+        except ConfigError:
+            continue
+        found.append(str(name))
+    return found
+
+
+def choose_section(
+    cls: type, params: Mapping[str, Any], section: str | None, stage: str, source: str = "params"
+) -> str:
+    """The section a stage runs: the one named, or, when none is named, the only ``cls`` section.
+
+    A stage with several sections in the file (train, evaluate) must be told which one; a
+    misspelt name is an error listing the stage's sections, never a run with the defaults.
+    """
+    if section is not None:
+        return section
+    known = sections_of(cls, params)
+    if len(known) == 1:
+        return known[0]
+    listing = ", ".join(known) if known else "none"
+    raise ConfigError(f"{source}: --section is required: {len(known)} {stage} sections ({listing})")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -143,6 +180,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool):
+            value = _yaml11_word(value, choices)
         if value not in choices:
             raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
@@ -182,6 +221,17 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"{key}: unsupported config type {tp!r}")
+
+
+#: What YAML 1.1 (PyYAML, and so `--set` and params.yaml) reads as a boolean: `no` is False.
+_YAML11_WORDS = {False: ("no", "off", "false", "n"), True: ("yes", "on", "true", "y")}
+
+
+def _yaml11_word(value: bool, choices: tuple) -> Any:
+    """The string choice a YAML 1.1 boolean was written as (``mixed_precision: no`` is False to
+    PyYAML but means the choice "no"); the value itself when no choice, or several, fit."""
+    fits = [c for c in choices if isinstance(c, str) and c.lower() in _YAML11_WORDS[value]]
+    return fits[0] if len(fits) == 1 else value
 
 
 def _name(tp: Any) -> str:

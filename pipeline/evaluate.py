@@ -70,7 +70,7 @@ import torch
 from torch import nn
 
 from ssd import atomic
-from pipeline.config import load_config, load_params, to_dict
+from pipeline.config import choose_section, load_config, load_params, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.stage import StageError, arg_parser, run
 from ssd.draw import draw_detections
@@ -404,13 +404,15 @@ def _write_tensorboard(logs: Path, metrics: dict[str, Any], examples: list[tuple
 
 def main(argv: list[str] | None = None) -> int:
     parser = arg_parser(__doc__)
-    parser.add_argument("--section", default="evaluate", help="params.yaml section (default: %(default)s)")
+    parser.add_argument("--section", help="params section to run (needed when the file has several evaluate sections)")
     args = parser.parse_args(argv)
 
     def body() -> int:
         # faster_coco_eval prints its whole summary table at INFO; our log line and the JSON hold the numbers.
         logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
-        cfg = load_config(EvaluateConfig, load_params(args.params), args.section, args.overrides)
+        params = load_params(args.params)
+        section = choose_section(EvaluateConfig, params, args.section, "evaluate", args.params)
+        cfg = load_config(EvaluateConfig, params, section, args.overrides, args.params)
         evaluate(cfg)
         return 0
 

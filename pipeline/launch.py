@@ -13,10 +13,12 @@ What the DVC stages run, so that ``dvc repro`` needs no ``accelerate config``:
   launcher for one process).
 
 An Accelerate config of your own wins: ``ACCELERATE_CONFIG_FILE`` or the file written by
-``accelerate config`` (then ``accelerate launch --config_file <it>`` is used as is). The
-exit code is the stage's when it runs as one process (75: preempted, rerun to resume);
-under ``accelerate launch`` it is the launcher's, non-zero whenever a process failed or was
-stopped; either way, rerunning the same command resumes from the newest checkpoint.
+``accelerate config`` (then ``accelerate launch --config_file <it>`` is used as is).
+
+The command runs under :mod:`pipeline.supervise`: SIGTERM or Ctrl-C to this process is
+passed on once (every training process saves a checkpoint), and the exit code is the
+stage processes' own: 0 done, 2 bad config or input, 75 preempted (rerun the same command
+to resume), even through ``accelerate launch``, which would say 1.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
+
+from pipeline.supervise import supervise
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "default.yaml"
 STAGES = ("train", "evaluate", "prune")
@@ -69,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.dry_run:
         print(shlex.join(cmd))
         return 0
-    return subprocess.call(cmd)
+    return supervise(cmd)
 
 
 if __name__ == "__main__":

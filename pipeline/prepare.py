@@ -1133,7 +1133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        cfg = load_config(PrepareConfig, load_params(args.params), "prepare", args.overrides)
+        cfg = load_config(PrepareConfig, load_params(args.params), "prepare", args.overrides, args.params)
         log.info("prepare: %s", json.dumps(to_dict(cfg)))
         prepare(cfg, strict=args.strict)
 

@@ -54,9 +54,9 @@ import torch
 from torch import nn
 
 from ssd import atomic
-from pipeline.config import load_config, load_params, to_dict
+from pipeline.config import choose_section, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, run
-from pipeline.train import DataConfig
+from pipeline.train_config import DataConfig
 from ssd.loss import LossConfig
 from ssd.model_file import ModelFileError, load_model_file, save_model_file
 from ssd.optim import OptimConfig
@@ -79,8 +79,8 @@ class FinetuneConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
     """Seeds the data order and augmentation of the fine-tuning."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Through Accelerate; fp16 needs a GPU."""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """Through Accelerate; null: Accelerate's choice (as in training). fp16 needs a GPU."""
     checkpoint_every: int = 200
     """Steps between fine-tuning checkpoints (what a preempted run resumes from)."""
     log_every: int = 10
@@ -226,7 +226,8 @@ def _evaluate(cfg: PruneStageConfig, model_path: Path, name: str, work: Path) ->
 
 def _finetune(cfg: PruneStageConfig, pruned_path: Path, image_size: int, train_name: str, work: Path, restart: bool) -> int:
     """Fine-tune the pruned model file with the training stage's code; its model file goes to ``work``."""
-    from pipeline.train import ModelConfig, TrainConfig, train
+    from pipeline.train import train
+    from pipeline.train_config import ModelConfig, TrainConfig
 
     f = cfg.finetune
     tcfg = TrainConfig(
@@ -358,7 +359,7 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = arg_parser(__doc__)
-    parser.add_argument("--section", default="prune", help="params.yaml section (default: %(default)s)")
+    parser.add_argument("--section", help="params section to run (needed when the file has several prune sections)")
     parser.add_argument("--restart", action="store_true", help="discard fine-tuning checkpoints of another config")
     args = parser.parse_args(argv)
 
@@ -367,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise StageError("the prune stage runs as one process: python -m pipeline.prune")
-        cfg = load_config(PruneStageConfig, load_params(args.params), args.section, args.overrides)
+        params = load_params(args.params)
+        section = choose_section(PruneStageConfig, params, args.section, "prune", args.params)
+        cfg = load_config(PruneStageConfig, params, section, args.overrides, args.params)
         return prune(cfg, restart=args.restart)
 
     return run(body)

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = arg_parser(__doc__).parse_args(argv)
 
     def body() -> None:
-        cfg = load_config(SampleConfig, load_params(args.params), "sample", args.overrides)
+        cfg = load_config(SampleConfig, load_params(args.params), "sample", args.overrides, args.params)
         write_sample(cfg)
 
     return run(body)

@@ -67,10 +67,27 @@ def arg_parser(description: str | None) -> argparse.ArgumentParser:
 
 
 def run(body: Callable[[], int | None]) -> int:
-    """Run a stage body; user-facing errors become one line on stderr and exit code 2."""
+    """Run a stage body; user-facing errors become one line on stderr and exit code 2.
+
+    Under :mod:`pipeline.supervise` the exit code is also reported to the supervisor (a
+    launcher in between, ``accelerate launch`` or ``torchrun``, replaces it with its own).
+    """
+    from pipeline import supervise
+
     setup_logging()
+    code: int | None = None
+    supervise.report_start()
     try:
-        return body() or 0
+        code = body() or 0
     except (StageError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        code = EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        code = 130
+        raise
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        raise
+    finally:
+        supervise.report_exit(1 if code is None else code)  # None: an exception, a traceback follows
+    return code

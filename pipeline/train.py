@@ -2,37 +2,41 @@
 
 Usage::
 
-    accelerate launch -m pipeline.train --section train_voc [--set optim.lr=0.002 ...]
-    python -m pipeline.train --section train_voc          # one process
     python -m pipeline.launch train --section train_voc   # what the DVC stage runs: every GPU, or the CPU
+    python -m pipeline.train --section train_voc          # one process
+    python -m pipeline.supervise accelerate launch -m pipeline.train --section train_voc
 
-The ``--section`` of ``params.yaml`` (default ``train``) is parsed into a
-frozen :class:`TrainConfig`; ``--set key=value`` overrides it; unknown or
-mistyped keys are an error that lists the valid ones. Outputs (``{name}`` is
-the config's ``name``):
+The ``--section`` of the params file (needed when it has several training sections) is
+parsed into a frozen :class:`~pipeline.train_config.TrainConfig`; ``--set key=value``
+overrides it; unknown or mistyped keys are an error that lists the valid ones. Outputs
+(``{name}`` is the config's ``name``):
 
 - ``models/{name}.pt``: the model file (:mod:`ssd.model_file`), written once, atomically;
-- ``metrics/train-{name}.json``: final loss, steps, images/s, wall time, skipped steps;
-- ``plots/train-{name}.csv``: per-step loss, its parts, learning rate, gradient norm;
-- ``runs/{name}/``: TensorBoard logs (and the effective config, ``config.yaml``);
+- ``metrics/train-{name}.json``: final loss, steps, images/s, wall time, skipped steps (the
+  whole run, across preemptions);
+- ``plots/train-{name}.csv``: per logged step: loss, its parts, learning rate, gradient norm;
+- ``runs/{name}/``: TensorBoard scalars (the same rows) and the effective config, ``config.yaml``;
 - ``checkpoints/{name}/``: periodic checkpoints while the run is unfinished.
 
 Preemption: on SIGTERM or SIGINT every process finishes the current step, a
 checkpoint is saved, and the run exits with code **75** (``EX_TEMPFAIL``:
 "try again"). Running the same command again resumes from the newest complete
 checkpoint (mid-epoch included; the data stream is deterministic in the step,
-so nothing is replayed or skipped). A run killed without notice resumes from
-its last periodic checkpoint. A checkpoint of another model or data config is
-refused (exit code 2) unless ``--restart`` is given. When the run finishes,
-its checkpoints are deleted (``keep_checkpoints: true`` keeps them).
+so nothing is replayed or skipped), and rebuilds the plots CSV and the TensorBoard
+scalars from the rows the checkpoint carries. A run killed without notice resumes
+from its last periodic checkpoint. A checkpoint trained with other settings (any key
+outside :data:`pipeline.resume.RESUME_SAFE`, or other data or init weights) is refused
+(exit code 2) with the keys that differ, unless ``--restart`` is given. When the run
+finishes, its checkpoints are deleted (``keep_checkpoints: true`` keeps them).
 
 Exit codes: 0 finished, 2 bad configuration or input, 75 preempted (resume by rerunning).
+Under a launcher (``accelerate launch``, ``torchrun``), ``pipeline.supervise`` passes the
+75 on; the launchers themselves turn it into 1.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import logging
 import math
@@ -41,187 +45,32 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator
 
 import torch
 import yaml
 
-from pipeline import checkpoints
-from ssd import atomic
-from pipeline.config import flatten, load_config, load_params, to_dict
-from pipeline.datasets import read_manifest
+from pipeline import checkpoints, device, resume
+from pipeline.config import ConfigError, choose_section, flatten, load_config, load_params, to_dict
+from pipeline.datasets import Manifest, read_manifest
+from pipeline.run_log import RunLog
 from pipeline.stage import StageError, arg_parser, run
-from ssd.data.transforms import AugmentConfig
-from ssd.loss import LossConfig, MultiBoxLoss
+from pipeline.train_config import DataConfig, ModelConfig, PriorsParams, RunPaths, TrainConfig
+from ssd import atomic
+from ssd.clip_loss import clip_loss
+from ssd.loss import MultiBoxLoss
 from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file, save_model_file
 from ssd.models import build_model
 from ssd.models.ssd import freeze_batchnorm
-from ssd.clip_loss import clip_loss
+from ssd.optim import build_optimizer, group_factors
 from ssd.state_carry import StateCarry, clip_keys
-from ssd.optim import OptimConfig, build_optimizer, group_factors
+
+__all__ = ["TrainConfig", "ModelConfig", "DataConfig", "PriorsParams", "train", "main", "EXIT_PREEMPTED"]
 
 log = logging.getLogger("pipeline.train")
 
 #: Exit code of a run stopped by SIGTERM/SIGINT after saving a checkpoint.
 EXIT_PREEMPTED = 75
-
-
-@dataclass(frozen=True)
-class PriorsParams:
-    min_sizes: tuple[float, ...]
-    """Smallest square per map, in input pixels (must fit the smallest objects)."""
-    max_sizes: tuple[float, ...] | None = None
-    """Second square per map has side sqrt(min * max); null: none."""
-    aspect_ratios: tuple[tuple[float, ...], ...] = ()
-    """Per map, ratios >= 1 (each r > 1 adds r:1 and 1:r)."""
-    steps: tuple[float, ...] | None = None
-    """Centre spacing per map in pixels; null: input size / map size."""
-    offset: float = 0.5
-    clip: bool = True
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: Literal["ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2"] = "ssdlite_mobilenet_v2"
-    """Architecture (builder in ssd.models); LSTM-SSD trains on clips (data.kind: clips)."""
-    image_size: int = 300
-    """Square input side in pixels."""
-    width_mult: float = 1.0
-    """MobileNetV2 width multiplier (SSDLite only)."""
-    extra_channels: tuple[int, ...] | None = None
-    """SSDLite extra-layer widths; null: 512/256/256/128 x width_mult."""
-    taps: tuple[int, ...] = (13, 17)
-    """MobileNetV2 blocks whose outputs are maps (ssds.pytorch: 13, 17; add 6 for a stride-8 map)."""
-    placement: tuple[str, ...] = ("backbone",)
-    """LSTM-SSD: where the ConvLSTM cells go: backbone (the paper: after the stride-16 map), extras,
-    stride8 (on the stride-8 map, tap 6: every later map sees the memory)."""
-    state_reduction: int = 1
-    """LSTM-SSD: state channels = map channels / state_reduction."""
-    residual: bool = False
-    """LSTM-SSD: cells add a zero-initialised output to their map (start equal to SSDLite)
-    instead of replacing it (the paper)."""
-    priors: PriorsParams | None = None
-    """Prior layout; null: the architecture's reference layout scaled to image_size."""
-    backbone_weights: str | None = None
-    """torchvision backbone state dict on disk (never downloaded); null: random init."""
-    from_file: str | None = None
-    """Start from the whole model in this model file (its architecture, pruned widths included,
-    and its weights), e.g. to fine-tune a pruned model; the keys above are then ignored."""
-    init_weights: str | None = None
-    """Copy the same-named, same-shaped weights of this model file into the model built from
-    the keys above (e.g. a trained SSDLite into LSTM-SSD)."""
-
-    def arch(self, num_classes: int) -> dict[str, Any]:
-        """The builder arguments (what model files store)."""
-        arch: dict[str, Any] = {"name": self.name, "num_classes": num_classes, "image_size": self.image_size}
-        if self.name in ("ssdlite_mobilenet_v2", "lstm_ssd_mobilenet_v2"):
-            arch["width_mult"] = self.width_mult
-            arch["taps"] = list(self.taps)
-            if self.extra_channels is not None:
-                arch["extra_channels"] = list(self.extra_channels)
-        if self.name == "lstm_ssd_mobilenet_v2":
-            arch["placement"] = list(self.placement)
-            arch["state_reduction"] = self.state_reduction
-            if self.residual:
-                arch["residual"] = True
-        if self.priors is not None:
-            arch["priors"] = to_dict(self.priors)
-        return arch
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    shards: str = "data/shards/voc"
-    """Directory with manifest.json and the {split}-NNNNNN.tar shards."""
-    split: str = "train"
-    """Which split of the manifest to train on."""
-    kind: Literal["frames", "clips", "frames_from_clips"] = "frames"
-    """frames: frame shards; frames_from_clips: every frame of clip shards (per-frame baseline)."""
-    batch_size: int = 16
-    """Samples per process per micro-batch."""
-    num_workers: int = 2
-    """Loader worker processes per training process (0: load in the training process)."""
-    streams: int = 2
-    """Independent sample streams per process; fixed so that the data order doesn't depend on
-    num_workers (which must divide it)."""
-    shuffle_buffer: int = 256
-    """Samples held per stream for shuffling."""
-    sequence_clips: int = 0
-    """LSTM-SSD on clips: carry the detached state from each clip to the next clip of its
-    video (truncated backpropagation through time). Each batch position then walks through
-    runs of up to this many consecutive clips of one video, augmented alike; 0: every clip
-    starts from a zero state."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-    def __post_init__(self) -> None:
-        if self.sequence_clips < 0:
-            raise ValueError(f"sequence_clips must not be negative, got {self.sequence_clips}")
-        if self.sequence_clips and self.kind != "clips":
-            raise ValueError(f"sequence_clips carries an LSTM state between clips: it needs kind 'clips', not {self.kind!r}")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    name: str = "ssdlite"
-    """Run name: names the model file, metrics, plots, logs and checkpoints."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    steps: int = 1000
-    """Optimiser steps in the whole run."""
-    seed: int = 0
-    """Seeds the model initialisation and the data order and augmentation."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """Through Accelerate; fp16 needs a GPU."""
-    checkpoint_every: int = 200
-    """Steps between checkpoints (what a run killed without notice falls back to)."""
-    keep_last: int = 2
-    """Complete checkpoints kept while the run is unfinished."""
-    keep_checkpoints: bool = False
-    """Keep the checkpoints once the run has finished."""
-    log_every: int = 10
-    """Steps between log lines, TensorBoard points and plot rows."""
-    freeze_backbone_steps: int = 0
-    """Hold the backbone still for the first steps (LSTM-SSD's stage-wise training from SSDLite)."""
-    frozen_batchnorm: bool = False
-    """Batch norm uses and keeps its running statistics (eval mode) instead of each batch's:
-    for fine-tuning a trained model on batches of few, correlated samples (LSTM-SSD's clips:
-    4 clips x 8 frames hold only 4 scenes, whose statistics are not the data's)."""
-    max_nonfinite: int = 5
-    """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
-    trace: bool = False
-    """Debug: write each process's sample keys and weight checksum per step to runs/{name}/trace-rankN.jsonl."""
-    models_dir: str = "models"
-    metrics_dir: str = "metrics"
-    plots_dir: str = "plots"
-    runs_dir: str = "runs"
-    checkpoints_dir: str = "checkpoints"
-
-    def __post_init__(self) -> None:
-        for key in ("steps", "checkpoint_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
-
-
-@dataclass
-class _Paths:
-    model: Path
-    metrics: Path
-    plots: Path
-    logs: Path
-    checkpoints: Path
-
-    @classmethod
-    def of(cls, cfg: TrainConfig) -> "_Paths":
-        return cls(
-            model=Path(cfg.models_dir) / f"{cfg.name}.pt",
-            metrics=Path(cfg.metrics_dir) / f"train-{cfg.name}.json",
-            plots=Path(cfg.plots_dir) / f"train-{cfg.name}.csv",
-            logs=Path(cfg.runs_dir) / cfg.name,
-            checkpoints=Path(cfg.checkpoints_dir) / cfg.name,
-        )
-
 
 PLOT_FIELDS = ("step", "loss", "box_loss", "class_loss", "lr", "grad_norm", "images_per_s")
 
@@ -259,29 +108,49 @@ def _signals_blocked():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def fingerprint(cfg: TrainConfig, classes: list[str]) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the model and the data it was trained on."""
-    data = to_dict(cfg.data)
-    for key in ("num_workers",):  # doesn't change what is computed
-        data.pop(key)
-    return {"model": to_dict(cfg.model), "data": data, "classes": classes}
+@dataclass
+class _Run:
+    """Everything a training run holds while it trains (built by :func:`_setup`)."""
 
+    cfg: TrainConfig
+    paths: RunPaths
+    accelerator: Any
+    model: Any  # as prepared by Accelerate (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: MultiBoxLoss
+    classes: list[str]
+    fingerprint: dict[str, Any]
+    temporal: bool
+    batches_per_epoch: int
+    shards: list[str]
+    log: RunLog
+    step: int = 0
+    history: dict[str, Any] = field(default_factory=lambda: {
+        "losses": [], "nonfinite": 0, "nonfinite_streak": 0, "train_seconds": 0.0, "images": 0, "wait_seconds": 0.0,
+        "world_sizes": [],
+    })
+    carry: StateCarry | None = None
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _differences(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [f"{prefix.rstrip('.')}: {b!r} in the checkpoint, {a!r} now"]
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.model)
 
 
 def train(cfg: TrainConfig, restart: bool = False) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit code."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    r = _setup(cfg, restart)
+    try:
+        code = _loop(r)
+        if code == 0:
+            _finish(r)
+        return code
+    finally:
+        r.log.close()
+        r.accelerator.end_training()
 
-    paths = _Paths.of(cfg)
+
+def _check_data(cfg: TrainConfig) -> tuple[Manifest, list[str], int]:
     manifest = read_manifest(cfg.data.shards)
     shards = manifest.shard_paths(cfg.data.split)
     num_samples = manifest.count(cfg.data.split, "frames" if cfg.data.kind == "frames_from_clips" else "samples")
@@ -290,237 +159,286 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
     expected_kind = "clips" if cfg.data.kind in ("clips", "frames_from_clips") else "frames"
     if manifest.kind != expected_kind:
         raise StageError(f"{manifest.path}: holds {manifest.kind} shards but data.kind is {cfg.data.kind!r}")
-    if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise StageError("mixed_precision fp16 needs a GPU; use bf16 or no on the CPU")
     if cfg.data.streams % max(1, cfg.data.num_workers):
         raise StageError(f"data.num_workers ({cfg.data.num_workers}) must divide data.streams ({cfg.data.streams})")
+    return manifest, shards, num_samples
 
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    try:
+        precision = device.resolve_mixed_precision(cfg.mixed_precision, "mixed_precision")
+    except ConfigError as e:
+        raise StageError(str(e)) from None
     accelerator = Accelerator(
         # Without a GPU, Accelerate only sets up a process group (gloo) when told it runs on the CPU.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
-        log_with="tensorboard",
-        project_config=ProjectConfiguration(project_dir=cfg.runs_dir, logging_dir=cfg.runs_dir),
+        mixed_precision=precision,
         step_scheduler_with_optimizer=False,  # we step it once per optimiser step ourselves
     )
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    classes = manifest.classes
-    fp = fingerprint(cfg, classes)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise StageError("mixed precision fp16 needs a GPU; use bf16 or no on the CPU")
+    device.report(accelerator, f"training {cfg.name}")
+    return accelerator
 
-    # Refuse (or, with --restart, discard) an unfinished run of another model or data config.
-    latest = checkpoints.latest_checkpoint(paths.checkpoints)
-    if latest is not None:
-        diffs = _differences(fp, checkpoints.read_meta(latest).get("fingerprint", {}))
-        if diffs and not restart:
-            raise StageError(
-                f"{latest}: checkpoint of another model or data config ({'; '.join(diffs[:3])}); "
-                f"delete {paths.checkpoints} or rerun with --restart"
-            )
-        if diffs:
-            accelerator.wait_for_everyone()
-            if main:
-                log.warning("--restart: discarding %s (%s)", paths.checkpoints, "; ".join(diffs[:3]))
-                shutil.rmtree(paths.checkpoints, ignore_errors=True)
-            accelerator.wait_for_everyone()
-            latest = None
-    if main:
-        checkpoints.remove_incomplete(paths.checkpoints)
+
+def _checkpoint_to_resume(r: _Run, restart: bool) -> Path | None:
+    """The newest complete checkpoint if it matches the run; refused (or discarded with --restart) if not."""
+    latest = checkpoints.latest_checkpoint(r.paths.checkpoints)
+    if latest is None:
+        return None
+    meta = checkpoints.read_meta(latest)
+    diffs = resume.differences(r.fingerprint, meta.get("fingerprint", {}))
+    if not diffs and meta["step"] > r.cfg.steps:
+        diffs = [f"steps: the checkpoint is at step {meta['step']}, past steps {r.cfg.steps}"]
+    if diffs and not restart:
+        raise StageError(resume.refusal(latest, diffs))
+    if diffs:
+        r.accelerator.wait_for_everyone()
+        if r.accelerator.is_main_process:
+            log.warning("--restart: discarding %s (%s)", r.paths.checkpoints, "; ".join(diffs[:3]))
+            shutil.rmtree(r.paths.checkpoints, ignore_errors=True)
+        r.accelerator.wait_for_everyone()
+        return None
+    return latest
+
+
+def _setup(cfg: TrainConfig, restart: bool) -> _Run:
+    """Check the inputs, build the accelerator, model and optimiser, and resume if there is a checkpoint."""
+    from accelerate.utils import set_seed
+
+    paths = RunPaths.of(cfg)
+    manifest, shards, num_samples = _check_data(cfg)
+    accelerator = _accelerator(cfg)
+    classes = manifest.classes
+    files = {"data.shards": manifest.path, "model.init_weights": cfg.model.init_weights,
+             "model.from_file": cfg.model.from_file, "model.backbone_weights": cfg.model.backbone_weights}
+    fp = resume.fingerprint(to_dict(cfg), classes, files, accelerator.mixed_precision)
 
     set_seed(cfg.seed)
     model = _build(cfg.model, classes)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, group_factors(optimizer, cfg.optim, cfg.steps, cfg.freeze_backbone_steps)
-    )
     temporal = bool(getattr(model, "is_temporal", False))
     if temporal != (cfg.data.kind == "clips"):
         raise StageError(
             f"data.kind {cfg.data.kind!r} with model {model.arch.get('name')!r}: a temporal model "
             "(lstm_ssd_mobilenet_v2) trains on clips, the others on frames or frames_from_clips"
         )
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, group_factors(optimizer, cfg.optim, cfg.steps, cfg.freeze_backbone_steps)
+    )
     criterion = MultiBoxLoss(model.priors, cfg.loss).to(accelerator.device)
+    # The scheduler is not registered with Accelerate: its state goes into meta.json as JSON
+    # (Accelerate would pickle it, and unpickling a checkpoint someone else wrote runs code).
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
-
-    step, history = 0, {"losses": [], "nonfinite": 0, "train_seconds": 0.0, "images": 0}
+    world = accelerator.num_processes
+    r = _Run(
+        cfg=cfg, paths=paths, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        criterion=criterion, classes=classes, fingerprint=fp, temporal=temporal, shards=shards,
+        batches_per_epoch=max(1, math.ceil(num_samples / (cfg.data.batch_size * world))),
+        log=RunLog(paths.plots, paths.logs, PLOT_FIELDS, enabled=accelerator.is_main_process),
+    )
+    if temporal and cfg.data.sequence_clips:
+        # A stream's next batch is `streams` micro-batches later; keep states twice that long.
+        r.carry = StateCarry(keep=2 * cfg.data.streams)
+    latest = _checkpoint_to_resume(r, restart)
+    if accelerator.is_main_process:
+        checkpoints.remove_incomplete(paths.checkpoints)
+    rows: list[dict[str, Any]] = []
     if latest is not None:
         meta = checkpoints.read_meta(latest)
-        if meta.get("world_size") != world or meta.get("batch_size") != cfg.data.batch_size:
-            log.warning(
-                "%s was written by %s processes with batch %s; now %s with batch %s: the data order will differ",
-                latest, meta.get("world_size"), meta.get("batch_size"), world, cfg.data.batch_size,
-            )
         accelerator.load_state(str(latest))
-        step, history = meta["step"], meta["history"]
-        log.info("resumed from %s at step %d", latest, step)
-
-    accum = cfg.optim.grad_accum
-    image_size = accelerator.unwrap_model(model).image_size  # a model file's own size with from_file
-    batches_per_epoch = max(1, math.ceil(num_samples / (cfg.data.batch_size * world)))
-
-    def micro_batches(first: int):
-        """Micro-batches from position ``first`` on, across epochs; deterministic in the position."""
-        epoch, start = divmod(first, batches_per_epoch)
-        while True:
-            loader = _loader(cfg, shards, image_size, rank, world, epoch, start, batches_per_epoch)
-            # Loader workers are forked here. With SIGTERM/SIGINT blocked while they start, they
-            # inherit the block and a preemption signal can't kill one mid-epoch; the training
-            # process gets the pending signal as soon as the block is lifted.
-            with _signals_blocked():
-                batches = iter(loader)
-            yield from batches
-            epoch, start = epoch + 1, 0
-
-    if main:
+        scheduler.load_state_dict(meta["scheduler"])
+        r.step, r.history, rows = meta["step"], meta["history"], meta.get("log_rows", [])
+        if meta.get("world_size") != world:
+            log.warning("%s was written by %s processes, now %s: the global batch and the data order differ "
+                        "from an uninterrupted run", latest, meta.get("world_size"), world)
+        log.info("resumed from %s at step %d", latest, r.step)
+    r.history["world_sizes"] = sorted(set(r.history.get("world_sizes", [])) | {world})
+    if accelerator.is_main_process:
         paths.logs.mkdir(parents=True, exist_ok=True)
         atomic.write_text(paths.logs / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        hparams = {**flatten(to_dict(cfg)), "world_size": world}
-        accelerator.init_trackers(cfg.name, config=hparams)
-        _truncate_plot_rows(paths.plots, step)
-    if cfg.trace:
-        paths.logs.mkdir(parents=True, exist_ok=True)
-        if step == 0:
-            (paths.logs / f"trace-rank{rank}.jsonl").unlink(missing_ok=True)
-    trace = open(paths.logs / f"trace-rank{rank}.jsonl", "a") if cfg.trace else contextlib.nullcontext()
+    r.log.start(rows, hparams={**flatten(to_dict(cfg)), "world_size": world})
+    return r
 
+
+def _micro_batches(r: _Run, first: int) -> Iterator[Any]:
+    """Micro-batches from position ``first`` on, across epochs; deterministic in the position."""
+    epoch, start = divmod(first, r.batches_per_epoch)
+    rank, world = r.accelerator.process_index, r.accelerator.num_processes
+    while True:
+        loader = _loader(r.cfg, r.shards, r.unwrapped.image_size, rank, world, epoch, start, r.batches_per_epoch)
+        # Loader workers are forked here. With SIGTERM/SIGINT blocked while they start, they
+        # inherit the block and a preemption signal can't kill one mid-epoch; the training
+        # process gets the pending signal as soon as the block is lifted.
+        with _signals_blocked():
+            batches = iter(loader)
+        yield from batches
+        epoch, start = epoch + 1, 0
+
+
+@dataclass
+class _StepResult:
+    parts: dict[str, float]
+    grad_norm: float
+    skipped: bool
+    stop: bool
+    frames: int
+    keys: list[str]
+
+
+def _forward_loss(r: _Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """The loss of one micro-batch; for a temporal model every frame of every clip counts."""
+    if not r.temporal:
+        logits, deltas = r.model(batch.images)
+        return r.criterion(logits, deltas, batch.targets), None
+    state, next_keys = None, None
+    if r.carry is not None:  # the state the previous clip of each run ended with
+        start_keys, next_keys = clip_keys(batch.video, batch.frames, batch.runs)
+        zero = r.unwrapped.init_state(len(batch), r.accelerator.device)
+        state, carried = r.carry.take(zero, start_keys)
+        r.history["carried_clips"] = r.history.get("carried_clips", 0) + carried
+    logits, deltas, end_state = r.model(batch.images, state)
+    carried = (end_state, next_keys) if r.carry is not None else None
+    return clip_loss(r.criterion, logits, deltas, batch.targets), carried
+
+
+def _step(r: _Run, stream: Iterator[Any], stop: _StopFlag) -> _StepResult:
+    """One optimiser step over ``grad_accum`` micro-batches; skipped (no update) if any loss is not finite."""
+    accum, acc = r.cfg.optim.grad_accum, r.accelerator
+    res = _StepResult({"loss": 0.0, "box_loss": 0.0, "class_loss": 0.0}, float("nan"), False, False, 0, [])
+    for i in range(accum):
+        t0 = time.perf_counter()
+        batch = next(stream).to(acc.device)
+        r.history["wait_seconds"] += time.perf_counter() - t0
+        res.keys += batch.keys
+        with contextlib.nullcontext() if i == accum - 1 else acc.no_sync(r.model):
+            out, carried = _forward_loss(r, batch)
+            flags = torch.tensor([0.0 if torch.isfinite(out["loss"]) else 1.0, float(stop.requested)], device=acc.device)
+            flags = acc.reduce(flags, reduction="sum")  # every rank decides alike
+            res.skipped = res.skipped or bool(flags[0] > 0)
+            res.stop = res.stop or bool(flags[1] > 0)
+            if carried is not None and not res.skipped:
+                r.carry.put(*carried)
+            if not res.skipped:
+                acc.backward(out["loss"] / accum)
+                for k in res.parts:
+                    res.parts[k] += out[k].item() / accum
+        res.frames += batch.images.shape[0] * (batch.images.shape[1] if r.temporal else 1)
+    if not res.skipped:
+        clip = r.cfg.optim.grad_clip if r.cfg.optim.grad_clip > 0 else float("inf")
+        res.grad_norm = float(acc.clip_grad_norm_(r.model.parameters(), clip))
+        r.optimizer.step()
+    r.optimizer.zero_grad(set_to_none=True)
+    return res
+
+
+def _account(r: _Run, res: _StepResult) -> None:
+    """Book a step's outcome in the history; stop the run after too many non-finite steps in a row."""
+    h = r.history
+    h["images"] += res.frames * r.accelerator.num_processes
+    if not res.skipped:
+        h["nonfinite_streak"] = 0
+        h["losses"] = (h["losses"] + [res.parts["loss"]])[-50:]
+        return
+    h["nonfinite"] += 1
+    h["nonfinite_streak"] = h.get("nonfinite_streak", 0) + 1
+    log.warning("step %d: non-finite loss, step skipped (keys %s)", r.step, ", ".join(res.keys[:4]))
+    if h["nonfinite_streak"] > r.cfg.max_nonfinite:
+        raise StageError(
+            f"step {r.step}: loss not finite for {h['nonfinite_streak']} consecutive steps; "
+            f"last sample keys: {', '.join(res.keys[:8])}"
+        )
+
+
+def _loop(r: _Run) -> int:
+    """Train from ``r.step`` to ``cfg.steps``; 0 when done, 75 when stopped by a signal (checkpoint saved)."""
     from tqdm.auto import tqdm
 
-    progress = tqdm(total=cfg.steps, initial=step, disable=not main, desc=cfg.name, unit="step", dynamic_ncols=True)
-    stream = micro_batches(step * accum)
-    window = {"t": time.perf_counter(), "images": 0, "wait": 0.0}
-    wait_total = 0.0
-    exit_code = 0
-    unwrapped = accelerator.unwrap_model(model)
-    # Sequence mode: a stream's next batch is `streams` micro-batches later; keep states twice that long.
-    carry = StateCarry(keep=2 * cfg.data.streams) if temporal and cfg.data.sequence_clips else None
-    with _StopFlag() as stop, trace:
+    cfg, main = r.cfg, r.accelerator.is_main_process
+    progress = tqdm(total=cfg.steps, initial=r.step, disable=not main, desc=cfg.name, unit="step", dynamic_ncols=True)
+    stream = _micro_batches(r, r.step * cfg.optim.grad_accum)
+    window = {"t": time.perf_counter(), "images": 0}
+    trace = open(_trace_path(r), "a") if cfg.trace else contextlib.nullcontext()
+    with _StopFlag() as stop, trace, progress:
         t_start = time.perf_counter()
-        while step < cfg.steps:
-            model.train()
+        while r.step < cfg.steps:
+            r.model.train()
             if cfg.frozen_batchnorm:
-                freeze_batchnorm(model)
-            skipped = False
-            parts = {"loss": 0.0, "box_loss": 0.0, "class_loss": 0.0}
-            stop_seen = False
-            keys: list[str] = []
-            for i in range(accum):
-                t0 = time.perf_counter()
-                batch = next(stream).to(accelerator.device)
-                wait = time.perf_counter() - t0
-                window["wait"] += wait
-                wait_total += wait
-                keys += batch.keys
-                sync = contextlib.nullcontext() if i == accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    if temporal:  # every frame of every clip counts, gradients through the clip
-                        state = None
-                        if carry is not None:  # the state the previous clip of each run ended with
-                            start_keys, next_keys = clip_keys(batch.video, batch.frames, batch.runs)
-                            zero = unwrapped.init_state(len(batch), accelerator.device)
-                            state, carried = carry.take(zero, start_keys)
-                            history["carried_clips"] = history.get("carried_clips", 0) + carried
-                        logits, deltas, end_state = model(batch.images, state)
-                        out = clip_loss(criterion, logits, deltas, batch.targets)
-                    else:
-                        logits, deltas = model(batch.images)
-                        out = criterion(logits, deltas, batch.targets)
-                    flags = torch.tensor(
-                        [0.0 if torch.isfinite(out["loss"]) else 1.0, 1.0 if stop.requested else 0.0],
-                        device=accelerator.device,
-                    )
-                    flags = accelerator.reduce(flags, reduction="sum")  # every rank decides alike
-                    skipped = skipped or bool(flags[0] > 0)
-                    stop_seen = stop_seen or bool(flags[1] > 0)
-                    if carry is not None and not skipped:
-                        carry.put(end_state, next_keys)
-                    if not skipped:
-                        accelerator.backward(out["loss"] / accum)
-                        for k in parts:
-                            parts[k] += out[k].item() / accum
-                frames = batch.images.shape[0] * (batch.images.shape[1] if temporal else 1)
-                window["images"] += frames * world
-            grad_norm = float("nan")
-            if not skipped:
-                clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-                grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), clip))
-                optimizer.step()
-                history["nonfinite_streak"] = 0
-                history["losses"] = (history["losses"] + [parts["loss"]])[-50:]
-            else:
-                history["nonfinite"] += 1
-                history["nonfinite_streak"] = history.get("nonfinite_streak", 0) + 1
-                log.warning("step %d: non-finite loss, step skipped (keys %s)", step, ", ".join(keys[:4]))
-                if history["nonfinite_streak"] > cfg.max_nonfinite:
-                    raise StageError(
-                        f"step {step}: loss not finite for {history['nonfinite_streak']} consecutive steps; "
-                        f"last sample keys: {', '.join(keys[:8])}"
-                    )
-            optimizer.zero_grad(set_to_none=True)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            step += 1
+                freeze_batchnorm(r.model)
+            res = _step(r, stream, stop)
+            lr = r.scheduler.get_last_lr()[0]
+            r.scheduler.step()
+            r.step += 1
             progress.update(1)
-            history["images"] += frames * accum * world
-
+            _account(r, res)
+            window["images"] += res.frames * r.accelerator.num_processes
             if cfg.trace:
-                checksum = sum(float(p.detach().double().sum()) for p in unwrapped.parameters())
-                trace.write(json.dumps({"step": step, "keys": keys, "checksum": checksum}) + "\n")
+                checksum = sum(float(p.detach().double().sum()) for p in r.unwrapped.parameters())
+                trace.write(json.dumps({"step": r.step, "keys": res.keys, "checksum": checksum}) + "\n")
                 trace.flush()
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if r.step % cfg.log_every == 0 or r.step == cfg.steps:
                 elapsed = time.perf_counter() - window["t"]
-                row = {
-                    "step": step,
-                    **{k: round(v, 6) for k, v in parts.items()},
-                    "lr": lr,
-                    "grad_norm": round(grad_norm, 4),
-                    "images_per_s": round(window["images"] / max(elapsed, 1e-9), 2),
-                }
-                if main:
-                    accelerator.log({f"train/{k}": v for k, v in row.items() if k != "step"}, step=step)
-                    _append_plot_row(paths.plots, row)
-                    progress.set_postfix(loss=f"{parts['loss']:.3f}", lr=f"{lr:.2e}")
-                window = {"t": time.perf_counter(), "images": 0, "wait": 0.0}
-            if stop_seen or (step % cfg.checkpoint_every == 0 and step < cfg.steps):
-                history["train_seconds"] += time.perf_counter() - t_start
+                r.log.add({"step": r.step, **{k: round(v, 6) for k, v in res.parts.items()}, "lr": lr,
+                           "grad_norm": round(res.grad_norm, 4),
+                           "images_per_s": round(window["images"] / max(elapsed, 1e-9), 2)})
+                progress.set_postfix(loss=f"{res.parts['loss']:.3f}", lr=f"{lr:.2e}")
+                window = {"t": time.perf_counter(), "images": 0}
+            if res.stop or (r.step % cfg.checkpoint_every == 0 and r.step < cfg.steps):
+                r.history["train_seconds"] += time.perf_counter() - t_start
+                _save_checkpoint(r)
                 t_start = time.perf_counter()
-                meta = {"fingerprint": fp, "history": history, "world_size": world, "batch_size": cfg.data.batch_size}
-                checkpoints.save_checkpoint(accelerator, paths.checkpoints, step, meta, cfg.keep_last)
-                t_start = time.perf_counter()
-                if stop_seen:
-                    log.warning("stopped at step %d; rerun the same command to resume", step)
-                    exit_code = EXIT_PREEMPTED
-                    break
-        history["train_seconds"] += time.perf_counter() - t_start
-    progress.close()
-    if exit_code:
-        accelerator.end_training()
-        return exit_code
-
-    accelerator.wait_for_everyone()
-    if main:
-        losses = history["losses"]
-        summary = {
-            "steps": step,
-            "final_loss": round(sum(losses) / len(losses), 6) if losses else None,
-            "images_per_s": round(history["images"] / max(history["train_seconds"], 1e-9), 2),
-            "wall_time_s": round(history["train_seconds"], 2),
-            "data_wait_fraction": round(wait_total / max(history["train_seconds"], 1e-9), 4),
-            "nonfinite_steps": history["nonfinite"],
-            "world_size": world,
-        }
-        if carry is not None:  # clips (on this process) that started from the previous clip's state
-            summary["carried_clips"] = history.get("carried_clips", 0)
-        save_model_file(
-            paths.model, accelerator.unwrap_model(model), classes,
-            meta={"train_config": to_dict(cfg), "summary": summary},
-        )
-        atomic.write_json(paths.metrics, summary)
-        log.info("wrote %s and %s: %s", paths.model, paths.metrics, summary)
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(paths.checkpoints, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+                if res.stop:
+                    log.warning("stopped at step %d; rerun the same command to resume", r.step)
+                    return EXIT_PREEMPTED
+        r.history["train_seconds"] += time.perf_counter() - t_start
     return 0
+
+
+def _save_checkpoint(r: _Run) -> None:
+    meta = {
+        "fingerprint": r.fingerprint, "history": r.history, "world_size": r.accelerator.num_processes,
+        "scheduler": r.scheduler.state_dict(), "log_rows": r.log.rows,
+    }
+    checkpoints.save_checkpoint(r.accelerator, r.paths.checkpoints, r.step, meta, r.cfg.keep_last)
+
+
+def _finish(r: _Run) -> None:
+    """Write the model file and the run's metrics (main process); remove the checkpoints."""
+    r.accelerator.wait_for_everyone()
+    if r.accelerator.is_main_process:
+        h, seconds = r.history, max(r.history["train_seconds"], 1e-9)
+        losses = h["losses"]
+        summary = {
+            "steps": r.step,
+            "final_loss": round(sum(losses) / len(losses), 6) if losses else None,
+            "images_per_s": round(h["images"] / seconds, 2),
+            "wall_time_s": round(h["train_seconds"], 2),
+            "data_wait_fraction": round(h["wait_seconds"] / seconds, 4),
+            "nonfinite_steps": h["nonfinite"],
+            "world_size": r.accelerator.num_processes,
+        }
+        if r.carry is not None:  # clips (on this process) that started from the previous clip's state
+            summary["carried_clips"] = h.get("carried_clips", 0)
+        # How it ran (not metrics to compare): the precision in use, every process count it ran with.
+        ran = {"mixed_precision": r.accelerator.mixed_precision, "world_sizes": h["world_sizes"]}
+        save_model_file(r.paths.model, r.unwrapped, r.classes,
+                        meta={"train_config": to_dict(r.cfg), "summary": summary, "ran": ran})
+        atomic.write_json(r.paths.metrics, summary)
+        log.info("wrote %s and %s: %s", r.paths.model, r.paths.metrics, summary)
+        if not r.cfg.keep_checkpoints:
+            shutil.rmtree(r.paths.checkpoints, ignore_errors=True)
+    r.accelerator.wait_for_everyone()
+
+
+def _trace_path(r: _Run) -> Path:
+    """Debug trace of one process: sample keys and a weight checksum per step (started afresh at step 0)."""
+    path = r.paths.logs / f"trace-rank{r.accelerator.process_index}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if r.step == 0:
+        path.unlink(missing_ok=True)
+    return path
 
 
 def _build(cfg: ModelConfig, classes: list[str]):
@@ -573,39 +491,16 @@ def _loader(
     )
 
 
-def _append_plot_row(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PLOT_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def _truncate_plot_rows(path: Path, step: int) -> None:
-    """Drop rows after ``step`` (a resumed run logs them again); start afresh at step 0."""
-    if not path.exists():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
-    with atomic.atomic_open(path, "w") as f:
-        writer = csv.DictWriter(f, fieldnames=PLOT_FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = arg_parser(__doc__)
-    parser.add_argument("--section", default="train", help="params.yaml section (default: %(default)s)")
-    parser.add_argument("--restart", action="store_true", help="discard checkpoints of another config")
+    parser.add_argument("--section", help="params section to run (needed when the file has several train sections)")
+    parser.add_argument("--restart", action="store_true", help="discard checkpoints trained with other settings")
     args = parser.parse_args(argv)
 
     def body() -> int:
-        cfg = load_config(TrainConfig, load_params(args.params), args.section, args.overrides)
+        params = load_params(args.params)
+        section = choose_section(TrainConfig, params, args.section, "train", args.params)
+        cfg = load_config(TrainConfig, params, section, args.overrides, args.params)
         return train(cfg, restart=args.restart)
 
     return run(body)

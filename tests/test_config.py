@@ -85,3 +85,42 @@ def test_a_dataclass_own_check_is_a_config_error_naming_the_section():
 
     with pytest.raises(ConfigError, match=r"^train: steps must be at least 1, got 0$"):
         from_dict(Checked, {"steps": 0}, "train")
+
+
+@dataclass(frozen=True)
+class Other:
+    seed: int = 0
+
+
+def test_a_missing_section_is_an_error_not_the_defaults():
+    params = {"train_a": {"steps": 3}, "sample": {"seed": 1}}
+    with pytest.raises(ConfigError, match=r"^params.yaml: no section 'train_b' \(sections this stage can run: train_a\)$"):
+        load_config(Outer, params, "train_b", source="params.yaml")
+
+
+def test_choose_section():
+    from pipeline.config import choose_section, sections_of
+
+    params = {"train_a": {"steps": 3}, "train_b": {"opt": {"lr": 1}}, "other": {"seed": 1}, "scalar": 3}
+    assert sections_of(Outer, params) == ["train_a", "train_b"]
+    assert sections_of(Other, params) == ["other"]
+    assert choose_section(Other, params, None, "other") == "other"  # the only one: no --section needed
+    assert choose_section(Outer, params, "train_b", "train") == "train_b"
+    with pytest.raises(ConfigError, match=r"^p.yaml: --section is required: 2 train sections \(train_a, train_b\)$"):
+        choose_section(Outer, params, None, "train", "p.yaml")
+
+
+@pytest.mark.parametrize("written", ["no", "No", "off", "false", False])
+def test_yaml_11_booleans_are_the_choice_they_spell(tmp_path, written):
+    """`mixed_precision: no` is False to PyYAML; it means the choice "no" (also from --set)."""
+
+    @dataclass(frozen=True)
+    class Precision:
+        mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+
+    p = tmp_path / "params.yaml"
+    p.write_text(f"train:\n  mixed_precision: {written}\n")
+    assert load_config(Precision, load_params(p), "train").mixed_precision == "no"
+    assert load_config(Precision, {"train": {}}, "train", [f"mixed_precision={written}"]).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="expected one of"):
+        load_config(Precision, {"train": {}}, "train", ["mixed_precision=yes"])  # no choice spelt "yes"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import random
@@ -136,6 +137,29 @@ def test_two_processes_read_different_samples_and_keep_identical_weights(referen
     assert rows[0].startswith("step,loss,") and len(rows) == 1 + TRAIN["steps"] // TRAIN["log_every"]
 
 
+def logged_steps(cwd: Path) -> list[int]:
+    """The steps of the plots CSV's rows, in file order."""
+    with open(cwd / "plots" / "train-tiny.csv", newline="") as f:
+        return [int(row["step"]) for row in csv.DictReader(f)]
+
+
+def tensorboard_steps(cwd: Path, tag: str = "train/loss") -> list[int]:
+    """The steps of ``tag`` in every TensorBoard event file of the run, sorted (repeats kept)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    steps = []
+    for events in (cwd / "runs" / "tiny").rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            steps += [e.step for e in acc.Scalars(tag)]
+    return sorted(steps)
+
+
+def expected_rows(steps: int, every: int) -> list[int]:
+    return [s for s in range(1, steps + 1) if s % every == 0 or s == steps]
+
+
 def stop_and_resume(cwd: Path, reference: Path, steps: int) -> None:
     """SIGTERM a 2-process run at a random step; rerun; compare with the uninterrupted ``reference``."""
     stop_after = random.Random().randint(2, steps - 3)
@@ -152,9 +176,14 @@ def stop_and_resume(cwd: Path, reference: Path, steps: int) -> None:
     assert (cwd / "checkpoints" / "tiny" / f"step-{stopped:08d}" / "meta.json").is_file()
     assert not (cwd / "models" / "tiny.pt").exists()
 
+    shutil.rmtree(cwd / "plots")  # what `dvc repro` does to a stage's outputs before it reruns it
     resumed = run_train(cwd, 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoints/tiny/step-{stopped:08d}" in resumed.stderr
+    # Every logged step once, in the plots CSV (rebuilt from the checkpoint) and in TensorBoard.
+    every = yaml.safe_load((cwd / "params.yaml").read_text())["train"]["log_every"]
+    assert logged_steps(cwd) == expected_rows(steps, every)
+    assert tensorboard_steps(cwd) == expected_rows(steps, every)
     assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference / "models/tiny.pt")) < 1e-5
     # no batch replayed or skipped: the resumed trace continues the reference's keys
     ref = trace(reference, 1)
@@ -208,6 +237,8 @@ def test_sigkill_resumes_from_last_periodic_checkpoint_ignoring_half_written(ref
     resumed = run_train(cwd, 2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from checkpoints/tiny/{complete[-1]}" in resumed.stderr, resumed.stderr[-1500:]
+    # Rows logged after the last checkpoint and before the kill are logged again, and kept once.
+    assert logged_steps(cwd) == tensorboard_steps(cwd) == expected_rows(TRAIN["steps"], TRAIN["log_every"])
     assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference_run / "models/tiny.pt")) < 1e-5
 
 
@@ -255,16 +286,94 @@ def test_missing_shard_is_a_one_line_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_checkpoint_from_another_model_is_refused(tmp_path):
-    cwd = workdir(tmp_path, steps=6, checkpoint_every=2, keep_checkpoints=True)
-    assert run_train(cwd, 1).returncode == 0
-    result = run_train(cwd, 1, "--set", "model.width_mult=0.5", timeout=60)
-    assert result.returncode == 2
+@pytest.fixture(scope="module")
+def kept_checkpoints(tmp_path_factory) -> Path:
+    """A finished 1-process run that kept its checkpoints (steps 2 and 4 of 6): rerunning resumes at 4.
+
+    It starts from an init-weights file of its own, so that the refusals can cover its contents.
+    """
+    cwd = workdir(tmp_path_factory.mktemp("kept"), steps=6, checkpoint_every=2, keep_checkpoints=True,
+                  **{"model.init_weights": "init.pt"})
+    init_file(cwd / "init.pt", seed=0)
+    result = run_train(cwd, 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd
+
+
+def init_file(path: Path, seed: int) -> None:
+    from shardgen import CLASSES
+    from ssd.model_file import save_model_file
+    from ssd.models import ssdlite_mobilenet_v2
+
+    torch.manual_seed(seed)
+    save_model_file(path, ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25, image_size=64), CLASSES)
+
+
+def copy_project(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+# What a user changes when rerunning an interrupted run: each changes the trajectory.
+TRAJECTORY_KEYS = [
+    (["optim.lr=0.5"], "optim.lr: 0.003 in the checkpoint, 0.5 now"),
+    (["seed=3"], "seed: 0 in the checkpoint, 3 now"),
+    (["loss.neg_pos_ratio=5"], "loss.neg_pos_ratio: 3.0 in the checkpoint, 5.0 now"),
+    (["data.augment.flip_p=0"], "data.augment.flip_p: 0.5 in the checkpoint, 0.0 now"),
+    (["data.batch_size=2", "optim.grad_accum=2"], "data.batch_size: 4 in the checkpoint, 2 now; optim.grad_accum: 1"),
+    (["mixed_precision=bf16"], "mixed_precision: 'no' in the checkpoint, 'bf16' now"),
+    (["model.width_mult=0.5"], "model.width_mult: 0.25 in the checkpoint, 0.5 now"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", TRAJECTORY_KEYS, ids=lambda v: v[0] if isinstance(v, list) else "")
+def test_resuming_with_a_changed_training_key_is_refused(kept_checkpoints, overrides, message):
+    result = run_train(kept_checkpoints, 1, *sum((["--set", o] for o in overrides), []), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert "checkpoint of another model or data config" in line and "model.width_mult" in line
-    assert "Traceback" not in result.stderr
-    restarted = run_train(cwd, 1, "--set", "model.width_mult=0.5", "--restart")
+    assert line.startswith("error: checkpoints/tiny/step-00000004: the checkpoint was trained with other settings")
+    assert message in line and "--restart" in line and "Traceback" not in result.stderr
+
+
+def test_resuming_with_changed_data_or_init_weights_is_refused(kept_checkpoints, tmp_path):
+    cwd = copy_project(kept_checkpoints, tmp_path / "data")
+    shards = tmp_path / "own-shards"
+    shutil.copytree(cwd / "shards", shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"] = manifest["splits"]["train"]["shards"][:2]  # a re-prepared dataset
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    result = run_train(cwd, 1, "--set", f"data.shards={shards}", timeout=120)
+    assert result.returncode == 2 and "contents.data.shards: file " in result.stderr, result.stderr[-2000:]
+
+    moved = tmp_path / "same-shards"
+    shutil.copytree(cwd / "shards", moved)  # the same data elsewhere: not a change
+    init_file(cwd / "init.pt", seed=1)  # the file the run started from, retrained since
+    result = run_train(cwd, 1, "--set", f"data.shards={moved}", timeout=120)
+    line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "contents.model.init_weights: file " in line, result.stderr[-2000:]
+    assert "data.shards" not in line
+
+    restarted = run_train(cwd, 1, "--restart")
     assert restarted.returncode == 0, restarted.stderr[-2000:]
+    assert "--restart: discarding checkpoints/tiny" in restarted.stderr and "resumed from" not in restarted.stderr
+
+
+def test_resume_safe_keys_may_change(kept_checkpoints, tmp_path):
+    cwd = copy_project(kept_checkpoints, tmp_path / "safe")
+    result = run_train(cwd, 1, "--set", "steps=9", "--set", "log_every=3", "--set", "checkpoint_every=4",
+                       "--set", "data.num_workers=2", "--set", "keep_checkpoints=false", timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from checkpoints/tiny/step-00000004" in result.stderr
+    assert json.loads((cwd / "metrics" / "train-tiny.json").read_text())["steps"] == 9
+    assert not (cwd / "checkpoints" / "tiny").exists()
+    # The rows before the checkpoint were logged every 2 steps, those after it every 3.
+    assert logged_steps(cwd) == [2, 4, 6, 9]
+
+
+def test_a_checkpoint_past_the_new_step_count_is_refused(kept_checkpoints):
+    result = run_train(kept_checkpoints, 1, "--set", "steps=3", timeout=120)
+    assert result.returncode == 2
+    assert "steps: the checkpoint is at step 4, past steps 3" in result.stderr.strip().splitlines()[-1]
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -290,8 +399,48 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
     cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "max_nonfinite": 2, "data": {**TRAIN["data"], "num_workers": 0}})
     try:
-        with pytest.raises(train_mod.StageError, match=r"step 4: loss not finite for 3 consecutive steps; last sample keys: train_"):
+        with pytest.raises(train_mod.StageError, match=r"step 5: loss not finite for 3 consecutive steps; last sample keys: train_"):
             train_mod.train(cfg)
     finally:
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
+
+
+def test_several_training_sections_need_a_section_and_a_wrong_one_is_named(tmp_path):
+    cwd = workdir(tmp_path)
+    params = yaml.safe_load((cwd / "params.yaml").read_text())
+    params["train_other"] = params["train"]
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_train(cwd, 1, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: --section is required: 2 train sections (train, train_other)")
+    result = run_train(cwd, 1, "--section", "train_voc", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: params.yaml: no section 'train_voc' (sections this stage can run: train, train_other)")
+    assert not (cwd / "models").exists() and not (cwd / "checkpoints").exists()
+
+
+def test_mixed_precision_from_the_launcher_is_used_and_a_conflict_stops(tmp_path):
+    """`accelerate launch --mixed_precision bf16` with the section's key unset: bf16 is used.
+    `--set mixed_precision=no` (YAML 1.1's False) against it: a one-line error naming both."""
+    cwd = workdir(tmp_path, steps=2, checkpoint_every=10, trace=False)
+    # Through pipeline.supervise, as pipeline.launch runs it: accelerate launch alone turns the
+    # stage's exit code 2 into 1 (with a traceback of its own).
+    launch_bf16 = [sys.executable, "-m", "pipeline.supervise", *ACCELERATE, "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "bf16",
+                   "--dynamo_backend", "no", "-m", "pipeline.train"]
+    result = subprocess.run(launch_bf16, cwd=cwd, env=env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training tiny on cpu (CPU), 1 process(es), mixed precision bf16" in result.stderr
+    assert load_model_file(cwd / "models" / "tiny.pt")[1]["meta"]["ran"]["mixed_precision"] == "bf16"
+
+    conflict = subprocess.run([*launch_bf16, "--set", "mixed_precision=no"], cwd=cwd, env=env(),
+                              capture_output=True, text=True, timeout=240)
+    assert conflict.returncode == 2, conflict.stderr[-3000:]
+    assert any(line.startswith("error: mixed_precision is 'no' but the launcher asks for 'bf16'")
+               for line in conflict.stderr.splitlines()), conflict.stderr[-3000:]
+
+    plain = run_train(cwd, 1, "--set", "mixed_precision=no", "--set", "name=plain")  # `no` works as written
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    assert "training plain on cpu (CPU), 1 process(es), mixed precision no" in plain.stderr

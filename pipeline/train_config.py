@@ -1,0 +1,192 @@
+"""The training stage's configuration: one ``train*`` section of ``params.yaml``.
+
+Parsed by :func:`pipeline.config.load_config` into the frozen :class:`TrainConfig`
+(unknown keys and wrong types are one-line errors). Which of these keys may change when
+an interrupted run resumes is declared in :data:`pipeline.resume.RESUME_SAFE`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config import to_dict
+from ssd.data.transforms import AugmentConfig
+from ssd.loss import LossConfig
+from ssd.optim import OptimConfig
+
+@dataclass(frozen=True)
+class PriorsParams:
+    min_sizes: tuple[float, ...]
+    """Smallest square per map, in input pixels (must fit the smallest objects)."""
+    max_sizes: tuple[float, ...] | None = None
+    """Second square per map has side sqrt(min * max); null: none."""
+    aspect_ratios: tuple[tuple[float, ...], ...] = ()
+    """Per map, ratios >= 1 (each r > 1 adds r:1 and 1:r)."""
+    steps: tuple[float, ...] | None = None
+    """Centre spacing per map in pixels; null: input size / map size."""
+    offset: float = 0.5
+    clip: bool = True
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2"] = "ssdlite_mobilenet_v2"
+    """Architecture (builder in ssd.models); LSTM-SSD trains on clips (data.kind: clips)."""
+    image_size: int = 300
+    """Square input side in pixels."""
+    width_mult: float = 1.0
+    """MobileNetV2 width multiplier (SSDLite only)."""
+    extra_channels: tuple[int, ...] | None = None
+    """SSDLite extra-layer widths; null: 512/256/256/128 x width_mult."""
+    taps: tuple[int, ...] = (13, 17)
+    """MobileNetV2 blocks whose outputs are maps (ssds.pytorch: 13, 17; add 6 for a stride-8 map)."""
+    placement: tuple[str, ...] = ("backbone",)
+    """LSTM-SSD: where the ConvLSTM cells go: backbone (the paper: after the stride-16 map), extras,
+    stride8 (on the stride-8 map, tap 6: every later map sees the memory)."""
+    state_reduction: int = 1
+    """LSTM-SSD: state channels = map channels / state_reduction."""
+    residual: bool = False
+    """LSTM-SSD: cells add a zero-initialised output to their map (start equal to SSDLite)
+    instead of replacing it (the paper)."""
+    priors: PriorsParams | None = None
+    """Prior layout; null: the architecture's reference layout scaled to image_size."""
+    backbone_weights: str | None = None
+    """torchvision backbone state dict on disk (never downloaded); null: random init."""
+    from_file: str | None = None
+    """Start from the whole model in this model file (its architecture, pruned widths included,
+    and its weights), e.g. to fine-tune a pruned model; the keys above are then ignored."""
+    init_weights: str | None = None
+    """Copy the same-named, same-shaped weights of this model file into the model built from
+    the keys above (e.g. a trained SSDLite into LSTM-SSD)."""
+
+    def arch(self, num_classes: int) -> dict[str, Any]:
+        """The builder arguments (what model files store)."""
+        arch: dict[str, Any] = {"name": self.name, "num_classes": num_classes, "image_size": self.image_size}
+        if self.name in ("ssdlite_mobilenet_v2", "lstm_ssd_mobilenet_v2"):
+            arch["width_mult"] = self.width_mult
+            arch["taps"] = list(self.taps)
+            if self.extra_channels is not None:
+                arch["extra_channels"] = list(self.extra_channels)
+        if self.name == "lstm_ssd_mobilenet_v2":
+            arch["placement"] = list(self.placement)
+            arch["state_reduction"] = self.state_reduction
+            if self.residual:
+                arch["residual"] = True
+        if self.priors is not None:
+            arch["priors"] = to_dict(self.priors)
+        return arch
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = "data/shards/voc"
+    """Directory with manifest.json and the {split}-NNNNNN.tar shards."""
+    split: str = "train"
+    """Which split of the manifest to train on."""
+    kind: Literal["frames", "clips", "frames_from_clips"] = "frames"
+    """frames: frame shards; frames_from_clips: every frame of clip shards (per-frame baseline)."""
+    batch_size: int = 16
+    """Samples per process per micro-batch."""
+    num_workers: int = 2
+    """Loader worker processes per training process (0: load in the training process)."""
+    streams: int = 2
+    """Independent sample streams per process; fixed so that the data order doesn't depend on
+    num_workers (which must divide it)."""
+    shuffle_buffer: int = 256
+    """Samples held per stream for shuffling."""
+    sequence_clips: int = 0
+    """LSTM-SSD on clips: carry the detached state from each clip to the next clip of its
+    video (truncated backpropagation through time). Each batch position then walks through
+    runs of up to this many consecutive clips of one video, augmented alike; 0: every clip
+    starts from a zero state."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.sequence_clips < 0:
+            raise ValueError(f"sequence_clips must not be negative, got {self.sequence_clips}")
+        if self.sequence_clips and self.kind != "clips":
+            raise ValueError(f"sequence_clips carries an LSTM state between clips: it needs kind 'clips', not {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "ssdlite"
+    """Run name: names the model file, metrics, plots, logs and checkpoints."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    steps: int = 1000
+    """Optimiser steps in the whole run."""
+    seed: int = 0
+    """Seeds the model initialisation and the data order and augmentation."""
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = None
+    """Through Accelerate; null: Accelerate's choice (accelerate config, accelerate launch
+    --mixed_precision, ACCELERATE_MIXED_PRECISION; none of them: full precision). fp16 needs a GPU."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (what a run killed without notice falls back to)."""
+    keep_last: int = 2
+    """Complete checkpoints kept while the run is unfinished."""
+    keep_checkpoints: bool = False
+    """Keep the checkpoints once the run has finished."""
+    log_every: int = 10
+    """Steps between log lines, TensorBoard points and plot rows."""
+    freeze_backbone_steps: int = 0
+    """Hold the backbone still for the first steps (LSTM-SSD's stage-wise training from SSDLite)."""
+    frozen_batchnorm: bool = False
+    """Batch norm uses and keeps its running statistics (eval mode) instead of each batch's:
+    for fine-tuning a trained model on batches of few, correlated samples (LSTM-SSD's clips:
+    4 clips x 8 frames hold only 4 scenes, whose statistics are not the data's)."""
+    max_nonfinite: int = 5
+    """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
+    trace: bool = False
+    """Debug: write each process's sample keys and weight checksum per step to runs/{name}/trace-rankN.jsonl."""
+    models_dir: str = "models"
+    metrics_dir: str = "metrics"
+    plots_dir: str = "plots"
+    runs_dir: str = "runs"
+    checkpoints_dir: str = "checkpoints"
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "checkpoint_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        check_run_name(self.name, "name")
+
+
+#: A run name becomes a file and folder name in several output folders (checkpoints/<name> is
+#: deleted when the run finishes): one path component, nothing that climbs out of them.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def check_run_name(name: str, key: str) -> None:
+    """ValueError unless ``name`` is a safe single path component (letters, digits, ``_.+-``)."""
+    if not _RUN_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"{key} {name!r} is not a valid run name: use letters, digits and _ . + - "
+            "(it names files and folders; no path separators, no '..')"
+        )
+
+
+@dataclass
+class RunPaths:
+    model: Path
+    metrics: Path
+    plots: Path
+    logs: Path
+    checkpoints: Path
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> "RunPaths":
+        return cls(
+            model=Path(cfg.models_dir) / f"{cfg.name}.pt",
+            metrics=Path(cfg.metrics_dir) / f"train-{cfg.name}.json",
+            plots=Path(cfg.plots_dir) / f"train-{cfg.name}.csv",
+            logs=Path(cfg.runs_dir) / cfg.name,
+            checkpoints=Path(cfg.checkpoints_dir) / cfg.name,
+        )
+
+
