@@ -207,6 +207,8 @@ def test_skypilot_task():
     assert spec["mode"] in ("MOUNT", "MOUNT_CACHED") and spec["name"] == "${CHECKPOINT_BUCKET}"
     run = task["run"]
     assert "-m pipeline.train" in run and f"checkpoints_dir={mount}" in run and "--restart" not in run
+    # accelerate launch says 1 when its workers exit 75: the supervisor passes the 75 to SkyPilot.
+    assert "python -m pipeline.supervise accelerate launch" in run
     assert "--num_machines" in run and "SKYPILOT_NODE_RANK" in run
     assert [args for args in pip_installs(task["setup"]) if constraints_of(args) == ["constraints.txt"]]
     for script in (task["setup"], run):
@@ -275,6 +277,7 @@ def test_slurm_dry_run_command(tmp_path, rank):
                         path=str(tool_dir(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout) == [
+        "python", "-m", "pipeline.supervise",  # hands the workers' exit code 75 to the batch shell
         "accelerate", "launch", "--config_file", "configs/accelerate/multi-node.yaml",
         "--num_machines", "3", "--machine_rank", str(rank), "--main_process_ip", "gpu-a",
         "--main_process_port", "29555", "--num_processes", "12",
@@ -285,13 +288,14 @@ def test_slurm_dry_run_command(tmp_path, rank):
 def test_slurm_dry_run_expands_the_node_list_with_scontrol(tmp_path):
     scontrol = ('[[ "$1 $2" == "show hostnames" && "$3" == "gpu[07-08]" ]] || exit 1\n'
                 "printf 'gpu07\\ngpu08\\n'\n")
-    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "1"}  # no SLURM_NODEID
+    env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_PROCID": "1",  # no SLURM_NODEID
+           "SLURM_JOB_ID": "123456"}
     result = run_script(SBATCH, env, path=str(tool_dir(tmp_path, ("scontrol", scontrol))))
     assert result.returncode == 0, result.stderr
-    cmd = shlex.split(result.stdout)
+    cmd = shlex.split(result.stdout)[3:]  # after "python -m pipeline.supervise"
     flags = dict(zip(cmd[2:14:2], cmd[3:14:2]))
     assert flags == {"--config_file": "configs/accelerate/multi-node.yaml", "--num_machines": "2",
-                     "--machine_rank": "1", "--main_process_ip": "gpu07", "--main_process_port": "29500",
+                     "--machine_rank": "1", "--main_process_ip": "gpu07", "--main_process_port": "23456",
                      "--num_processes": "2"}  # no GPU count anywhere: one process per node
     assert cmd[-4:] == ["-m", "pipeline.train", "--section", "train_voc"]  # the default
 
@@ -307,11 +311,21 @@ def test_slurm_dry_run_errors(tmp_path, env, message):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and message in result.stderr
 
 
+def test_slurm_jobs_sharing_a_first_node_get_their_own_ports(tmp_path):
+    ports = set()
+    for job in ("70001", "70002"):
+        env = {"DRY_RUN": "1", "SLURM_JOB_NODELIST": "gpu-a,gpu-b", "SLURM_NODEID": "0", "SLURM_JOB_ID": job}
+        cmd = shlex.split(run_script(SBATCH, env, path=str(tool_dir(tmp_path))).stdout)
+        ports.add(int(cmd[cmd.index("--main_process_port") + 1]))
+    assert len(ports) == 2 and all(1024 < p < 65536 for p in ports)
+
+
 def test_torchrun_dry_run_command(tmp_path):
     env = {"DRY_RUN": "1", "NNODES": "2", "NPROC_PER_NODE": "8", "RDZV_ENDPOINT": "node0:29400"}
     result = run_script(TORCHRUN, env, "--section", "train_voc", path=str(tool_dir(tmp_path)))
     assert result.returncode == 0, result.stderr
     assert shlex.split(result.stdout) == [
+        "python", "-m", "pipeline.supervise",
         "torchrun", "--nnodes", "2", "--nproc_per_node", "8", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", "node0:29400", "--rdzv_id", "ssd-train", "--max_restarts", "0",
         "-m", "pipeline.train", "--section", "train_voc",
@@ -357,33 +371,88 @@ def metrics(cwd: Path) -> dict:
     return json.loads((cwd / "metrics" / "train-tiny.json").read_text())
 
 
-@pytest.mark.slow
-def test_slurm_commands_train_on_two_machines(tmp_path):
-    """The two node commands of the dry run, started side by side, form one 2-process run."""
-    cwd = project(tmp_path / "project")
-    bin_dir = tool_dir(tmp_path)
-    env = run_env(bin_dir, MAIN_PORT=str(free_port()), ACCELERATE_CONFIG=str(MULTI_NODE),
-                  SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1", SLURM_GPUS_ON_NODE="1", DRY_RUN="1")
-    procs = []
+def node_commands(tmp_path: Path, env: dict) -> list[list[str]]:
+    """The two node commands of the SLURM script's dry run (both nodes on this machine)."""
+    out = []
     for rank in (0, 1):
-        cmd = run_script(SBATCH, {**env, "SLURM_NODEID": str(rank)}, "--section", "train", path=env["PATH"])
+        cmd = run_script(SBATCH, {**env, "SLURM_NODEID": str(rank), "DRY_RUN": "1"}, "--section", "train",
+                         path=env["PATH"])
         assert cmd.returncode == 0, cmd.stderr
-        procs.append(subprocess.Popen(shlex.split(cmd.stdout), cwd=cwd, env={**env, "DRY_RUN": "0"},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
-    assert metrics(cwd)["world_size"] == 2 and metrics(cwd)["steps"] == TRAIN["steps"]
-    assert (cwd / "models" / "tiny.pt").is_file()
+        out.append(shlex.split(cmd.stdout))
+    return out
+
+
+def start_nodes(commands: list[list[str]], cwd: Path, env: dict) -> list[subprocess.Popen]:
+    return [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True) for c in commands]
+
+
+def trace_lines(cwd: Path) -> int:
+    path = cwd / "runs" / "tiny" / "trace-rank0.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def model_weights(path: Path) -> dict:
+    from ssd.model_file import load_model_file
+
+    return load_model_file(path)[0].state_dict()
 
 
 @pytest.mark.slow
-def test_torchrun_script_trains(tmp_path):
-    cwd = project(tmp_path / "project")
+def test_two_machines_are_preempted_and_resume_to_the_one_machine_weights(tmp_path):
+    """The SLURM script's two node commands (one process each, this machine standing in for both)
+    train, get SIGTERM, exit 75 each, are rerun, resume, and end with the weights of a one-machine
+    two-process run (the same global batch)."""
+    steps = 24
+    bin_dir = tool_dir(tmp_path)
+    base = run_env(bin_dir, ACCELERATE_CONFIG=str(MULTI_NODE), SLURM_JOB_NODELIST="127.0.0.1,127.0.0.1",
+                   SLURM_GPUS_ON_NODE="1")
+    one = project(tmp_path / "one-machine", steps=steps)
+    reference = subprocess.run(
+        [sys.executable, "-m", "pipeline.supervise", "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+         str(free_port()), "-m", "pipeline.train"], cwd=one, env=base, capture_output=True, text=True, timeout=300)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    cwd = project(tmp_path / "two-machines", steps=steps, trace=True)
+    env = {**base, "MAIN_PORT": str(free_port())}
+    nodes = start_nodes(node_commands(tmp_path, env), cwd, env)
+    while all(p.poll() is None for p in nodes) and trace_lines(cwd) < 3:
+        time.sleep(0.05)
+    for p in nodes:
+        p.send_signal(signal.SIGTERM)  # a spot preemption reaches every machine
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [75, 75], outputs[0][-3000:] + outputs[1][-3000:]
+    saved = sorted((cwd / "checkpoints" / "tiny").glob("step-*"))
+    assert saved and int(saved[-1].name.split("-")[1]) < steps and not (cwd / "models" / "tiny.pt").exists()
+
+    env = {**base, "MAIN_PORT": str(free_port())}
+    nodes = start_nodes(node_commands(tmp_path, env), cwd, env)
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert f"resumed from checkpoints/tiny/{saved[-1].name}" in outputs[0]
+    assert metrics(cwd)["world_size"] == 2 and metrics(cwd)["steps"] == steps
+    mine, theirs = model_weights(cwd / "models" / "tiny.pt"), model_weights(one / "models" / "tiny.pt")
+    assert max(float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine if mine[k].numel()) < 1e-5
+
+
+@pytest.mark.slow
+def test_torchrun_script_trains_and_hands_on_the_preemption_code(tmp_path):
+    cwd = project(tmp_path / "project", steps=40, trace=True)
     env = run_env(tool_dir(tmp_path), NPROC_PER_NODE="2", RDZV_ENDPOINT=f"127.0.0.1:{free_port()}",
                   PROJECT_DIR=str(cwd))
+    first = subprocess.Popen([BASH, str(TORCHRUN), "--section", "train"], env={"HOME": str(ROOT), **env},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    while first.poll() is None and trace_lines(cwd) < 2:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)  # the script has become pipeline.supervise (exec)
+    out = first.communicate(timeout=300)[0]
+    assert first.returncode == 75, out[-3000:]  # torchrun alone exits 1
+    env["RDZV_ENDPOINT"] = f"127.0.0.1:{free_port()}"
     result = run_script(TORCHRUN, env, "--section", "train", path=env["PATH"], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert metrics(cwd)["world_size"] == 2 and metrics(cwd)["steps"] == TRAIN["steps"]
+    assert "resumed from checkpoints/tiny/step-" in result.stderr
+    assert metrics(cwd)["world_size"] == 2 and metrics(cwd)["steps"] == 40
 
 
 # srun stand-in: one task (this machine is node 0), options dropped, run in place.
@@ -411,6 +480,7 @@ def test_slurm_job_requeues_on_sigterm_and_resumes(tmp_path):
     first.send_signal(signal.SIGTERM)  # only the batch shell, as --signal=B:TERM does
     out = first.communicate(timeout=300)[0]
     assert first.returncode == 0, out[-3000:]
+    assert "stopped (exit 75): requeueing job 4242" in out  # the training's own code, through the launcher
     assert "requeue 4242" in log.read_text().splitlines(), out[-3000:]
     saved = sorted((cwd / "checkpoints" / "tiny").glob("step-*"))
     assert saved and (saved[-1] / "meta.json").is_file()

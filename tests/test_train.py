@@ -444,3 +444,68 @@ def test_mixed_precision_from_the_launcher_is_used_and_a_conflict_stops(tmp_path
     plain = run_train(cwd, 1, "--set", "mixed_precision=no", "--set", "name=plain")  # `no` works as written
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert "training plain on cpu (CPU), 1 process(es), mixed precision no" in plain.stderr
+
+
+def launch_config(cwd: Path, procs: int) -> Path:
+    """An Accelerate config of the user's own (ACCELERATE_CONFIG_FILE): pipeline.launch uses it as is."""
+    path = cwd / "accelerate.yaml"
+    path.write_text(yaml.safe_dump({
+        "compute_environment": "LOCAL_MACHINE", "distributed_type": "MULTI_GPU" if procs > 1 else "NO",
+        "num_machines": 1, "machine_rank": 0, "num_processes": procs, "mixed_precision": "no",
+        "use_cpu": procs == 1, "main_process_port": free_port(),
+    }))
+    return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_to_pipeline_launch_reaches_the_workers_and_its_exit_code_is_75(reference_run, tmp_path):
+    """What `dvc repro` runs, signalled alone: 2 processes under accelerate launch save and stop, the
+    launcher's own exit code (1) becomes 75, and on a new machine (no runs/, no plots/) the rerun
+    resumes, logs every step once and ends with the uninterrupted run's weights."""
+    cwd = workdir(tmp_path)
+    launch_env = {**env(), "ACCELERATE_CONFIG_FILE": str(launch_config(cwd, 2))}
+    cmd = [sys.executable, "-m", "pipeline.launch", "train", "--section", "train"]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=launch_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while len(trace(cwd, 0)) < 3 and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # only the outer process
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 75, output[-3000:]
+    stopped = len(trace(cwd, 0))
+    assert stopped < TRAIN["steps"] and (cwd / "checkpoints" / "tiny" / f"step-{stopped:08d}" / "meta.json").is_file()
+    assert not (cwd / "models" / "tiny.pt").exists()  # nobody trained on after the launcher returned
+    time.sleep(1)
+    assert not (cwd / "models" / "tiny.pt").exists()
+
+    keys = [t["keys"] for t in trace(cwd, 1)]
+    shutil.rmtree(cwd / "runs")  # a spot recovery: a new machine with only the checkpoints
+    shutil.rmtree(cwd / "plots")
+    resumed = subprocess.run(cmd, cwd=cwd, env=launch_env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from checkpoints/tiny/step-{stopped:08d}" in resumed.stderr
+    assert logged_steps(cwd) == tensorboard_steps(cwd) == expected_rows(TRAIN["steps"], TRAIN["log_every"])
+    assert keys + [t["keys"] for t in trace(cwd, 1)] == [t["keys"] for t in trace(reference_run, 1)]
+    assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference_run / "models/tiny.pt")) < 1e-5
+
+
+def test_ctrl_c_on_pipeline_launch_saves_a_checkpoint_and_exits_75(tmp_path):
+    """Ctrl-C in a terminal signals the whole foreground process group: the trainer must not be
+    killed a moment later with nothing saved."""
+    cwd = workdir(tmp_path, steps=60, checkpoint_every=100)
+    cmd = [sys.executable, "-m", "pipeline.launch", "train"]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # a process group of its own, as a shell's job
+    while len(trace(cwd, 0)) < 2 and proc.poll() is None:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 75, output[-3000:]
+    stopped = len(trace(cwd, 0))
+    assert (cwd / "checkpoints" / "tiny" / f"step-{stopped:08d}" / "meta.json").is_file(), output[-3000:]

@@ -16,9 +16,11 @@
 #   PROJECT_DIR                 directory the training runs in, with params.yaml (default: this checkout)
 #   DRY_RUN=1                   print the torchrun command instead of running it
 #
-# Preemption: SIGTERM to torchrun reaches every worker, which saves a checkpoint and exits 75;
-# torchrun itself then exits non-zero. Run the same command again to resume from the newest
-# checkpoint. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (100 s) is how long torchrun lets the workers save.
+# Preemption: SIGTERM to this script (it becomes `python -m pipeline.supervise torchrun ...`)
+# reaches every worker, which saves a checkpoint and exits 75; torchrun itself would say 1, the
+# supervisor exits 75, what a scheduler that retries on 75 needs. Run the same command again to
+# resume from the newest checkpoint. TORCH_ELASTIC_SHUTDOWN_TIMEOUT (100 s) is how long torchrun
+# lets the workers save.
 
 set -euo pipefail
 cd "${PROJECT_DIR:-$(dirname "$0")/../..}"
@@ -40,6 +42,7 @@ RDZV_ENDPOINT="${RDZV_ENDPOINT:-${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}"
 
 command=(
+    python -m pipeline.supervise
     torchrun
     --nnodes "${NNODES:-1}"
     --nproc_per_node "$NPROC_PER_NODE"

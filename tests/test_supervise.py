@@ -1,0 +1,66 @@
+"""pipeline.supervise: which exit code a supervised launcher ends with, and the reports behind it.
+
+The real launchers under SIGTERM and Ctrl-C are tested with training runs (test_train.py,
+test_deploy.py); here the rule itself, and a stand-in launcher that turns its stage's code into 1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.supervise import exit_code
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("launcher, reports, expected", [
+    (0, [], 0),                 # not a stage: the command's own code
+    (3, [], 3),
+    (1, [75, 75], 75),          # accelerate launch's 1 over workers that were preempted
+    (1, [75, None], 75),        # one worker killed while the other saved: rerun resumes
+    (1, [2, 2], 2),             # a config error on every rank
+    (1, [2, None], 1),          # not agreed: the launcher's
+    (1, [1, 75], 1),            # a real failure is not a preemption
+    (0, [0, 0], 0),
+    (0, [0, None], 1),          # the launcher claims success, a stage process vanished
+    (137, [None, None], 137),
+])
+def test_exit_code_rule(launcher, reports, expected):
+    assert exit_code(launcher, reports) == expected
+
+
+LAUNCHER = """
+import subprocess, sys
+# A launcher like accelerate launch's: runs the stage, reports any failure as 1.
+code = subprocess.call([sys.executable, "-c", sys.argv[1]])
+sys.exit(1 if code else 0)
+"""
+STAGE = """
+from pipeline.stage import run
+run(lambda: {code})
+"""
+
+
+@pytest.mark.parametrize("code", [0, 2, 75])
+def test_the_stage_code_comes_through_a_launcher_that_hides_it(tmp_path, code):
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    stage = STAGE.format(code=code) + "import sys; sys.exit(1 if {code} else 0)\n".format(code=code)
+    bare = subprocess.run([sys.executable, str(launcher), stage], env=env)
+    assert bare.returncode == (1 if code else 0)
+    supervised = subprocess.run([sys.executable, "-m", "pipeline.supervise", sys.executable, str(launcher), stage],
+                                env=env)
+    assert supervised.returncode == code
+
+
+def test_a_missing_command_is_a_one_line_error():
+    result = subprocess.run([sys.executable, "-m", "pipeline.supervise", "no-such-launcher", "x"],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: no-such-launcher: cannot run it (No such file or directory)"
