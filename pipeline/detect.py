@@ -26,9 +26,12 @@ complete:
   (``--fps`` for a folder, default 25), codec ``--fourcc`` (``mp4v`` for .mp4; ``MJPG``
   or ``XVID`` for .avi);
 - ``--jsonl`` (default ``OUT`` with the suffix ``.jsonl``): one line per frame,
-  ``{"frame": index, "boxes": [[x1, y1, x2, y2], ...] (pixels, edge coordinates),
+  ``{"frame": number, "boxes": [[x1, y1, x2, y2], ...] (pixels, edge coordinates),
   "scores": [...], "labels": [...] (1-based), "class_names": [...]}``, plus ``"file"``
-  for a folder of frames.
+  for a folder of frames. Frame numbers are the project's everywhere
+  (docs/data-format.md): a video file's frames are numbered from 1, as ``prepare`` numbers
+  them in the shards and MOT's ``gt.txt`` does; a folder's frames carry the number in
+  their file names.
 
 Exit codes: 0 done; 2 with a one-line message for a missing or unreadable model file,
 video or frame, an empty frames folder, or a codec OpenCV can't open.
@@ -71,7 +74,8 @@ _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
 
 @dataclass
 class Frame:
-    index: int
+    number: int
+    """The frame number: from 1 in a video file, the number in the file name in a folder."""
     image: np.ndarray
     """uint8 ``[H, W, 3]`` BGR, as OpenCV decodes it."""
     file: str | None = None
@@ -99,12 +103,12 @@ class VideoSource:
 
     def __iter__(self) -> Iterator[Frame]:
         try:
-            image, index = self._first, 0
+            image, number = self._first, 1
             while image is not None:
-                yield Frame(index, image)
+                yield Frame(number, image)
                 ok, image = self._capture.read()
                 image = image if ok else None
-                index += 1
+                number += 1
         finally:
             self._capture.release()
 
@@ -122,6 +126,7 @@ class FolderSource:
             if match is None:
                 raise StageError(f"{p}: no frame number in the file name (frames are ordered by it)")
             numbered.append((int(match.group(1)), p.name, p))
+        self.numbers = [n for n, _, _ in sorted(numbered)]
         self.files = [p for _, _, p in sorted(numbered)]
         self.fps = float(fps) if fps else DEFAULT_FOLDER_FPS
         self.length = len(self.files)
@@ -135,7 +140,7 @@ class FolderSource:
                 raise StageError(
                     f"{p}: frame is {image.shape[1]}x{image.shape[0]}, the first frame {self.size[0]}x{self.size[1]}"
                 )
-            yield Frame(index, image, p.name)
+            yield Frame(self.numbers[index], image, p.name)
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -297,7 +302,7 @@ def detect(args: argparse.Namespace) -> int:
             _speed_overlay(drawn, 1.0 / max(smoothed, 1e-9))
             writer.write(cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
             record = {
-                "frame": frame.index,
+                "frame": frame.number,
                 **({"file": frame.file} if frame.file is not None else {}),
                 "boxes": [[round(v, 2) for v in box] for box in boxes],
                 "scores": [round(s, 5) for s in scores],

@@ -124,7 +124,6 @@ class VocConfig:
 class IrFramesConfig:
     """IR format 1: VOC-layout frame sequences, video and frame number taken from each id."""
 
-    root: str = "data/sample/ir/frames"  # dataset root (what the sample stage writes)
     annotations_dir: str = "Annotations"  # <id>.xml
     images_dir: str = "JPEGImages"  # <id>.jpg|jpeg|png
     splits_dir: str = "ImageSets/Main"  # <split>.txt frame id lists
@@ -144,7 +143,6 @@ class IrFramesConfig:
 class IrVideoConfig:
     """IR format 2: video files or frame folders with box lists or MOT gt.txt, no split lists."""
 
-    root: str = "data/sample/ir/video"  # dataset root (what the sample stage writes)
     videos_dir: str = "videos"  # <name>.mp4|avi
     frames_dir: str = "frames"  # <name>/<anything with a number>.jpg|png, ordered by that number
     annotations_dir: str = "annotations"  # <name>.txt box list, or <name>/gt.txt (MOT)
@@ -169,6 +167,7 @@ class IrConfig:
 
     enabled: bool = True  # false: write an empty output with a manifest that says so
     source: Literal["frames", "video"] = "frames"  # which reader: format 1 (frames) or format 2 (video)
+    root: str = "data/sample/ir/frames"  # the dataset, in the layout `source` reads (dvc.yaml's deps read this key)
     out: str = "data/shards/ir"  # output directory; must match the stage's outs in dvc.yaml
     classes: tuple[str, ...] | None = None  # null: discovered from the data (sorted); else others are skipped
     clip_length: int = 8  # frames per clip (LSTM-SSD unroll length)
@@ -201,6 +200,7 @@ class PrepareConfig:
     """The ``prepare`` section of params.yaml."""
 
     workers: int = 2  # processes that read, validate and encode images (1: no pool)
+    allow_empty_splits: bool = False  # true: a configured split may end up with no sample (else exit 2)
     voc: VocConfig = field(default_factory=VocConfig)  # frame dataset (SSD, SSDLite)
     ir: IrConfig = field(default_factory=IrConfig)  # clip dataset (LSTM-SSD)
 
@@ -276,6 +276,20 @@ class Issues:
             "fixed": self.fixed,
             "converted": self.converted,
         }
+
+    def hint(self, root: str | Path, shown: int = 3) -> str:
+        """What was skipped and why, most frequent reason first, with a few of the files."""
+        by_reason: dict[str, list[str]] = {}
+        for e in self.skipped:
+            item = _relative(e["file"], root) + (f": {e['detail']}" if e["detail"] else "")
+            by_reason.setdefault(e["reason"], []).append(item)
+        if not by_reason:
+            return "nothing was skipped: no input was found to convert"
+        parts = []
+        for reason, files in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+            more = ", ..." if len(files) > shown else ""
+            parts.append(f"{len(files)} {reason} ({', '.join(files[:shown])}{more})")
+        return "skipped: " + "; ".join(parts)
 
     def summary(self) -> str:
         parts = []
@@ -832,7 +846,7 @@ class _ClipWriter:
 def convert_ir_frames(cfg: IrConfig, workers: int, issues: Issues, out: Path) -> dict:
     """IR format 1 (VOC-layout frame sequences) -> clip shards in ``out``."""
     fc = cfg.frames
-    root = Path(fc.root)
+    root = Path(cfg.root)
     pattern = ann.compile_frame_pattern(fc.frame_id_pattern)
     sources = _scan_voc_layout(root, fc.annotations_dir, fc.images_dir, fc.splits_dir, fc.splits, issues)
     by_video: dict[str, list[tuple[int, _Source, ann.VocRecord]]] = {}
@@ -903,8 +917,7 @@ class _VideoSource:
     mot: bool
 
 
-def _discover_videos(vc: IrVideoConfig, issues: Issues) -> list[_VideoSource]:
-    root = Path(vc.root)
+def _discover_videos(root: Path, vc: IrVideoConfig, issues: Issues) -> list[_VideoSource]:
     if not root.is_dir():
         raise StageError(f"{root}: directory not found")
     videos_dir, frames_dir, ann_dir = root / vc.videos_dir, root / vc.frames_dir, root / vc.annotations_dir
@@ -946,9 +959,11 @@ def _discover_videos(vc: IrVideoConfig, issues: Issues) -> list[_VideoSource]:
     return out
 
 
-def _video_splits(vc: IrVideoConfig, sources: list[_VideoSource], issues: Issues) -> tuple[list[str], dict[str, str]]:
+def _video_splits(
+    root: Path, vc: IrVideoConfig, sources: list[_VideoSource], issues: Issues
+) -> tuple[list[str], dict[str, str]]:
     """Split names and video -> split, from the splits file when present, else by hash."""
-    path = Path(vc.root) / vc.splits_file
+    path = root / vc.splits_file
     names = [s.name for s in sources]
     if not path.is_file():
         return ["train", "val"], ann.split_videos(names, vc.val_fraction)
@@ -1004,9 +1019,9 @@ def _mot_objects(rows: Sequence[ann.TrackBox], mot_classes: Sequence[str]) -> tu
 
 def convert_ir_video(cfg: IrConfig, workers: int, issues: Issues, out: Path) -> dict:
     """IR format 2 (video files or frame folders, box lists or MOT gt.txt) -> clip shards in ``out``."""
-    vc = cfg.video
-    sources = _discover_videos(vc, issues)
-    splits, assignment = _video_splits(vc, sources, issues)
+    vc, root = cfg.video, Path(cfg.root)
+    sources = _discover_videos(root, vc, issues)
+    splits, assignment = _video_splits(root, vc, sources, issues)
     todo = []
     for src in sources:
         if src.name not in assignment:
@@ -1060,7 +1075,7 @@ def convert_ir_video(cfg: IrConfig, workers: int, issues: Issues, out: Path) -> 
                     issues.convert(file, image.conversion)
             video = _VideoRef(src.name, assignment[src.name], src.path, tuple(refs))
             clips.add_video(video, [(ref, image) for ref, (_, _, image, _) in zip(refs, decoded.frames)])
-    return {"kind": "clips", "format": "video", "source": vc.root, "classes": classes, **clips.manifest()}
+    return {"kind": "clips", "format": "video", "source": cfg.root, "classes": classes, **clips.manifest()}
 
 
 def _ranges(numbers: Sequence[int]) -> str:
@@ -1083,13 +1098,40 @@ def _ranges(numbers: Sequence[int]) -> str:
 # Stage
 
 
-def _build(name: str, out: Path, convert: Callable[[Path], dict], issues: Issues) -> dict:
-    """Run ``convert`` into a temporary directory; write the manifest last; rename into place."""
+def _relative(file: str, root: str | Path) -> str:
+    try:
+        return str(Path(file).relative_to(root))
+    except ValueError:
+        return str(file)
+
+
+def _check_written(name: str, manifest: dict, issues: Issues, allow_empty: bool) -> None:
+    """No sample at all, or an empty configured split, is a :class:`StageError` saying what was found."""
+    source = manifest.get("source", name)
+    counts = {s: v["samples"] for s, v in manifest["splits"].items()}
+    if sum(counts.values()) == 0:
+        raise StageError(f"{source}: no {name} sample was written; {issues.hint(source)}")
+    empty = [s for s, n in counts.items() if n == 0]
+    if empty and not allow_empty:
+        sizes = ", ".join(f"{s} {n}" for s, n in counts.items())
+        raise StageError(
+            f"{source}: {name} split {empty[0]!r} would be empty (samples: {sizes}); {issues.hint(source)}; "
+            "fix the split lists, or set prepare.allow_empty_splits: true if an empty split is intended"
+        )
+
+
+def _build(name: str, out: Path, convert: Callable[[Path], dict], issues: Issues, allow_empty: bool = False) -> dict:
+    """Run ``convert`` into a temporary directory; write the manifest last; rename into place.
+
+    Nothing replaces the previous output unless every configured split got samples (or
+    ``allow_empty``) and at least one sample was written.
+    """
     for stale in out.parent.glob(f"{TMP_PREFIX}{out.name}.*") if out.parent.is_dir() else ():
         log.info("%s: removing %s left by an interrupted run", name, stale)
         shutil.rmtree(stale, ignore_errors=True)
     with atomic_dir(out) as tmp:
         manifest = convert(tmp)
+        _check_written(name, manifest, issues, allow_empty)
         manifest.update(issues.manifest())
         write_json(tmp / "manifest.json", manifest)
     splits = ", ".join(f"{s} {v['samples']}" for s, v in manifest["splits"].items())
@@ -1112,7 +1154,8 @@ def prepare(cfg: PrepareConfig, strict: bool = False) -> dict[str, dict]:
     if cfg.voc.enabled:
         issues = Issues(strict)
         manifests["voc"] = _build(
-            "voc", Path(cfg.voc.out), lambda tmp: convert_frames(cfg.voc, cfg.workers, issues, tmp), issues
+            "voc", Path(cfg.voc.out), lambda tmp: convert_frames(cfg.voc, cfg.workers, issues, tmp), issues,
+            cfg.allow_empty_splits,
         )
     else:
         _disabled("voc", Path(cfg.voc.out), "frames")
@@ -1120,7 +1163,8 @@ def prepare(cfg: PrepareConfig, strict: bool = False) -> dict[str, dict]:
         issues = Issues(strict)
         convert = convert_ir_frames if cfg.ir.source == "frames" else convert_ir_video
         manifests["ir"] = _build(
-            "ir", Path(cfg.ir.out), lambda tmp: convert(cfg.ir, cfg.workers, issues, tmp), issues
+            "ir", Path(cfg.ir.out), lambda tmp: convert(cfg.ir, cfg.workers, issues, tmp), issues,
+            cfg.allow_empty_splits,
         )
     else:
         _disabled("ir", Path(cfg.ir.out), "clips")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -130,8 +131,9 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def assert_same_detections(records: list[dict], expected: list[dict]) -> None:
-    assert [r["frame"] for r in records] == list(range(len(expected)))
+def assert_same_detections(records: list[dict], expected: list[dict], first: int = 1) -> None:
+    """``first``: the first frame's number (a video's frames are numbered from 1, as in the shards)."""
+    assert [r["frame"] for r in records] == list(range(first, first + len(expected)))
     for record, exp in zip(records, expected):
         assert record["labels"] == exp["labels"].tolist()
         assert record["class_names"] == [CLASSES[k - 1] for k in record["labels"]]
@@ -195,7 +197,33 @@ def test_folder_of_frames(files, tmp_path):
     assert len(read_video(out)) == FRAMES
     # PNGs are lossless: the model sees exactly the rendered frames.
     expected = expected_detections(files["ssdlite"], [moving_square(i) for i in range(FRAMES)], THRESHOLD)
-    assert_same_detections(records, expected)
+    assert_same_detections(records, expected, first=0)  # the numbers in the file names, as prepare reads them
+
+
+def test_frame_numbers_are_those_of_the_shards(files, tmp_path):
+    """The same video converted by prepare and run through detect: the same frame numbers."""
+    import yaml
+
+    from pipeline import prepare
+    from ssd.data.shards import iter_samples
+
+    data = tmp_path / "ir"
+    (data / "videos").mkdir(parents=True)
+    (data / "annotations").mkdir()
+    shutil.copy(files["video"], data / "videos" / "square.mp4")
+    (data / "annotations" / "square.txt").write_text("10 10 8 8\n" * FRAMES)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"prepare": {
+        "workers": 1, "allow_empty_splits": True, "voc": {"enabled": False, "out": str(tmp_path / "voc")},
+        "ir": {"source": "video", "root": str(data), "out": str(tmp_path / "shards"), "clip_length": FRAMES,
+               "video": {"val_fraction": 0.0}},
+    }}))
+    assert prepare.main(["--params", str(params)]) == 0
+    [clip] = [json.loads(s["json"]) for s in iter_samples(tmp_path / "shards")]
+
+    out = tmp_path / "square-out.mp4"
+    assert main([str(files["ssdlite"]), str(data / "videos" / "square.mp4"), "--out", str(out), "--device", "cpu"]) == 0
+    assert [r["frame"] for r in read_jsonl(out.with_suffix(".jsonl"))] == clip["frames"] == list(range(1, FRAMES + 1))
 
 
 def test_lstm_state_carried(files, tmp_path):

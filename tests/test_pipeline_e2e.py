@@ -143,7 +143,9 @@ def test_second_repro_does_nothing(repo):
 
 
 def test_experiment_shows_in_metrics_diff(repo):
-    run(["dvc", "exp", "run", "-S", "train_voc.optim.lr=0.01"], repo, timeout=1500)
+    # `+key=no`: a key params.yaml leaves out, written as YAML 1.1 reads a boolean; it must mean "no".
+    run(["dvc", "exp", "run", "-S", "train_voc.optim.lr=0.01", "-S", "+train_voc.mixed_precision=no"], repo,
+        timeout=1500)
     diff = run(["dvc", "metrics", "diff", "--json"], repo)
     changed = json.loads(diff.stdout)
     assert "metrics/train-ssdlite_voc.json" in changed, changed.keys()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -100,12 +101,16 @@ BASE_ITEMS = {
 BASE_SPLITS = {"train": ["a", "b", "c"], "val": ["d"]}
 
 
-def run_stage(tmp_path: Path, *overrides: str, strict: bool = False, workers: int = 1, out: str = "out") -> int:
-    """Run ``prepare`` in-process with outputs under ``tmp_path/out``; returns its exit code."""
+def run_stage(tmp_path: Path, *overrides: str, strict: bool = False, workers: int = 1, out: str = "out",
+              allow_empty: bool = True) -> int:
+    """Run ``prepare`` in-process with outputs under ``tmp_path/out``; returns its exit code.
+
+    ``allow_empty``: the tiny datasets here often leave a split empty, which is otherwise exit 2.
+    """
     params = tmp_path / "params.yaml"
     if not params.exists():
         params.write_text("prepare: {}\n")
-    argv = ["--params", str(params), "--set", f"workers={workers}"]
+    argv = ["--params", str(params), "--set", f"workers={workers}", "--set", f"allow_empty_splits={allow_empty}"]
     argv += ["--set", f"voc.out={tmp_path / out / 'voc'}", "--set", f"ir.out={tmp_path / out / 'ir'}"]
     for o in overrides:
         argv += ["--set", o]
@@ -419,7 +424,7 @@ def make_ir_frames(root: Path, videos: dict[str, list[int]], splits: dict[str, l
 
 def ir_frames_run(tmp_path: Path, *overrides: str, **kw) -> int:
     return run_stage(
-        tmp_path, "voc.enabled=false", "ir.source=frames", f"ir.frames.root={tmp_path / 'irf'}", "ir.clip_length=4",
+        tmp_path, "voc.enabled=false", "ir.source=frames", f"ir.root={tmp_path / 'irf'}", "ir.clip_length=4",
         *overrides, **kw,
     )
 
@@ -557,7 +562,7 @@ def make_ir_video(root: Path, splits: dict | None = None) -> None:
 
 def ir_video_run(tmp_path: Path, *overrides: str, **kw) -> int:
     return run_stage(
-        tmp_path, "voc.enabled=false", "ir.source=video", f"ir.video.root={tmp_path / 'irv'}", "ir.clip_length=4",
+        tmp_path, "voc.enabled=false", "ir.source=video", f"ir.root={tmp_path / 'irv'}", "ir.clip_length=4",
         "ir.video.mot_classes=[target, bird]", *overrides, **kw,
     )
 
@@ -692,7 +697,7 @@ def test_byte_identical_across_runs_and_worker_counts(tmp_path):
     make_voc(tmp_path / "voc", BASE_ITEMS, BASE_SPLITS)
     videos = {"walk": list(range(1, 12))}
     make_ir_frames(tmp_path / "irf", videos, {"train": _ids("walk", videos["walk"]), "val": []})
-    common = (f"voc.root={tmp_path / 'voc'}", f"ir.frames.root={tmp_path / 'irf'}", "ir.clip_length=4",
+    common = (f"voc.root={tmp_path / 'voc'}", f"ir.root={tmp_path / 'irf'}", "ir.clip_length=4",
               "voc.shard_size=2", "ir.shard_size=2")
     assert run_stage(tmp_path, *common, workers=1, out="one") == 0
     assert run_stage(tmp_path, *common, workers=2, out="two") == 0
@@ -736,7 +741,8 @@ def test_killed_run_leaves_no_complete_looking_shard_and_rerun_is_clean(tmp_path
     make_voc(tmp_path / "voc", items, {"train": list(items), "val": []})
     (tmp_path / "params.yaml").write_text("prepare: {}\n")
     args = ["--set", "voc.root=voc", "--set", "voc.shard_size=2", "--set", "ir.enabled=false",
-            "--set", "voc.out=data/voc", "--set", "ir.out=data/ir", "--set", "workers=1"]
+            "--set", "voc.out=data/voc", "--set", "ir.out=data/ir", "--set", "workers=1",
+            "--set", "allow_empty_splits=true"]
     out = tmp_path / "data" / "voc"
 
     def looks_complete(root: Path) -> list[Path]:
@@ -789,7 +795,7 @@ def test_shards_decode_with_the_loader(tmp_path):
     transforms = pytest.importorskip("ssd.data.transforms")
     make_voc(tmp_path / "voc", BASE_ITEMS, BASE_SPLITS)
     make_ir_video(tmp_path / "irv", {"train": ["clipA", "clipB"]})
-    assert run_stage(tmp_path, f"voc.root={tmp_path / 'voc'}", "ir.source=video", f"ir.video.root={tmp_path / 'irv'}",
+    assert run_stage(tmp_path, f"voc.root={tmp_path / 'voc'}", "ir.source=video", f"ir.root={tmp_path / 'irv'}",
                      "ir.clip_length=4", "ir.video.mot_classes=[target, bird]") == 0
     t = transforms.eval_transform(32)
     urls = [str(p) for p in sorted((tmp_path / "out" / "voc").glob("*.tar"))]
@@ -895,4 +901,45 @@ def test_params_section_and_dvc_stage_agree():
     assert set(dvc_stage["params"]) == read
     assert set(flatten(params["prepare"], "prepare.")) == read  # every key spelled out in params.yaml
     assert dvc_stage["outs"] == ["${prepare.voc.out}", "${prepare.ir.out}"]
-    assert {"data/sample/voc", "data/sample/ir", "pipeline/prepare.py"} <= set(dvc_stage["deps"])
+    assert {"${prepare.voc.root}", "${prepare.ir.root}", "pipeline/prepare.py"} <= set(dvc_stage["deps"])
+
+
+def test_nothing_converted_is_exit_2_naming_what_was_found_on_each_side(tmp_path):
+    """Videos and box lists that don't pair: nothing to convert, said in one line, previous output kept."""
+    root = tmp_path / "irv"
+    make_ir_video(root, {"train": ["clipA"], "val": ["clipB"]})
+    assert ir_video_run(tmp_path) == 0
+    before = manifest(tmp_path, "ir")
+    (root / "annotations" / "clipA.txt").rename(root / "annotations" / "new_clipA_0.txt")
+    shutil.move(root / "annotations" / "clipB", root / "annotations" / "other")
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline.prepare", "--params", str(tmp_path / "params.yaml"), "--set", "workers=1",
+         "--set", "voc.enabled=false", "--set", "ir.source=video", "--set", f"ir.root={root}",
+         "--set", f"ir.out={tmp_path / 'out' / 'ir'}", "--set", f"voc.out={tmp_path / 'out' / 'voc'}"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {root}: no ir sample was written; skipped: ")
+    assert "2 video without annotation (videos/clipA.avi, frames/clipB)" in line
+    assert "2 annotation without video (annotations/new_clipA_0.txt, annotations/other/gt.txt)" in line
+    assert "Traceback" not in result.stderr
+    assert manifest(tmp_path, "ir") == before  # the previous output is untouched
+
+
+def test_an_empty_configured_split_is_exit_2_unless_allowed(tmp_path):
+    make_voc(tmp_path / "voc", BASE_ITEMS, {"train": list(BASE_ITEMS), "val": ["missing"]})
+    assert voc_run(tmp_path, allow_empty=False) == 2
+    assert not (tmp_path / "out" / "voc").exists()
+    assert voc_run(tmp_path, allow_empty=True) == 0
+    assert manifest(tmp_path)["splits"]["val"]["samples"] == 0
+
+
+def test_one_video_without_a_split_file_leaves_val_empty_and_says_so(tmp_path, capsys):
+    root = tmp_path / "irv"
+    make_ir_video(root)
+    shutil.rmtree(root / "frames")  # only clipA.avi: the hash puts the one video in one split
+    shutil.rmtree(root / "annotations" / "clipB")
+    assert ir_video_run(tmp_path, allow_empty=False) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"error: {root}: ir split 'val' would be empty (samples: train 3, val 0);" in err
+    assert "prepare.allow_empty_splits: true" in err
