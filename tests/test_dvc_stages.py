@@ -206,19 +206,9 @@ TRAIN = {
 }
 
 
-def kill_tree(pid: int, sig: int) -> None:
-    import psutil
-
-    parent = psutil.Process(pid)
-    for p in [parent, *parent.children(recursive=True)]:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-
-
 def test_preempted_training_stage_keeps_its_rows_and_only_its_imports_rerun_it(tmp_path):
     from shardgen import write_frame_dataset
+    from test_train import kill_tree
 
     root = tmp_path / "project"
     root.mkdir()

@@ -371,3 +371,17 @@ def test_modes_that_do_not_fit_the_shards_or_the_model_are_refused(clips, shards
         resolve("per_frame", frames, True)
     with pytest.raises(StageError, match="needs frame shards"):
         resolve("frames", clip, False)
+
+
+def test_a_misspelt_or_missing_section_is_refused_naming_the_evaluate_sections(tmp_path):
+    """`--section evaluate_voc` ran the defaults and overwrote the tracked metrics."""
+    params = str(ROOT / "params.yaml")
+    sections = "evaluate, evaluate_ir_ssdlite, evaluate_ir_lstm, evaluate_ir_lstm_per_frame, evaluate_pruned"
+    misspelt = run(stage("--params", params, "--section", "evaluate_voc"), tmp_path, timeout=120)
+    assert misspelt.returncode == 2
+    assert misspelt.stderr.strip().splitlines()[-1] == (
+        f"error: {params}: no section 'evaluate_voc' (sections this stage can run: {sections})")
+    missing = run(stage("--params", params), tmp_path, timeout=120)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1] == f"error: {params}: --section is required: 5 evaluate sections ({sections})"
+    assert not (tmp_path / "metrics").exists()
