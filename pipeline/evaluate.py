@@ -70,6 +70,7 @@ import torch
 from torch import nn
 
 from ssd import atomic
+from pipeline import device
 from pipeline.config import choose_section, load_config, load_params, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.stage import StageError, arg_parser, run
@@ -230,6 +231,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
 
     # Without a GPU, Accelerate only sets up a process group (gloo) when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    device.report(accelerator, f"evaluating {cfg.model}")
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     model = model.to(accelerator.device).eval()
     postprocessor = PostProcessor(model.priors, cfg.postprocess).to(accelerator.device)

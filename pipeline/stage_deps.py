@@ -4,6 +4,7 @@ Usage::
 
     python -m pipeline.stage_deps            # each stage's code deps, as dvc.yaml should list them
     python -m pipeline.stage_deps --check    # exit 1, naming the differences, if dvc.yaml lists others
+    python -m pipeline.stage_deps --write    # rewrite the code deps in dvc.yaml (other lines stay as they are)
 
 A stage depends on the project modules its command imports, directly or through other
 project modules, at the top of a file or inside a function (found by reading the source,
@@ -112,13 +113,45 @@ def check(dvc_yaml: dict[str, Any], root: Path = ROOT) -> list[str]:
     return problems
 
 
+def rewrite(text: str) -> str:
+    """``text`` (dvc.yaml) with each stage's code deps replaced by :func:`code_deps`, after its other deps."""
+    import yaml
+
+    stages = yaml.safe_load(text)["stages"]
+    out: list[str] = []
+    stage = None
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage = line.strip()[:-1]
+        out.append(line)
+        i += 1
+        if stage in stages and line == "    deps:":
+            block = []
+            while i < len(lines) and (lines[i].startswith("      ") or not lines[i].strip()):
+                block.append(lines[i])
+                i += 1
+            kept = [b for b in block if not b.strip().removeprefix("- ").startswith(CODE_PREFIXES)]
+            out += kept + [f"      - {f}" for f in code_deps(stages[stage]["cmd"])]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
     parser = argparse.ArgumentParser(description="Code deps of the DVC stages, from their imports.")
     parser.add_argument("--dvc-yaml", default=str(ROOT / "dvc.yaml"))
     parser.add_argument("--check", action="store_true", help="compare with dvc.yaml; exit 1 on a difference")
+    parser.add_argument("--write", action="store_true", help="rewrite the code deps in dvc.yaml")
     args = parser.parse_args(argv)
+    if args.write:
+        from ssd import atomic
+
+        path = Path(args.dvc_yaml)
+        atomic.write_text(path, rewrite(path.read_text()))
+        return 0
     stages = yaml.safe_load(Path(args.dvc_yaml).read_text())
     if args.check:
         problems = check(stages)

@@ -53,7 +53,14 @@ def entries(stage: dict, kind: str) -> list[str]:
 
 
 def test_every_stage_lists_the_code_it_imports():
-    assert stage_deps.check(DVC_YAML) == [], "run `python -m pipeline.stage_deps` and update dvc.yaml"
+    assert stage_deps.check(DVC_YAML) == [], "run `python -m pipeline.stage_deps --write`"
+
+
+def test_write_puts_the_code_deps_back():
+    text = (ROOT / "dvc.yaml").read_text()
+    drifted = text.replace("      - ssd/loss.py\n", "", 1).replace("      - pipeline/train.py\n", "      - ssd/export.py\n", 1)
+    assert stage_deps.check(yaml.safe_load(drifted))
+    assert stage_deps.rewrite(drifted) == text
 
 
 def test_export_is_no_dependency_of_training():
