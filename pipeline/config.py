@@ -11,6 +11,7 @@ applied before validation, so they get the same checks.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -159,6 +160,21 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[key] = str(v)
     return out
+
+
+#: A run name becomes a file and folder name in several output folders (a training run's
+#: checkpoints/<name> is deleted when it finishes; an evaluation replaces reports/<name>): one
+#: path component, nothing that climbs out of them.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def check_run_name(name: str, key: str) -> None:
+    """ValueError unless ``name`` is a safe single path component (letters, digits, ``_.+-``)."""
+    if not _RUN_NAME.match(name) or ".." in name:
+        raise ValueError(
+            f"{key} {name!r} is not a valid run name: use letters, digits and _ . + - "
+            "(it names files and folders; no path separators, no '..')"
+        )
 
 
 def _convert(tp: Any, value: Any, key: str) -> Any:

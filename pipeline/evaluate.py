@@ -71,7 +71,7 @@ from torch import nn
 
 from ssd import atomic
 from pipeline import device
-from pipeline.config import choose_section, load_config, load_params, to_dict
+from pipeline.config import check_run_name, choose_section, load_config, load_params, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.stage import StageError, arg_parser, run
 from ssd.draw import draw_detections
@@ -114,6 +114,8 @@ class EvaluateConfig:
     runs_dir: str = "runs"
 
     def __post_init__(self) -> None:
+        if self.name is not None:
+            check_run_name(self.name, "name")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.num_workers < 0 or self.examples < 0:

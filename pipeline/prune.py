@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from ssd import atomic
-from pipeline.config import choose_section, load_config, load_params, to_dict
+from pipeline.config import check_run_name, choose_section, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, run
 from pipeline.train_config import DataConfig
 from ssd.loss import LossConfig
@@ -140,6 +140,10 @@ class PruneStageConfig:
     metrics_dir: str = "metrics"
     runs_dir: str = "runs"
     checkpoints_dir: str = "checkpoints"
+
+    def __post_init__(self) -> None:
+        if self.name is not None:
+            check_run_name(self.name, "name")
 
 
 def cpu_latency_ms(

@@ -248,7 +248,7 @@ def _setup(cfg: TrainConfig, restart: bool) -> _Run:
     rows: list[dict[str, Any]] = []
     if latest is not None:
         meta = checkpoints.read_meta(latest)
-        accelerator.load_state(str(latest))
+        _load_state(accelerator, latest, r.paths.checkpoints)
         scheduler.load_state_dict(meta["scheduler"])
         r.step, r.history, rows = meta["step"], meta["history"], meta.get("log_rows", [])
         if meta.get("world_size") != world:
@@ -261,6 +261,18 @@ def _setup(cfg: TrainConfig, restart: bool) -> _Run:
         atomic.write_text(paths.logs / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     r.log.start(rows, hparams={**flatten(to_dict(cfg)), "world_size": world})
     return r
+
+
+def _load_state(accelerator, checkpoint: Path, root: Path) -> None:
+    """Accelerate's ``load_state``: tensors only (``weights_only``), a bad file is a one-line error."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # torch and safetensors raise many types for a corrupt or foreign file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise StageError(
+            f"{checkpoint}: the checkpoint can't be loaded ({type(e).__name__}: {first}); delete it to resume "
+            f"from the one before, or delete {root} to start over"
+        ) from None
 
 
 def _micro_batches(r: _Run, first: int) -> Iterator[Any]:

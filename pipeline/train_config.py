@@ -7,12 +7,11 @@ an interrupted run resumes is declared in :data:`pipeline.resume.RESUME_SAFE`.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import to_dict
+from pipeline.config import check_run_name, to_dict
 from ssd.data.transforms import AugmentConfig
 from ssd.loss import LossConfig
 from ssd.optim import OptimConfig
@@ -155,20 +154,6 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         check_run_name(self.name, "name")
-
-
-#: A run name becomes a file and folder name in several output folders (checkpoints/<name> is
-#: deleted when the run finishes): one path component, nothing that climbs out of them.
-_RUN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
-
-
-def check_run_name(name: str, key: str) -> None:
-    """ValueError unless ``name`` is a safe single path component (letters, digits, ``_.+-``)."""
-    if not _RUN_NAME.match(name) or ".." in name:
-        raise ValueError(
-            f"{key} {name!r} is not a valid run name: use letters, digits and _ . + - "
-            "(it names files and folders; no path separators, no '..')"
-        )
 
 
 @dataclass

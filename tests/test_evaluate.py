@@ -232,6 +232,8 @@ def test_bad_model_file_is_a_one_line_error(project, tmp_path, monkeypatch, caps
         ("batch_size=0", "batch_size must be at least 1"),
         ("mode=video", "mode 'video' needs clip shards"),
         ("split=test", "no split 'test'"),
+        ("name=..", "name '..' is not a valid run name"),  # reports/.. would be replaced
+        ("name=../elsewhere", "name '../elsewhere' is not a valid run name"),
     ],
 )
 def test_bad_config_is_a_one_line_error(project, monkeypatch, capsys, override, message):

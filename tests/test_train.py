@@ -265,6 +265,10 @@ def test_tensorboard_has_loss_and_learning_rate(reference_run):
         (["steps=ten"], "train.steps: expected an integer, got 'ten'"),
         (["data.shards=nowhere"], "nowhere/manifest.json: no manifest"),
         (["data.sequence_clips=4"], "it needs kind 'clips', not 'frames'"),
+        # checkpoints/.. (the project) was removed when the run finished; ../../x wrote outside it
+        (["name=..", "steps=2", "checkpoint_every=1"], "train: name '..' is not a valid run name"),
+        (["name=../../escape"], "train: name '../../escape' is not a valid run name"),
+        (["name=''"], "train: name '' is not a valid run name"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
@@ -274,6 +278,40 @@ def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+EVIL = """
+import os
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+"""
+
+
+@pytest.mark.parametrize("name, error", [
+    # Accelerate unpickles registered objects with weights_only=False; none is registered (the
+    # scheduler's state is JSON in meta.json), so a planted one is refused, never read.
+    ("custom_checkpoint_0.pkl", "RuntimeError: Number of custom checkpoints in folder"),
+    # Every file Accelerate does read is loaded with weights_only=True.
+    ("optimizer.bin", "UnpicklingError: "),
+])
+def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(kept_checkpoints, tmp_path, name, error):
+    """Checkpoints may come from a shared bucket: a replaced pickle in one must not run."""
+    import pickle
+    import types
+
+    marker = tmp_path / "pwned"
+    module = types.ModuleType("evil")
+    exec(EVIL.format(marker=marker), module.__dict__)
+    cwd = copy_project(kept_checkpoints, tmp_path / "project")
+    checkpoint = cwd / "checkpoints" / "tiny" / "step-00000004"
+    assert not list(checkpoint.glob("custom_checkpoint_*.pkl"))
+    (checkpoint / name).write_bytes(pickle.dumps(module.Payload()))
+    result = run_train(cwd, 1, timeout=120)
+    assert not marker.exists(), "a pickle in the checkpoint ran its payload"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: checkpoints/tiny/step-00000004: the checkpoint can't be loaded ({error}")
 
 
 def test_missing_shard_is_a_one_line_error(tmp_path):
