@@ -2,11 +2,11 @@
 
 Usage::
 
-    python -m pipeline.evaluate [--section evaluate] [--set model=models/other.pt ...]
-    accelerate launch --multi_gpu --num_processes 2 -m pipeline.evaluate   # samples split across processes
+    python -m pipeline.evaluate --section evaluate [--set model=models/other.pt ...]
+    accelerate launch --multi_gpu --num_processes 2 -m pipeline.evaluate --section evaluate   # split across processes
 
-The ``--section`` of ``params.yaml`` (default ``evaluate``) is parsed into a frozen
-:class:`EvaluateConfig`. The model file (:mod:`ssd.model_file`) must have been trained
+The ``--section`` of the params file (needed when it has several evaluate sections) is
+parsed into a frozen :class:`EvaluateConfig`. The model file (:mod:`ssd.model_file`) must have been trained
 on the classes of the shards' manifest, in the same order; another model is refused
 with a one-line error (exit code 2). Outputs (``{name}``: the config's ``name``, by
 default the model file's stem):

@@ -4,8 +4,8 @@ Usage::
 
     python -m pipeline.prune [--section prune] [--set pruning.ratio=0.3 ...] [--restart]
 
-The ``--section`` of ``params.yaml`` (default ``prune``) is parsed into a frozen
-:class:`PruneStageConfig`. Steps, on the model file ``model``:
+The ``--section`` of the params file (needed when it has several prune sections) is
+parsed into a frozen :class:`PruneStageConfig`. Steps, on the model file ``model``:
 
 1. measure it (parameters, multiply-adds, CPU latency) and evaluate it;
 2. prune it (:func:`ssd.pruning.prune_model`: L1-norm filter pruning that removes
