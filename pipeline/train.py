@@ -183,8 +183,9 @@ def _accelerator(cfg: TrainConfig):
     return accelerator
 
 
-def _checkpoint_to_resume(r: _Run, restart: bool) -> Path | None:
-    """The newest complete checkpoint if it matches the run; refused (or discarded with --restart) if not."""
+def _checkpoint_to_resume(r: _Run, restart: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint and its meta if it matches the run; refused (or discarded
+    with --restart) if not."""
     latest = checkpoints.latest_checkpoint(r.paths.checkpoints)
     if latest is None:
         return None
@@ -201,7 +202,7 @@ def _checkpoint_to_resume(r: _Run, restart: bool) -> Path | None:
             shutil.rmtree(r.paths.checkpoints, ignore_errors=True)
         r.accelerator.wait_for_everyone()
         return None
-    return latest
+    return latest, meta
 
 
 def _setup(cfg: TrainConfig, restart: bool) -> _Run:
@@ -242,12 +243,12 @@ def _setup(cfg: TrainConfig, restart: bool) -> _Run:
     if temporal and cfg.data.sequence_clips:
         # A stream's next batch is `streams` micro-batches later; keep states twice that long.
         r.carry = StateCarry(keep=2 * cfg.data.streams)
-    latest = _checkpoint_to_resume(r, restart)
+    found = _checkpoint_to_resume(r, restart)
     if accelerator.is_main_process:
         checkpoints.remove_incomplete(paths.checkpoints)
     rows: list[dict[str, Any]] = []
-    if latest is not None:
-        meta = checkpoints.read_meta(latest)
+    if found is not None:
+        latest, meta = found
         _load_state(accelerator, latest, r.paths.checkpoints)
         scheduler.load_state_dict(meta["scheduler"])
         r.step, r.history, rows = meta["step"], meta["history"], meta.get("log_rows", [])
