@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from runs import free_port, max_difference, weights
 from shardgen import write_frame_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -355,12 +355,6 @@ def project(tmp_path: Path, **overrides) -> Path:
     return tmp_path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_env(bin_dir: Path, **extra: str) -> dict:
     venv_bin = str(Path(sys.executable).parent)  # accelerate, torchrun
     return {"PATH": f"{bin_dir}:{venv_bin}:/usr/bin:/bin", "HOME": str(bin_dir.parent), "PYTHONPATH": str(ROOT),
@@ -390,12 +384,6 @@ def start_nodes(commands: list[list[str]], cwd: Path, env: dict) -> list[subproc
 def trace_lines(cwd: Path) -> int:
     path = cwd / "runs" / "tiny" / "trace-rank0.jsonl"
     return path.read_text().count("\n") if path.exists() else 0
-
-
-def model_weights(path: Path) -> dict:
-    from ssd.model_file import load_model_file
-
-    return load_model_file(path)[0].state_dict()
 
 
 @pytest.mark.slow
@@ -432,8 +420,7 @@ def test_two_machines_are_preempted_and_resume_to_the_one_machine_weights(tmp_pa
     assert [p.returncode for p in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert f"resumed from checkpoints/tiny/{saved[-1].name}" in outputs[0]
     assert metrics(cwd)["world_size"] == 2 and metrics(cwd)["steps"] == steps
-    mine, theirs = model_weights(cwd / "models" / "tiny.pt"), model_weights(one / "models" / "tiny.pt")
-    assert max(float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine if mine[k].numel()) < 1e-5
+    assert max_difference(weights(cwd / "models" / "tiny.pt"), weights(one / "models" / "tiny.pt")) < 1e-5
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import pytest
 import torch
 import yaml
 
+from runs import free_port, kill_tree, max_difference, weights
 from shardgen import write_clip_dataset, write_frame_dataset
 from ssd.model_file import load_model_file
 
@@ -87,28 +88,6 @@ def run_train(cwd: Path, procs: int = 1, *extra: str, timeout: float = 240) -> s
 def trace(cwd: Path, rank: int) -> list[dict]:
     path = cwd / "runs" / "tiny" / f"trace-rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def kill_tree(pid: int, sig: int) -> None:
-    """Signal a process and all its descendants (the launcher puts its workers in their own group)."""
-    import psutil
-
-    parent = psutil.Process(pid)
-    for p in [parent, *parent.children(recursive=True)]:
-        try:
-            p.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    model, _ = load_model_file(path)
-    return model.state_dict()
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -493,14 +472,6 @@ def launch_config(cwd: Path, procs: int) -> Path:
         "use_cpu": procs == 1, "main_process_port": free_port(),
     }))
     return path
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_to_pipeline_launch_reaches_the_workers_and_its_exit_code_is_75(reference_run, tmp_path):
