@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runs import free_port, max_difference, weights
+from procs import free_port, max_difference, weights
 from shardgen import write_frame_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -215,7 +215,7 @@ TRAIN = {
 
 def test_preempted_training_stage_keeps_its_rows_and_only_its_imports_rerun_it(tmp_path):
     from shardgen import write_frame_dataset
-    from runs import kill_tree
+    from procs import kill_tree
 
     root = tmp_path / "project"
     root.mkdir()

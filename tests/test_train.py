@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from runs import free_port, kill_tree, max_difference, weights
+from procs import free_port, kill_tree, max_difference, weights
 from shardgen import write_clip_dataset, write_frame_dataset
 from ssd.model_file import load_model_file
 
