@@ -11,11 +11,12 @@ applied before validation, so they get the same checks.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Mapping, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -27,12 +28,19 @@ class ConfigError(ValueError):
 
 
 def load_params(path: str | Path) -> dict:
-    """Read a params YAML file into a dict (empty file: empty dict)."""
+    """Read a params YAML file (UTF-8) into a dict (empty file: empty dict)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: params file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the params file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
@@ -41,7 +49,20 @@ def load_params(path: str | Path) -> dict:
         raise ConfigError(f"{path}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    _check_acyclic(data, str(path), [])
     return data
+
+
+def _check_acyclic(node: Any, path: str, parents: list[int], key: str = "") -> None:
+    """A YAML alias inside its own anchor builds a structure that contains itself: refuse it."""
+    if not isinstance(node, (dict, list)):
+        return
+    if id(node) in parents:
+        raise ConfigError(f"{path}: {key}: a YAML alias refers to itself (an anchor used inside its own value)")
+    parents.append(id(node))
+    for k, child in node.items() if isinstance(node, dict) else enumerate(node):
+        _check_acyclic(child, path, parents, _join(key, str(k)))
+    parents.pop()
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict:
@@ -76,7 +97,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -181,6 +202,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
         return value
+    if origin is Annotated:  # a type with bounds (ssd.bounds): convert, then check each
+        base, *bounds = get_args(tp)
+        value = _convert(base, value, key)
+        for bound in bounds:
+            problem = bound.problem(value) if hasattr(bound, "problem") else None
+            if problem:
+                raise ConfigError(f"{key}: {problem}, got {_show(value)}")
+        return value
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
@@ -192,7 +221,9 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             try:
                 return _convert(option, value, key)
             except ConfigError as e:
-                errors.append(str(e))
+                errors.append(e)
+        if len(errors) == 1:  # `X | None`: X's own message (a bound, a list item) says more
+            raise errors[0]
         raise ConfigError(f"{key}: expected {_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = get_args(tp)
@@ -231,10 +262,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if not value.strip():
+            raise ConfigError(f"{key}: must not be empty")
         return value
     raise TypeError(f"{key}: unsupported config type {tp!r}")
 
@@ -250,10 +285,16 @@ def _yaml11_word(value: bool, choices: tuple) -> Any:
     return fits[0] if len(fits) == 1 else value
 
 
+def _show(value: Any) -> str:
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
 def _name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     origin = get_origin(tp)
+    if origin is Annotated:
+        return _name(get_args(tp)[0])
     if origin in (Union, types.UnionType):
         return " or ".join(_name(a) for a in get_args(tp))
     if origin is Literal:

@@ -57,9 +57,16 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StageError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise StageError(f"{path}: malformed manifest (a JSON {type(raw).__name__}, not an object)")
     if raw.get("disabled"):
         raise StageError(f"{path}: this dataset was disabled in the prepare stage")
     try:
-        return Manifest(path, raw["kind"], list(raw["classes"]), dict(raw["splits"]), raw)
-    except (KeyError, TypeError) as e:
+        manifest = Manifest(path, raw["kind"], list(raw["classes"]), dict(raw["splits"]), raw)
+    except KeyError as e:
         raise StageError(f"{path}: malformed manifest (missing {e})") from None
+    except (TypeError, ValueError) as e:
+        raise StageError(f"{path}: malformed manifest ({e})") from None
+    if not all(isinstance(c, str) for c in manifest.classes) or len(set(manifest.classes)) != len(manifest.classes):
+        raise StageError(f"{path}: malformed manifest (classes must be distinct names, got {manifest.classes})")
+    return manifest

@@ -59,7 +59,7 @@ import torch
 from torch import Tensor
 
 from ssd import atomic
-from pipeline.stage import StageError, run
+from pipeline.stage import StageError, check_writable, run
 
 log = logging.getLogger("pipeline.detect")
 
@@ -244,6 +244,24 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
+    """Outputs must differ from each other and from every input (an input folder's files
+    included), and their folders must be writable."""
+    def same(a: Path, b: Path) -> bool:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+    flags = list(outputs)
+    for i, flag in enumerate(flags):
+        path = outputs[flag]
+        for other in flags[:i]:
+            if same(path, outputs[other]):
+                raise StageError(f"{flag} {path}: the same file as {other}")
+        for what, source in inputs.items():
+            if same(path, source) or (source.is_dir() and same(path.parent, source) and path.exists()):
+                raise StageError(f"{flag} {path}: is the input {what} (or a file in it); choose another name")
+        check_writable(path.parent)
+
+
 def detect(args: argparse.Namespace) -> int:
     from ssd.draw import draw_detections
     from ssd.model_file import ModelFileError, load_model_file
@@ -253,10 +271,13 @@ def detect(args: argparse.Namespace) -> int:
         raise StageError(f"--fourcc {args.fourcc!r}: a codec code has 4 characters (e.g. mp4v, MJPG)")
     if not 0.0 <= args.score_threshold < 1.0:
         raise StageError(f"--score-threshold {args.score_threshold}: expected a value in [0, 1)")
+    if not 0.0 <= args.nms_threshold <= 1.0:
+        raise StageError(f"--nms-threshold {args.nms_threshold}: expected a value in [0, 1]")
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
+        raise StageError(f"--fps {args.fps:g}: expected a positive frame rate")
     out = Path(args.out)
     jsonl = Path(args.jsonl) if args.jsonl else out.with_suffix(".jsonl")
-    if jsonl == out:
-        raise StageError(f"--jsonl {jsonl}: the same file as --out")
+    _check_outputs({"--out": out, "--jsonl": jsonl}, {"input": Path(args.input), "model file": Path(args.model)})
     device = _device(args.device)
     source = open_source(Path(args.input), args.fps)
     try:

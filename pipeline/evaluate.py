@@ -73,7 +73,8 @@ from ssd import atomic
 from pipeline import device
 from pipeline.config import check_run_name, choose_section, load_config, load_params, to_dict
 from pipeline.datasets import Manifest, read_manifest
-from pipeline.stage import StageError, arg_parser, run
+from pipeline.stage import StageError, arg_parser, check_writable, run
+from ssd.bounds import Count, Fraction, PositiveInt
 from ssd.draw import draw_detections
 from ssd.metrics import DetectionAccumulator, ImageRecord, VocResult, pr_curve_points
 from ssd.model_file import ModelFileError, load_model_file
@@ -96,17 +97,17 @@ class EvaluateConfig:
     """Names the outputs; null: the model file's stem."""
     mode: Mode = "auto"
     """auto | frames | video | per_frame (see the module docstring)."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Images per forward pass and process (video mode feeds frames one at a time regardless)."""
-    num_workers: int = 2
+    num_workers: Count = 2
     """Loader worker processes per process (0: load in the evaluating process)."""
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     """Detections kept for the metrics: ssd.pytorch's 0.01 score threshold, 200 per image."""
     voc_metric: Literal["voc07", "voc2010"] = "voc07"
     """Which VOC AP is the headline map_voc (both are always reported); voc07 as in the SSD paper."""
-    examples: int = 8
+    examples: Count = 8
     """Example images drawn to reports/{name}/ and TensorBoard (the first of the split)."""
-    draw_threshold: float = 0.3
+    draw_threshold: Fraction = 0.3
     """Predictions scored below this are not drawn (they still count in the metrics)."""
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
@@ -116,12 +117,6 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.name is not None:
             check_run_name(self.name, "name")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.num_workers < 0 or self.examples < 0:
-            raise ValueError("num_workers and examples must not be negative")
-        if not 0.0 <= self.draw_threshold <= 1.0:
-            raise ValueError(f"draw_threshold must be in [0, 1], got {self.draw_threshold}")
 
 
 @dataclass(frozen=True)
@@ -209,6 +204,7 @@ def predict(
 
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate as ``cfg`` says; writes the outputs on the main process and returns the metrics."""
+    check_writable(cfg.metrics_dir, cfg.plots_dir, cfg.reports_dir, cfg.runs_dir)
     manifest = read_manifest(cfg.shards)
     shards = manifest.shard_paths(cfg.split)
     try:
@@ -247,6 +243,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             num_workers=cfg.num_workers,
             kind=kind,  # type: ignore[arg-type]
             pin_memory=torch.cuda.is_available(),
+            num_classes=len(manifest.classes),
         )
     except ValueError as e:
         raise StageError(str(e)) from None

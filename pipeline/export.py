@@ -30,7 +30,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from pipeline.stage import StageError, run
+from pipeline.stage import StageError, check_writable, run
 
 log = logging.getLogger("pipeline.export")
 
@@ -54,9 +54,15 @@ def export(args: argparse.Namespace) -> int:
         import onnx  # noqa: F401  (the exporter's output is checked with it)
     except ImportError:
         raise StageError("onnx is not installed: pip install -c constraints.txt '.[export]'") from None
-    from ssd.export import onnxruntime_difference, save_onnx
+    from ssd.export import MAX_OPSET, MIN_OPSET, onnxruntime_difference, save_onnx
     from ssd.model_file import ModelFileError, load_model_file
 
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        raise StageError(f"--opset {args.opset}: supported are {MIN_OPSET} to {MAX_OPSET}")
+    out = Path(args.out)
+    if out.exists() and Path(args.model).exists() and out.samefile(args.model):
+        raise StageError(f"--out {out}: is the input model file")
+    check_writable(out.parent)
     try:
         model, info = load_model_file(args.model)
     except ModelFileError as e:
@@ -68,7 +74,6 @@ def export(args: argparse.Namespace) -> int:
         "pruned": bool(arch.get("pruned")),
         "source": Path(args.model).name,
     }
-    out = Path(args.out)
     save_onnx(out, model, decoded=args.decode, opset=args.opset, metadata=metadata)
     temporal = bool(getattr(model, "is_temporal", False))
     state = len(model.init_state(1)) if temporal else 0

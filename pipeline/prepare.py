@@ -32,6 +32,7 @@ too short for one clip) are reported but do not stop ``--strict``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import multiprocessing
@@ -39,16 +40,17 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Annotated, Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import cv2
-import numpy as np
 from tqdm import tqdm
 
 from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from pipeline.config import ConfigError, load_config, load_params, to_dict
-from pipeline.stage import StageError, arg_parser, run
+from pipeline.stage import StageError, arg_parser, check_writable, run
+from ssd.bounds import AtLeast, Below, Between, Count, Names, PositiveInt
 from ssd.data import annotations as ann
+from ssd.data import images
 from ssd.data.shards import ShardWriter
 
 log = logging.getLogger("pipeline.prepare")
@@ -59,6 +61,7 @@ VIDEO_SUFFIXES = (".mp4", ".avi")
 # Reasons reported by the stage (the parsing/box reasons live in ssd.data.annotations).
 UNREADABLE_FILE = "unreadable file"
 CORRUPT_IMAGE = "corrupt or truncated image"
+IMAGE_TOO_LARGE = "image too large"
 ANNOTATION_WITHOUT_IMAGE = "annotation without image"
 IMAGE_WITHOUT_ANNOTATION = "image without annotation"
 LISTED_BUT_MISSING = "listed id has no annotation and no image"
@@ -109,15 +112,14 @@ class VocConfig:
     annotations_dir: str = "Annotations"  # XML files, <id>.xml (ir-sirst: masks)
     images_dir: str = "JPEGImages"  # <id>.jpg|jpeg|png (ir-sirst: images)
     splits_dir: str = "ImageSets/Main"  # <split>.txt id lists (ir-sirst: idx_427)
-    splits: tuple[str, ...] = ("train", "val")  # split lists to convert; an id in several goes to the first
-    classes: tuple[str, ...] | None = None  # null: discovered from the data (sorted); else others are skipped
+    splits: Names = ("train", "val")  # split lists to convert; an id in several goes to the first
+    classes: Names | None = None  # null: discovered from the data (sorted); else others are skipped
     size_mismatch: SizeMismatch = "scale"  # XML size != image size: see SizeMismatch
-    shard_size: int = 500  # max samples per shard
-    shard_max_bytes: int = 256 * 1024 * 1024  # max bytes per shard (a bigger single sample gets its own)
+    shard_size: PositiveInt = 500  # max samples per shard
+    shard_max_bytes: PositiveInt = 256 * 1024 * 1024  # max bytes per shard (a bigger single sample gets its own)
 
     def __post_init__(self) -> None:
         _check_splits(self.splits, "prepare.voc.splits")
-        _check_shards(self.shard_size, self.shard_max_bytes, "prepare.voc")
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ class IrFramesConfig:
     annotations_dir: str = "Annotations"  # <id>.xml
     images_dir: str = "JPEGImages"  # <id>.jpg|jpeg|png
     splits_dir: str = "ImageSets/Main"  # <split>.txt frame id lists
-    splits: tuple[str, ...] = ("train", "val")  # a video listed in several goes to the first of these
+    splits: Names = ("train", "val")  # a video listed in several goes to the first of these
     frame_id_pattern: str = ann.DEFAULT_FRAME_ID_PATTERN  # groups `video` and `frame`; default: <video>_<digits>
     size_mismatch: SizeMismatch = "scale"  # XML size != image size: see SizeMismatch
 
@@ -147,18 +149,12 @@ class IrVideoConfig:
     frames_dir: str = "frames"  # <name>/<anything with a number>.jpg|png, ordered by that number
     annotations_dir: str = "annotations"  # <name>.txt box list, or <name>/gt.txt (MOT)
     box_list_class: str = "target"  # class name of every box in a box list
-    mot_classes: tuple[str, ...] = ("target",)  # gt.txt class id k -> mot_classes[k - 1]
+    mot_classes: Names = ("target",)  # gt.txt class id k -> mot_classes[k - 1]
     splits_file: str = "splits.json"  # {"train": [names], "val": [names]} in root; used when present
-    val_fraction: float = 0.2  # without a splits file: share of videos (by hash of name) put in val
-    jpeg_quality: int = 95  # quality of frames decoded from videos and re-encoded (JPEG frames are kept)
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError(f"prepare.ir.video.val_fraction: expected 0 <= value < 1, got {self.val_fraction}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"prepare.ir.video.jpeg_quality: expected 1..100, got {self.jpeg_quality}")
-        if not self.mot_classes:
-            raise ConfigError("prepare.ir.video.mot_classes: expected at least one class name")
+    # without a splits file: share of videos (by hash of name) put in val
+    val_fraction: Annotated[float, AtLeast(0), Below(1)] = 0.2
+    # quality of frames decoded from videos and re-encoded (JPEG frames are kept)
+    jpeg_quality: Annotated[int, Between(1, 100)] = 95
 
 
 @dataclass(frozen=True)
@@ -169,26 +165,21 @@ class IrConfig:
     source: Literal["frames", "video"] = "frames"  # which reader: format 1 (frames) or format 2 (video)
     root: str = "data/sample/ir/frames"  # the dataset, in the layout `source` reads (dvc.yaml's deps read this key)
     out: str = "data/shards/ir"  # output directory; must match the stage's outs in dvc.yaml
-    classes: tuple[str, ...] | None = None  # null: discovered from the data (sorted); else others are skipped
-    clip_length: int = 8  # frames per clip (LSTM-SSD unroll length)
+    classes: Names | None = None  # null: discovered from the data (sorted); else others are skipped
+    clip_length: PositiveInt = 8  # frames per clip (LSTM-SSD unroll length)
     clip_stride: int | None = None  # frames between clip starts; null = clip_length (no overlap but the tail)
-    max_gap: int = 0  # missing frame numbers tolerated inside a video; a bigger jump starts a new segment
-    shard_size: int = 100  # max clips per shard
-    shard_max_bytes: int = 256 * 1024 * 1024  # max bytes per shard
+    max_gap: Count = 0  # missing frame numbers tolerated inside a video; a bigger jump starts a new segment
+    shard_size: PositiveInt = 100  # max clips per shard
+    shard_max_bytes: PositiveInt = 256 * 1024 * 1024  # max bytes per shard
     frames: IrFramesConfig = field(default_factory=IrFramesConfig)  # format 1 reader
     video: IrVideoConfig = field(default_factory=IrVideoConfig)  # format 2 reader
 
     def __post_init__(self) -> None:
-        if self.clip_length < 1:
-            raise ConfigError(f"prepare.ir.clip_length: expected >= 1, got {self.clip_length}")
         if self.clip_stride is not None and not 1 <= self.clip_stride <= self.clip_length:
             raise ConfigError(
                 f"prepare.ir.clip_stride: expected 1..clip_length ({self.clip_length}) so that no frame is "
                 f"dropped, got {self.clip_stride}"
             )
-        if self.max_gap < 0:
-            raise ConfigError(f"prepare.ir.max_gap: expected >= 0, got {self.max_gap}")
-        _check_shards(self.shard_size, self.shard_max_bytes, "prepare.ir")
 
     @property
     def stride(self) -> int:
@@ -199,31 +190,19 @@ class IrConfig:
 class PrepareConfig:
     """The ``prepare`` section of params.yaml."""
 
-    workers: int = 2  # processes that read, validate and encode images (1: no pool)
+    workers: PositiveInt = 2  # processes that read, validate and encode images (1: no pool)
     allow_empty_splits: bool = False  # true: a configured split may end up with no sample (else exit 2)
     voc: VocConfig = field(default_factory=VocConfig)  # frame dataset (SSD, SSDLite)
     ir: IrConfig = field(default_factory=IrConfig)  # clip dataset (LSTM-SSD)
-
-    def __post_init__(self) -> None:
-        if self.workers < 1:
-            raise ConfigError(f"prepare.workers: expected >= 1, got {self.workers}")
+    # images with more pixels are skipped and counted, read from the file's header before
+    # decoding (a small PNG can hold 20000x20000 pixels: gigabytes once decoded)
+    max_pixels: PositiveInt = 50_000_000
 
 
 def _check_splits(splits: Sequence[str], key: str) -> None:
-    if not splits:
-        raise ConfigError(f"{key}: expected at least one split name")
     for s in splits:
-        if not s or not all(c.isalnum() or c in "_-" for c in s):
+        if not all(c.isalnum() or c in "_-" for c in s):
             raise ConfigError(f"{key}: split name {s!r} must be letters, digits, '_' or '-'")
-    if len(set(splits)) != len(splits):
-        raise ConfigError(f"{key}: split names repeat: {list(splits)}")
-
-
-def _check_shards(size: int, max_bytes: int, key: str) -> None:
-    if size < 1:
-        raise ConfigError(f"{key}.shard_size: expected >= 1, got {size}")
-    if max_bytes < 1:
-        raise ConfigError(f"{key}.shard_max_bytes: expected >= 1, got {max_bytes}")
 
 
 # ---------------------------------------------------------------------------
@@ -316,7 +295,7 @@ class LoadedImage:
     error: tuple[str, str] | None = None  # (reason, detail)
 
 
-def load_image(path: str, jpeg_quality: int | None = None) -> LoadedImage:
+def load_image(path: str, jpeg_quality: int | None = None, max_pixels: int | None = None) -> LoadedImage:
     """Read, validate and if needed convert one image file.
 
     JPEG files are kept byte for byte (they are decoded only to check them
@@ -326,25 +305,32 @@ def load_image(path: str, jpeg_quality: int | None = None) -> LoadedImage:
     format is converted to an 8-bit RGB PNG. With ``jpeg_quality`` (clip
     shards, whose members are all JPEG) everything but a JPEG is encoded as a
     JPEG of that quality. Sizes are those of the pixel data as stored
-    (EXIF orientation ignored, as loaders must ignore it too).
+    (EXIF orientation ignored, as loaders must ignore it too). An image of more than
+    ``max_pixels`` pixels (read from its header, before decoding) and a JPEG whose decoder
+    reports damaged data are errors.
     """
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
         return LoadedImage(error=(UNREADABLE_FILE, e.strerror or str(e)))
-    return _image_from_bytes(data, jpeg_quality)
+    return _image_from_bytes(data, jpeg_quality, max_pixels)
 
 
-def _image_from_bytes(data: bytes, jpeg_quality: int | None) -> LoadedImage:
+def _image_from_bytes(data: bytes, jpeg_quality: int | None, max_pixels: int | None = None) -> LoadedImage:
     if not data:
         return LoadedImage(error=(CORRUPT_IMAGE, "empty file"))
+    size = images.header_size(data)
+    if max_pixels is not None and size is not None and size[0] * size[1] > max_pixels:
+        return LoadedImage(error=(IMAGE_TOO_LARGE, f"{size[0]}x{size[1]} is over prepare.max_pixels ({max_pixels})"))
     try:
-        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        pixels, damage = images.decode_checked(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as e:
         return LoadedImage(error=(CORRUPT_IMAGE, str(e).strip().splitlines()[-1]))
     if pixels is None:
         return LoadedImage(error=(CORRUPT_IMAGE, f"cannot be decoded ({len(data)} bytes)"))
+    if damage:
+        return LoadedImage(error=(CORRUPT_IMAGE, f"the decoder reports damaged data: {damage}"))
     height, width = pixels.shape[:2]
     if data[:3] == b"\xff\xd8\xff":
         return LoadedImage(data, "jpg", width, height)
@@ -377,15 +363,18 @@ class _DecodedVideo:
     error: tuple[str, str] | None = None  # the whole video is unusable
 
 
-def _decode_video(task: tuple[str, str, str, int]) -> _DecodedVideo:
+def _decode_video(task: tuple[str, str, str, int, int]) -> _DecodedVideo:
     """Worker: a video file (frames numbered 1..N) or a frame folder (numbers from file names)."""
-    kind, path, name, quality = task
+    kind, path, name, quality, max_pixels = task
     if kind == "folder":
-        return _decode_folder(Path(path), quality)
+        return _decode_folder(Path(path), quality, max_pixels)
     capture = cv2.VideoCapture(path)
     try:
         if not capture.isOpened():
             return _DecodedVideo(error=(UNREADABLE_VIDEO, "cannot be opened"))
+        width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        if width * height > max_pixels:
+            return _DecodedVideo(error=(IMAGE_TOO_LARGE, f"frames of {width}x{height} are over prepare.max_pixels"))
         frames = []
         while True:
             ok, pixels = capture.read()
@@ -403,7 +392,7 @@ def _decode_video(task: tuple[str, str, str, int]) -> _DecodedVideo:
     return _DecodedVideo(tuple(frames), tuple(n for n, _, _, _ in frames))
 
 
-def _decode_folder(folder: Path, quality: int) -> _DecodedVideo:
+def _decode_folder(folder: Path, quality: int, max_pixels: int) -> _DecodedVideo:
     files = sorted(
         (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
         key=lambda p: ann.natural_key(p.name),
@@ -423,7 +412,7 @@ def _decode_folder(folder: Path, quality: int) -> _DecodedVideo:
     frames = []
     for number in sorted(numbered):
         p = numbered[number]
-        image = load_image(str(p), quality)
+        image = load_image(str(p), quality, max_pixels)
         if image.error:
             problems.append((str(p), *image.error))
         else:
@@ -625,7 +614,7 @@ def _sample_json(obj: dict) -> bytes:
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
-def convert_frames(cfg: VocConfig, workers: int, issues: Issues, out: Path) -> dict:
+def convert_frames(cfg: VocConfig, workers: int, issues: Issues, out: Path, max_pixels: int) -> dict:
     """VOC layout -> frame shards in ``out``; returns the manifest (without the issue lists)."""
     root = Path(cfg.root)
     sources = _scan_voc_layout(root, cfg.annotations_dir, cfg.images_dir, cfg.splits_dir, cfg.splits, issues)
@@ -646,7 +635,7 @@ def convert_frames(cfg: VocConfig, workers: int, issues: Issues, out: Path) -> d
         writers = {
             s: stack.enter_context(ShardWriter(out, s, cfg.shard_size, cfg.shard_max_bytes)) for s in cfg.splits
         }
-        images = imap(load_image, [str(src.image) for src, _, _ in items])
+        images = imap(functools.partial(load_image, max_pixels=max_pixels), [str(src.image) for src, _, _ in items])
         for (src, split, record), image in tqdm(
             zip(items, images), total=len(items), desc="voc", unit="img", disable=None, leave=False
         ):
@@ -843,7 +832,7 @@ class _ClipWriter:
         }
 
 
-def convert_ir_frames(cfg: IrConfig, workers: int, issues: Issues, out: Path) -> dict:
+def convert_ir_frames(cfg: IrConfig, workers: int, issues: Issues, out: Path, max_pixels: int) -> dict:
     """IR format 1 (VOC-layout frame sequences) -> clip shards in ``out``."""
     fc = cfg.frames
     root = Path(cfg.root)
@@ -883,7 +872,7 @@ def convert_ir_frames(cfg: IrConfig, workers: int, issues: Issues, out: Path) ->
     with contextlib.ExitStack() as stack:
         imap = stack.enter_context(_mapper(workers))
         clips.open(stack)
-        loaded = imap(_load_clip_frame, [(str(image_of[f.id]), cfg.video.jpeg_quality) for _, f in flat])
+        loaded = imap(_load_clip_frame, [(str(image_of[f.id]), cfg.video.jpeg_quality, max_pixels) for _, f in flat])
         current: _VideoRef | None = None
         good: list = []
         for (video, ref), image in tqdm(
@@ -904,7 +893,7 @@ def convert_ir_frames(cfg: IrConfig, workers: int, issues: Issues, out: Path) ->
     return {"kind": "clips", "format": "frames", "source": str(root), "classes": classes, **clips.manifest()}
 
 
-def _load_clip_frame(task: tuple[str, int]) -> LoadedImage:
+def _load_clip_frame(task: tuple[str, int, int]) -> LoadedImage:
     return load_image(*task)
 
 
@@ -1017,7 +1006,7 @@ def _mot_objects(rows: Sequence[ann.TrackBox], mot_classes: Sequence[str]) -> tu
     return tuple(objs)
 
 
-def convert_ir_video(cfg: IrConfig, workers: int, issues: Issues, out: Path) -> dict:
+def convert_ir_video(cfg: IrConfig, workers: int, issues: Issues, out: Path, max_pixels: int) -> dict:
     """IR format 2 (video files or frame folders, box lists or MOT gt.txt) -> clip shards in ``out``."""
     vc, root = cfg.video, Path(cfg.root)
     sources = _discover_videos(root, vc, issues)
@@ -1038,7 +1027,7 @@ def convert_ir_video(cfg: IrConfig, workers: int, issues: Issues, out: Path) -> 
             seen.append(vc.box_list_class)
     classes = _classes(cfg.classes, seen)
     clips = _ClipWriter(cfg, splits, {c: i for i, c in enumerate(classes)}, issues, out)
-    tasks = [(s.kind, str(s.path), s.name, vc.jpeg_quality) for s, _ in todo]
+    tasks = [(s.kind, str(s.path), s.name, vc.jpeg_quality, max_pixels) for s, _ in todo]
     with contextlib.ExitStack() as stack:
         imap = stack.enter_context(_mapper(workers))
         clips.open(stack)
@@ -1150,11 +1139,12 @@ def _disabled(name: str, out: Path, kind: str) -> None:
 
 def prepare(cfg: PrepareConfig, strict: bool = False) -> dict[str, dict]:
     """Convert the configured datasets; returns their manifests by name (``voc``, ``ir``)."""
+    check_writable(Path(cfg.voc.out).parent, Path(cfg.ir.out).parent)
     manifests = {}
     if cfg.voc.enabled:
         issues = Issues(strict)
         manifests["voc"] = _build(
-            "voc", Path(cfg.voc.out), lambda tmp: convert_frames(cfg.voc, cfg.workers, issues, tmp), issues,
+            "voc", Path(cfg.voc.out), lambda tmp: convert_frames(cfg.voc, cfg.workers, issues, tmp, cfg.max_pixels), issues,
             cfg.allow_empty_splits,
         )
     else:
@@ -1163,7 +1153,7 @@ def prepare(cfg: PrepareConfig, strict: bool = False) -> dict[str, dict]:
         issues = Issues(strict)
         convert = convert_ir_frames if cfg.ir.source == "frames" else convert_ir_video
         manifests["ir"] = _build(
-            "ir", Path(cfg.ir.out), lambda tmp: convert(cfg.ir, cfg.workers, issues, tmp), issues,
+            "ir", Path(cfg.ir.out), lambda tmp: convert(cfg.ir, cfg.workers, issues, tmp, cfg.max_pixels), issues,
             cfg.allow_empty_splits,
         )
     else:

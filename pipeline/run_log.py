@@ -49,11 +49,14 @@ class RunLog:
         self._rows = [dict(r) for r in rows]
         if not self.enabled:
             return
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=self.fields, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self._rows)
-        atomic.write_text(self.csv_path, text.getvalue())
+        if self._rows:
+            text = io.StringIO()
+            writer = csv.DictWriter(text, fieldnames=self.fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self._rows)
+            atomic.write_text(self.csv_path, text.getvalue())
+        else:  # a fresh run: the file appears with its first row (a run that fails first writes none)
+            self.csv_path.unlink(missing_ok=True)
         self.tb_dir.mkdir(parents=True, exist_ok=True)
         for old in self.tb_dir.glob(EVENTS_PREFIX + "*"):  # this run's own event files, nothing else
             old.unlink()
@@ -75,8 +78,14 @@ class RunLog:
         self._rows.append(row)
         if not self.enabled:
             return
+        new = not self.csv_path.exists()
+        if new:
+            self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.csv_path, "a", newline="") as f:
-            csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n").writerow(row)
+            writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
         self._scalars(row)
         self._writer.flush()
 

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import re
 import sys
+from pathlib import Path
 from typing import Callable
 
 from pipeline.config import ConfigError
+from ssd.errors import InputError
 
 EXIT_USER_ERROR = 2
 
@@ -35,6 +39,22 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+def check_writable(*folders: str | os.PathLike) -> None:
+    """:class:`StageError` unless each folder exists, or can be created, and can be written.
+
+    Called before a stage's work, so a run that can't save its outputs stops at once instead of
+    after hours of training. Nothing is created here.
+    """
+    for folder in folders:
+        probe = Path(folder).absolute()
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise StageError(f"{folder}: can't write there ({probe} is not a folder)")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise StageError(f"{folder}: can't write there (no write permission in {probe})")
 
 
 def setup_logging(level: int = logging.INFO) -> None:
@@ -66,8 +86,24 @@ def arg_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(message: str) -> str:
+    """An error message as one line. An error raised in a DataLoader worker arrives wrapped
+    in the worker's traceback; its last line is the original ``module.Type: message``."""
+    lines = [line for line in message.strip().splitlines() if line.strip()]
+    if not lines:
+        return "(no message)"
+    if len(lines) > 1 and "Original Traceback" in message:
+        return re.sub(r"^[\w.]+(Error|Exception): ", "", lines[-1].strip())
+    return "; ".join(line.strip() for line in lines)
+
+
 def run(body: Callable[[], int | None]) -> int:
     """Run a stage body; user-facing errors become one line on stderr and exit code 2.
+
+    User-facing errors: :class:`StageError`, :class:`~pipeline.config.ConfigError`, the
+    library's :class:`~ssd.errors.InputError`, and an ``OSError`` about a named file (a
+    folder that can't be created, a disk that is full). Anything else is a bug and keeps
+    its traceback.
 
     Under :mod:`pipeline.supervise` the exit code is also reported to the supervisor (a
     launcher in between, ``accelerate launch`` or ``torchrun``, replaces it with its own).
@@ -79,8 +115,13 @@ def run(body: Callable[[], int | None]) -> int:
     supervise.report_start()
     try:
         code = body() or 0
-    except (StageError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (StageError, ConfigError, InputError) as e:
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        code = EXIT_USER_ERROR
+    except OSError as e:
+        if e.filename is None:  # not about a file the user named: a bug, with its traceback
+            raise
+        print(f"error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except KeyboardInterrupt:
         code = 130

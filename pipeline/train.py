@@ -54,7 +54,7 @@ from pipeline import checkpoints, device, resume
 from pipeline.config import ConfigError, choose_section, flatten, load_config, load_params, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.run_log import RunLog
-from pipeline.stage import StageError, arg_parser, run
+from pipeline.stage import StageError, arg_parser, check_writable, run
 from pipeline.train_config import DataConfig, ModelConfig, PriorsParams, RunPaths, TrainConfig
 from ssd import atomic
 from ssd.clip_loss import clip_loss
@@ -210,6 +210,7 @@ def _setup(cfg: TrainConfig, restart: bool) -> _Run:
     from accelerate.utils import set_seed
 
     paths = RunPaths.of(cfg)
+    check_writable(paths.model.parent, paths.metrics.parent, paths.plots.parent, paths.logs, paths.checkpoints)
     manifest, shards, num_samples = _check_data(cfg)
     accelerator = _accelerator(cfg)
     classes = manifest.classes
@@ -281,7 +282,7 @@ def _micro_batches(r: _Run, first: int) -> Iterator[Any]:
     epoch, start = divmod(first, r.batches_per_epoch)
     rank, world = r.accelerator.process_index, r.accelerator.num_processes
     while True:
-        loader = _loader(r.cfg, r.shards, r.unwrapped.image_size, rank, world, epoch, start, r.batches_per_epoch)
+        loader = _loader(r, rank, world, epoch, start)
         # Loader workers are forked here. With SIGTERM/SIGINT blocked while they start, they
         # inherit the block and a preemption signal can't kill one mid-epoch; the training
         # process gets the pending signal as soon as the block is lifted.
@@ -479,20 +480,19 @@ def _build(cfg: ModelConfig, classes: list[str]):
         raise StageError(f"model: {e}") from None
 
 
-def _loader(
-    cfg: TrainConfig, shards: list[str], image_size: int, rank: int, world: int, epoch: int, start: int, per_epoch: int
-):
+def _loader(r: _Run, rank: int, world: int, epoch: int, start: int):
     from ssd.data.loader import train_loader
 
+    cfg = r.cfg
     return train_loader(
-        shards,
+        r.shards,
         cfg.data.augment,
-        image_size=image_size,
+        image_size=r.unwrapped.image_size,
         rank=rank,
         world_size=world,
         seed=cfg.seed,
         epoch=epoch,
-        batches_per_epoch=per_epoch,
+        batches_per_epoch=r.batches_per_epoch,
         batch_size=cfg.data.batch_size,
         num_workers=cfg.data.num_workers,
         start_batch=start,
@@ -501,6 +501,7 @@ def _loader(
         shuffle_buffer=cfg.data.shuffle_buffer,
         sequence_clips=cfg.data.sequence_clips,
         pin_memory=torch.cuda.is_available(),
+        num_classes=len(r.classes),
     )
 
 

@@ -7,11 +7,13 @@ an interrupted run resumes is declared in :data:`pipeline.resume.RESUME_SAFE`.
 
 from __future__ import annotations
 
+
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pipeline.config import check_run_name, to_dict
+from ssd.bounds import AtLeast, Count, NonEmpty, PositiveFloat, PositiveInt, Unique
 from ssd.data.transforms import AugmentConfig
 from ssd.loss import LossConfig
 from ssd.optim import OptimConfig
@@ -34,18 +36,18 @@ class PriorsParams:
 class ModelConfig:
     name: Literal["ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2"] = "ssdlite_mobilenet_v2"
     """Architecture (builder in ssd.models); LSTM-SSD trains on clips (data.kind: clips)."""
-    image_size: int = 300
+    image_size: Annotated[int, AtLeast(32)] = 300
     """Square input side in pixels."""
-    width_mult: float = 1.0
+    width_mult: PositiveFloat = 1.0
     """MobileNetV2 width multiplier (SSDLite only)."""
-    extra_channels: tuple[int, ...] | None = None
+    extra_channels: tuple[PositiveInt, ...] | None = None
     """SSDLite extra-layer widths; null: 512/256/256/128 x width_mult."""
-    taps: tuple[int, ...] = (13, 17)
+    taps: Annotated[tuple[int, ...], NonEmpty(), Unique()] = (13, 17)
     """MobileNetV2 blocks whose outputs are maps (ssds.pytorch: 13, 17; add 6 for a stride-8 map)."""
-    placement: tuple[str, ...] = ("backbone",)
+    placement: Annotated[tuple[str, ...], NonEmpty(), Unique()] = ("backbone",)
     """LSTM-SSD: where the ConvLSTM cells go: backbone (the paper: after the stride-16 map), extras,
     stride8 (on the stride-8 map, tap 6: every later map sees the memory)."""
-    state_reduction: int = 1
+    state_reduction: PositiveInt = 1
     """LSTM-SSD: state channels = map channels / state_reduction."""
     residual: bool = False
     """LSTM-SSD: cells add a zero-initialised output to their map (start equal to SSDLite)
@@ -87,16 +89,16 @@ class DataConfig:
     """Which split of the manifest to train on."""
     kind: Literal["frames", "clips", "frames_from_clips"] = "frames"
     """frames: frame shards; frames_from_clips: every frame of clip shards (per-frame baseline)."""
-    batch_size: int = 16
+    batch_size: PositiveInt = 16
     """Samples per process per micro-batch."""
-    num_workers: int = 2
+    num_workers: Count = 2
     """Loader worker processes per training process (0: load in the training process)."""
-    streams: int = 2
+    streams: PositiveInt = 2
     """Independent sample streams per process; fixed so that the data order doesn't depend on
     num_workers (which must divide it)."""
-    shuffle_buffer: int = 256
+    shuffle_buffer: PositiveInt = 256
     """Samples held per stream for shuffling."""
-    sequence_clips: int = 0
+    sequence_clips: Count = 0
     """LSTM-SSD on clips: carry the detached state from each clip to the next clip of its
     video (truncated backpropagation through time). Each batch position then walks through
     runs of up to this many consecutive clips of one video, augmented alike; 0: every clip
@@ -104,8 +106,6 @@ class DataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if self.sequence_clips < 0:
-            raise ValueError(f"sequence_clips must not be negative, got {self.sequence_clips}")
         if self.sequence_clips and self.kind != "clips":
             raise ValueError(f"sequence_clips carries an LSTM state between clips: it needs kind 'clips', not {self.kind!r}")
 
@@ -118,28 +118,28 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    steps: int = 1000
+    steps: PositiveInt = 1000
     """Optimiser steps in the whole run."""
-    seed: int = 0
+    seed: Count = 0
     """Seeds the model initialisation and the data order and augmentation."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Through Accelerate; null: Accelerate's choice (accelerate config, accelerate launch
     --mixed_precision, ACCELERATE_MIXED_PRECISION; none of them: full precision). fp16 needs a GPU."""
-    checkpoint_every: int = 200
+    checkpoint_every: PositiveInt = 200
     """Steps between checkpoints (what a run killed without notice falls back to)."""
-    keep_last: int = 2
+    keep_last: PositiveInt = 2
     """Complete checkpoints kept while the run is unfinished."""
     keep_checkpoints: bool = False
     """Keep the checkpoints once the run has finished."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between log lines, TensorBoard points and plot rows."""
-    freeze_backbone_steps: int = 0
+    freeze_backbone_steps: Count = 0
     """Hold the backbone still for the first steps (LSTM-SSD's stage-wise training from SSDLite)."""
     frozen_batchnorm: bool = False
     """Batch norm uses and keeps its running statistics (eval mode) instead of each batch's:
     for fine-tuning a trained model on batches of few, correlated samples (LSTM-SSD's clips:
     4 clips x 8 frames hold only 4 scenes, whose statistics are not the data's)."""
-    max_nonfinite: int = 5
+    max_nonfinite: Count = 5
     """Consecutive steps with a non-finite loss (each skipped) before the run stops."""
     trace: bool = False
     """Debug: write each process's sample keys and weight checksum per step to runs/{name}/trace-rankN.jsonl."""
@@ -150,9 +150,6 @@ class TrainConfig:
     checkpoints_dir: str = "checkpoints"
 
     def __post_init__(self) -> None:
-        for key in ("steps", "checkpoint_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         check_run_name(self.name, "name")
 
 

@@ -41,6 +41,9 @@ from ssd.atomic import atomic_open
 from ssd.models import SSD
 
 DEFAULT_OPSET = 17
+#: The operator sets the graph can be written in: LSTM-SSD's clip outputs need Unflatten (13);
+#: 23 is the newest the pinned torch writes.
+MIN_OPSET, MAX_OPSET = 13, 23
 
 
 class RawOutputs(nn.Module):

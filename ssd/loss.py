@@ -12,25 +12,27 @@ so it stays finite under fp16/bf16 mixed precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssd.bounds import Above, AtLeast, AtMost, Count
 from ssd.boxes import VARIANCES, encode
 from ssd.matching import match_batch
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    iou_threshold: float = 0.5
+    iou_threshold: Annotated[float, Above(0), AtMost(1)] = 0.5
     """IoU from which a prior is matched to a ground-truth box (the paper's 0.5)."""
-    neg_pos_ratio: float = 3.0
+    neg_pos_ratio: Annotated[float, AtLeast(0)] = 3.0
     """Hard negatives kept per positive in each image (the paper's 3:1)."""
-    min_negatives: int = 3
+    min_negatives: Count = 3
     """Negatives kept in an image with no positives, so background-only images still teach
     the classifier what background looks like (0 reproduces ssd.pytorch, where they add nothing)."""
-    box_weight: float = 1.0
+    box_weight: Annotated[float, AtLeast(0)] = 1.0
     """Weight of the localisation term (the paper's alpha = 1)."""
 
 

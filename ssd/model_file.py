@@ -26,6 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from ssd.atomic import atomic_open
+from ssd.errors import InputError
 from ssd.models import SSD
 from ssd.pruning import rebuild_model
 
@@ -33,7 +34,7 @@ FORMAT = "ssd-model"
 VERSION = 1
 
 
-class ModelFileError(ValueError):
+class ModelFileError(InputError):
     """A model file that can't be read, with a one-line message naming the file."""
 
 
@@ -69,15 +70,30 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
+    if path.stat().st_size == 0:
+        raise ModelFileError(f"{path}: not a readable model file (the file is empty)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or foreign file
-        raise ModelFileError(f"{path}: not a readable model file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ModelFileError(f"{path}: not a readable model file ({_describe(e)})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not an {FORMAT} file (a raw checkpoint or state dict?)")
     if payload.get("version") != VERSION:
         raise ModelFileError(f"{path}: model file version {payload.get('version')} is not supported (expected {VERSION})")
+    names, arch = payload.get("class_names"), payload.get("arch")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ModelFileError(f"{path}: class_names must be a list of names")
+    if not isinstance(arch, dict) or arch.get("num_classes") != len(names) + 1:
+        got = arch.get("num_classes") if isinstance(arch, dict) else None
+        objects = f"{got - 1} object classes" if isinstance(got, int) else "no class count"
+        raise ModelFileError(f"{path}: {len(names)} class names for a model with {objects}")
     return payload
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line of the message`` (just the type for an empty message)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def load_model_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[SSD, dict[str, Any]]:
@@ -93,7 +109,7 @@ def load_model_file(path: str | os.PathLike, map_location: str | torch.device = 
         model = rebuild_model(payload["arch"])  # build_model, plus the widths of a pruned model
         model.load_state_dict(state)
     except (ValueError, RuntimeError, TypeError, KeyError) as e:
-        raise ModelFileError(f"{path}: can't rebuild the model ({str(e).splitlines()[0][:300]})") from None
+        raise ModelFileError(f"{path}: can't rebuild the model ({_describe(e)})") from None
     model.eval()
     return model.to(map_location), payload
 

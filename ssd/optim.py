@@ -12,46 +12,49 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
 import torch
 from torch import nn
+
+from ssd.bounds import AtLeast, Below, Count, Fraction, PositiveFloat, PositiveInt
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["sgd", "adamw"] = "adamw"
     """SGD with momentum (the SSD paper's) or AdamW (faster from scratch on small data)."""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Base learning rate (per optimiser step, whatever the number of processes)."""
-    momentum: float = 0.9
+    momentum: Annotated[float, AtLeast(0), Below(1)] = 0.9
     """SGD momentum (ignored by AdamW)."""
-    weight_decay: float = 5e-4
+    weight_decay: Annotated[float, AtLeast(0)] = 5e-4
     """L2 penalty (SGD) / decoupled weight decay (AdamW); not applied to biases and norms."""
     schedule: Literal["cosine", "step", "constant"] = "cosine"
     """Shape of the learning rate after the warm-up."""
-    warmup_steps: int = 100
+    warmup_steps: Count = 100
     """Linear warm-up length in optimiser steps."""
-    warmup_factor: float = 0.001
+    warmup_factor: Fraction = 0.001
     """Learning rate at step 0, as a fraction of ``lr``."""
-    min_factor: float = 0.0
+    min_factor: Fraction = 0.0
     """Cosine: final learning rate as a fraction of ``lr``."""
-    milestones: tuple[float, ...] = (0.67, 0.83)
+    milestones: tuple[Fraction, ...] = (0.67, 0.83)
     """Step: where to decay, as fractions of the total steps (ssd.pytorch: 80k and 100k of 120k)."""
-    gamma: float = 0.1
+    gamma: PositiveFloat = 0.1
     """Step: decay factor at each milestone."""
-    lr_factors: dict[str, float] = field(default_factory=dict)
+    lr_factors: dict[str, PositiveFloat] = field(default_factory=dict)
     """Learning-rate multipliers by parameter-name prefix (``{"temporal": 10}``: the modules
     under ``temporal.``), e.g. for layers new to a model started from a trained one; the
     longest matching prefix wins, other parameters get 1."""
-    grad_clip: float = 0.0
+    grad_clip: Annotated[float, AtLeast(0)] = 0.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    grad_accum: int = 1
+    grad_accum: PositiveInt = 1
     """Micro-batches accumulated per optimiser step."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        # Also checked where configs are parsed (ssd.bounds); here for direct construction.
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, got {self.grad_accum}")
         if self.warmup_steps < 0:

@@ -25,23 +25,25 @@ batch and all classes at once, with no Python loop over images or classes
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import nms
 
+from ssd.bounds import AtLeast, Below, Fraction, PositiveInt
 from ssd.boxes import clip_boxes, decode
 
 
 @dataclass(frozen=True)
 class PostprocessConfig:
-    score_threshold: float = 0.01
+    score_threshold: Annotated[float, AtLeast(0), Below(1)] = 0.01
     """Class scores at or below this are not detections (ssd.pytorch's 0.01)."""
-    top_k: int = 400
+    top_k: PositiveInt = 400
     """Candidates kept per image and class before NMS (torchvision's topk_candidates)."""
-    nms_threshold: float = 0.45
+    nms_threshold: Fraction = 0.45
     """IoU above which the lower-scored of two boxes of one class is suppressed."""
-    max_detections: int = 200
+    max_detections: PositiveInt = 200
     """Detections kept per image after NMS."""
 
 

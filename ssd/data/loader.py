@@ -95,6 +95,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ssd.data.transforms import AugmentConfig, DetectionTransform, eval_transform, train_transform
+from ssd.errors import InputError
 
 __all__ = [
     "Batch",
@@ -225,19 +226,19 @@ def _split_members(key: str, url: str, members: Sequence[str], kind: str) -> tup
     """The image member names of a sample in order, and its JSON member name; checks the kind."""
     where = f"{url}: sample {key!r}"
     if "json" not in members:
-        raise ValueError(f"{where}: no .json member (members: {sorted(members)})")
+        raise InputError(f"{where}: no .json member (members: {sorted(members)})")
     numbered = sorted((int(m.group(1)), name) for name in members if (m := _CLIP_FRAME.match(name)))
     single = [name for name in members if name in _IMAGE_EXTS]
     if kind == "frames":
         if numbered:
-            raise ValueError(f"{where}: a clip sample in a frames loader (use kind 'clips' or 'frames_from_clips')")
+            raise InputError(f"{where}: a clip sample in a frames loader (use kind 'clips' or 'frames_from_clips')")
         if len(single) != 1:
-            raise ValueError(f"{where}: expected one image member (.jpg or .png), got {sorted(members)}")
+            raise InputError(f"{where}: expected one image member (.jpg or .png), got {sorted(members)}")
         return single, "json"
     if not numbered:
-        raise ValueError(f"{where}: not a clip sample (no .000.jpg members); kind {kind!r} needs clip shards")
+        raise InputError(f"{where}: not a clip sample (no .000.jpg members); kind {kind!r} needs clip shards")
     if [i for i, _ in numbered] != list(range(len(numbered))):
-        raise ValueError(f"{where}: clip frame members are not numbered 0..T-1: {[n for _, n in numbered]}")
+        raise InputError(f"{where}: clip frame members are not numbered 0..T-1: {[n for _, n in numbered]}")
     return [name for _, name in numbered], "json"
 
 
@@ -258,6 +259,9 @@ def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
     stream = gopen(url, "rb")
     try:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    except (tarfile.TarError, EOFError) as e:
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__
+        raise InputError(f"{url}: not a readable shard ({reason})") from None
     finally:
         stream.close()
 
@@ -284,30 +288,38 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if bgr is None:
-        raise ValueError(f"{where}: cannot decode the image ({len(data)} bytes)")
+        raise InputError(f"{where}: cannot decode the image ({len(data)} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _target(boxes: Any, labels: Any, difficult: Any, width: int, height: int, where: str) -> dict[str, Tensor]:
-    """Shard JSON lists (pixel boxes, 0-based labels) -> a normalised, 1-based target dict."""
+def _target(
+    boxes: Any, labels: Any, difficult: Any, width: int, height: int, where: str, num_classes: int | None = None
+) -> dict[str, Tensor]:
+    """Shard JSON lists (pixel boxes, 0-based labels) -> a normalised, 1-based target dict.
+
+    ``num_classes``: object classes of the dataset; a label outside them is an error.
+    """
     if not (isinstance(boxes, list) and isinstance(labels, list) and isinstance(difficult, list)):
-        raise ValueError(f"{where}: boxes, labels and difficult must be lists")
+        raise InputError(f"{where}: boxes, labels and difficult must be lists")
     if not len(boxes) == len(labels) == len(difficult):
-        raise ValueError(
+        raise InputError(
             f"{where}: {len(boxes)} boxes, {len(labels)} labels, {len(difficult)} difficult flags; must be equal"
         )
     if any(not isinstance(b, list) or len(b) != 4 for b in boxes):
-        raise ValueError(f"{where}: every box must be [x1, y1, x2, y2]")
+        raise InputError(f"{where}: every box must be [x1, y1, x2, y2]")
     px = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
     size = torch.tensor([width, height, width, height], dtype=torch.float32)
     # One pixel of slack for rounding in converters; anything further out is a bad annotation.
     bad = (px[:, 2] <= px[:, 0]) | (px[:, 3] <= px[:, 1]) | (px < -1).any(1) | (px > size + 1).any(1)
     if bad.any():
         i = int(bad.nonzero()[0])
-        raise ValueError(f"{where}: box {i} {boxes[i]} is empty or outside the {width}x{height} image")
+        raise InputError(f"{where}: box {i} {boxes[i]} is empty or outside the {width}x{height} image")
     lab = torch.tensor(labels, dtype=torch.int64).reshape(-1)
     if (lab < 0).any():
-        raise ValueError(f"{where}: negative label in {labels}")
+        raise InputError(f"{where}: negative label in {labels}")
+    if num_classes is not None and (lab >= num_classes).any():
+        bad = int(lab[lab >= num_classes][0])
+        raise InputError(f"{where}: label {bad} is not a class (the dataset has {num_classes}: 0..{num_classes - 1})")
     return {
         "boxes": (px / size).clamp_(0.0, 1.0),
         "labels": lab + 1,
@@ -326,7 +338,7 @@ class _Decoded:
     numbers: list[int] | None
 
 
-def _decode(raw: RawSample, kind: Kind) -> _Decoded:
+def _decode(raw: RawSample, kind: Kind, num_classes: int | None = None) -> _Decoded:
     """Decode a raw sample's images and JSON, and check them."""
     where = f"{raw.url}: sample {raw.key!r}"
     try:
@@ -334,7 +346,7 @@ def _decode(raw: RawSample, kind: Kind) -> _Decoded:
         width, height = int(meta["width"]), int(meta["height"])
         boxes, labels, difficult = meta["boxes"], meta["labels"], meta["difficult"]
     except (ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{where}: bad JSON member ({e!r})") from None
+        raise InputError(f"{where}: bad JSON member ({e!r})") from None
     numbers: list[int] | None = None
     if kind == "frames":
         per_frame = [(boxes, labels, difficult)]
@@ -344,29 +356,29 @@ def _decode(raw: RawSample, kind: Kind) -> _Decoded:
             per_frame = [(boxes[t], labels[t], difficult[t]) for t in picked]
             numbers = [int(meta["frames"][t]) for t in picked]
         except (IndexError, KeyError, TypeError):
-            raise ValueError(f"{where}: the JSON lists do not have one entry per frame") from None
+            raise InputError(f"{where}: the JSON lists do not have one entry per frame") from None
         if raw.frame is None and len(meta["frames"]) != len(raw.images):
-            raise ValueError(f"{where}: {len(raw.images)} frames but {len(meta['frames'])} frame numbers")
+            raise InputError(f"{where}: {len(raw.images)} frames but {len(meta['frames'])} frame numbers")
     frames, targets = [], []
     for i, (data, (b, lab, dif)) in enumerate(zip(raw.images, per_frame)):
         at = where if len(raw.images) == 1 else f"{where} frame {i}"
         image = _decode_image(data, at)
         if image.shape[:2] != (height, width):
-            raise ValueError(f"{at}: image is {image.shape[1]}x{image.shape[0]}, JSON says {width}x{height}")
+            raise InputError(f"{at}: image is {image.shape[1]}x{image.shape[0]}, JSON says {width}x{height}")
         frames.append(image)
-        targets.append(_target(b, lab, dif, width, height, at))
+        targets.append(_target(b, lab, dif, width, height, at, num_classes))
     stacked = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # [T, H, W, 3] -> [T, 3, H, W]
     video = None
     if kind != "frames":
         if "video" not in meta:
-            raise ValueError(f"{where}: a clip sample's JSON needs a 'video' name")
+            raise InputError(f"{where}: a clip sample's JSON needs a 'video' name")
         video = str(meta["video"])
     return _Decoded(stacked, targets, (width, height), video, numbers)
 
 
-def decode_sample(raw: RawSample, kind: Kind, transform: DetectionTransform) -> Sample:
+def decode_sample(raw: RawSample, kind: Kind, transform: DetectionTransform, num_classes: int | None = None) -> Sample:
     """Decode a raw sample (images and JSON), check it, and apply ``transform``."""
-    d = _decode(raw, kind)
+    d = _decode(raw, kind, num_classes)
     images, targets = transform.clip(d.frames, d.targets)
     if kind == "clips":
         return Sample(images, targets, raw.key, d.size, d.video, d.numbers)
@@ -375,17 +387,19 @@ def decode_sample(raw: RawSample, kind: Kind, transform: DetectionTransform) -> 
     return Sample(images[0], targets[0], raw.key, d.size)
 
 
-def decode_sequence(raws: Sequence[RawSample], transform: DetectionTransform) -> list[Sample]:
+def decode_sequence(
+    raws: Sequence[RawSample], transform: DetectionTransform, num_classes: int | None = None
+) -> list[Sample]:
     """Decode consecutive clips of one video and transform them *as one sequence*.
 
     One parameter draw for all of them (the same colour change, zoom-out, crop and flip), so
     a state carried from one clip to the next sees one continuous video, not a jump at
     every clip boundary. Returns one clip :class:`Sample` per raw sample, in order.
     """
-    decoded = [_decode(raw, "clips") for raw in raws]
+    decoded = [_decode(raw, "clips", num_classes) for raw in raws]
     sizes = {d.size for d in decoded}
     if len(sizes) > 1:
-        raise ValueError(f"{raws[0].url}: clips of video {decoded[0].video!r} have different sizes {sorted(sizes)}")
+        raise InputError(f"{raws[0].url}: clips of video {decoded[0].video!r} have different sizes {sorted(sizes)}")
     images, targets = transform.clip(
         torch.cat([d.frames for d in decoded]), [t for d in decoded for t in d.targets]
     )
@@ -461,8 +475,10 @@ class _TrainStreams(IterableDataset):
         streams: int,
         shuffle_buffer: int,
         sequence_clips: int = 0,
+        num_classes: int | None = None,
     ):
         self.urls = urls
+        self.num_classes = num_classes
         self.sequence_clips = sequence_clips
         self.transform = transform
         self.kind = kind
@@ -505,7 +521,7 @@ class _TrainStreams(IterableDataset):
             for _ in range(self.batch_size):
                 item = next(raw)
                 with _seeded_cpu_rng(_seed(self.seed, self.epoch, self.rank, stream, index, _AUGMENT)):
-                    samples.append(decode_sample(item, self.kind, self.transform))  # type: ignore[arg-type]
+                    samples.append(decode_sample(item, self.kind, self.transform, self.num_classes))  # type: ignore[arg-type]
                 index += 1
             yield collate(samples)
 
@@ -528,7 +544,7 @@ class _TrainStreams(IterableDataset):
                     if lane.clips is None:
                         seed = _seed(self.seed, self.epoch, self.rank, stream, lane.number, _AUGMENT)
                         with _seeded_cpu_rng(seed):
-                            lane.clips = decode_sequence(lane.raws, self.transform)
+                            lane.clips = decode_sequence(lane.raws, self.transform, self.num_classes)
                         for clip in lane.clips:
                             clip.run = lane.number * self.streams + stream  # unique among the rank's streams
                     samples.append(lane.clips[lane.next])
@@ -547,7 +563,7 @@ class _TrainStreams(IterableDataset):
                 meta = json.loads(raw.meta)
                 video, start = str(meta["video"]), int(meta["frames"][0])
             except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise ValueError(f"{raw.url}: sample {raw.key!r}: bad JSON member ({e!r})") from None
+                raise InputError(f"{raw.url}: sample {raw.key!r}: bad JSON member ({e!r})") from None
             if run and (video != last[0] or start <= last[1] or len(run) == self.sequence_clips):
                 yield run
                 run = []
@@ -575,7 +591,7 @@ class _TrainStreams(IterableDataset):
                         seen = True
                         yield from _raw_samples(sample, self.kind)
             if not seen and p >= _MAX_EMPTY_PASSES:
-                raise ValueError(f"no samples in the shards {self.urls}")
+                raise InputError(f"no samples in the shards {self.urls}")
 
 
 def _identity(x: Any) -> Any:
@@ -610,6 +626,7 @@ def train_loader(
     shuffle_buffer: int = 128,
     sequence_clips: int = 0,
     pin_memory: bool = False,
+    num_classes: int | None = None,
 ) -> DataLoader:
     """The training batches of one rank for one epoch: exactly ``batches_per_epoch - start_batch``.
 
@@ -630,6 +647,8 @@ def train_loader(
     The same ``(seed, epoch, rank)`` and settings give the same batches, augmentation included;
     see the module docstring. Don't pass the loader to ``accelerator.prepare`` (it would split
     the data a second time); move batches with ``batch.to(device)``.
+    ``num_classes``: the dataset's object classes; a sample with a label outside them is an
+    :class:`~ssd.errors.InputError` (never an index error deep inside the loss).
     """
     _check_kind(kind)
     shards = _expand(urls)
@@ -666,6 +685,7 @@ def train_loader(
         streams=streams,
         shuffle_buffer=shuffle_buffer,
         sequence_clips=sequence_clips,
+        num_classes=num_classes,
     )
     return DataLoader(
         dataset,
@@ -703,28 +723,32 @@ def _index_tar(url: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     try:
         tar = tarfile.open(url, "r:")
     except (OSError, tarfile.TarError) as e:
-        raise ValueError(f"{url}: cannot open as an uncompressed tar ({e})") from None
+        raise InputError(f"{url}: cannot open as an uncompressed tar ({e})") from None
     with tar:
-        for info in tar:
-            if not info.isreg():
-                continue
-            key, ext = base_plus_ext(info.name)
-            if key is None or os.path.basename(info.name).startswith("__"):
-                continue
-            if not samples or samples[-1][0] != key:
-                samples.append((key, {}))
-            members = samples[-1][1]
-            ext = ext.lower()
-            if ext in members:
-                raise ValueError(f"{url}: duplicate member {info.name}")
-            members[ext] = (info.offset_data, info.size)
+        try:
+            infos = list(tar)
+        except (OSError, tarfile.TarError) as e:  # a cut-off or overwritten shard
+            raise InputError(f"{url}: not a readable shard ({e})") from None
+    for info in infos:
+        if not info.isreg():
+            continue
+        key, ext = base_plus_ext(info.name)
+        if key is None or os.path.basename(info.name).startswith("__"):
+            continue
+        if not samples or samples[-1][0] != key:
+            samples.append((key, {}))
+        members = samples[-1][1]
+        ext = ext.lower()
+        if ext in members:
+            raise InputError(f"{url}: duplicate member {info.name}")
+        members[ext] = (info.offset_data, info.size)
     return samples
 
 
 def _read_at(fd: int, offset: int, size: int, url: str) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) != size:
-        raise ValueError(f"{url}: truncated shard (wanted {size} bytes at {offset}, got {len(data)})")
+        raise InputError(f"{url}: truncated shard (wanted {size} bytes at {offset}, got {len(data)})")
     return data
 
 
@@ -756,9 +780,9 @@ def _eval_entries(urls: list[str], kind: str, rank: int, world_size: int) -> lis
                     info = json.loads(_read_at(fds[url], *members[meta], url))
                     video, numbers = str(info["video"]), [int(n) for n in info["frames"]]
                 except (ValueError, KeyError, TypeError) as e:
-                    raise ValueError(f"{url}: sample {key!r}: bad JSON member ({e!r})") from None
+                    raise InputError(f"{url}: sample {key!r}: bad JSON member ({e!r})") from None
                 if len(numbers) != len(places):
-                    raise ValueError(f"{url}: sample {key!r}: {len(places)} frames but {len(numbers)} frame numbers")
+                    raise InputError(f"{url}: sample {key!r}: {len(places)} frames but {len(numbers)} frame numbers")
                 if kind == "clips":
                     entries.append(_Entry(url, key, places, members[meta], None, (video, numbers[0])))
                 else:
@@ -788,8 +812,8 @@ def _eval_entries(urls: list[str], kind: str, rank: int, world_size: int) -> lis
 class _IndexedSamples(Dataset):
     """Evaluation samples read by offset; each process opens the shards itself (no shared file offsets)."""
 
-    def __init__(self, entries: list[_Entry], kind: str, transform: DetectionTransform):
-        self.entries, self.kind, self.transform = entries, kind, transform
+    def __init__(self, entries: list[_Entry], kind: str, transform: DetectionTransform, num_classes: int | None):
+        self.entries, self.kind, self.transform, self.num_classes = entries, kind, transform, num_classes
         self._pid = -1
         self._fds: dict[str, int] = {}
 
@@ -813,7 +837,7 @@ class _IndexedSamples(Dataset):
             _read_at(fd, *e.meta, e.url),
             e.frame,
         )
-        return decode_sample(raw, self.kind, self.transform)  # type: ignore[arg-type]
+        return decode_sample(raw, self.kind, self.transform, self.num_classes)  # type: ignore[arg-type]
 
     def __del__(self) -> None:
         if self._pid == os.getpid():
@@ -832,12 +856,14 @@ def eval_loader(
     num_workers: int,
     kind: Kind = "frames",
     pin_memory: bool = False,
+    num_classes: int | None = None,
 ) -> DataLoader:
     """This rank's share of the evaluation samples, each once, in a fixed order, resized only.
 
     Frames: every ``world_size``-th sample (shard order, then tar order), starting at ``rank``.
     Clips and frames from clips: whole videos per rank, ordered by (video, frame number).
-    ``urls`` must be local uncompressed tar files (they are indexed by offset).
+    ``urls`` must be local uncompressed tar files (they are indexed by offset). ``num_classes``:
+    the dataset's object classes; a sample with a label outside them is an :class:`InputError`.
     """
     _check_kind(kind)
     if not (world_size >= 1 and 0 <= rank < world_size):
@@ -846,7 +872,7 @@ def eval_loader(
         raise ValueError(f"eval_loader: batch_size {batch_size} must be positive, num_workers {num_workers} >= 0")
     entries = _eval_entries(_expand(urls), kind, rank, world_size)
     return DataLoader(
-        _IndexedSamples(entries, kind, eval_transform(image_size)),
+        _IndexedSamples(entries, kind, eval_transform(image_size), num_classes),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,

@@ -1,0 +1,99 @@
+"""Value bounds declared on config dataclass fields, as ``typing.Annotated`` metadata.
+
+A config field says what values make sense where it is declared::
+
+    batch_size: PositiveInt = 16                       # Annotated[int, AtLeast(1)]
+    classes: Annotated[tuple[str, ...], NonEmpty(), Unique()] | None = None
+
+The code that builds configs from user input (``pipeline.config``) checks every bound and
+reports ``<key>: <problem>``; the library itself only declares them. Cross-field rules stay in
+the dataclasses' ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Sequence
+
+
+@dataclass(frozen=True)
+class AtLeast:
+    """``value >= low``."""
+
+    low: float
+
+    def problem(self, value: Any) -> str | None:
+        return None if value >= self.low else f"must be at least {self.low:g}"
+
+
+@dataclass(frozen=True)
+class Above:
+    """``value > low``."""
+
+    low: float
+
+    def problem(self, value: Any) -> str | None:
+        return None if value > self.low else f"must be greater than {self.low:g}"
+
+
+@dataclass(frozen=True)
+class Below:
+    """``value < high``."""
+
+    high: float
+
+    def problem(self, value: Any) -> str | None:
+        return None if value < self.high else f"must be less than {self.high:g}"
+
+
+@dataclass(frozen=True)
+class AtMost:
+    """``value <= high``."""
+
+    high: float
+
+    def problem(self, value: Any) -> str | None:
+        return None if value <= self.high else f"must be at most {self.high:g}"
+
+
+@dataclass(frozen=True)
+class Between:
+    """``low <= value <= high``."""
+
+    low: float
+    high: float
+
+    def problem(self, value: Any) -> str | None:
+        return None if self.low <= value <= self.high else f"must be in [{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A list or string with at least one item."""
+
+    def problem(self, value: Sequence) -> str | None:
+        return None if len(value) else "must not be empty"
+
+
+@dataclass(frozen=True)
+class Unique:
+    """A list whose items are all different."""
+
+    def problem(self, value: Sequence) -> str | None:
+        seen = set()
+        for item in value:
+            if item in seen:
+                return f"{item!r} is listed twice"
+            seen.add(item)
+        return None
+
+
+PositiveInt = Annotated[int, AtLeast(1)]
+"""1, 2, ...: sizes and counts of things that must exist."""
+Count = Annotated[int, AtLeast(0)]
+"""0, 1, ...: counts where none is allowed."""
+PositiveFloat = Annotated[float, Above(0)]
+Fraction = Annotated[float, Between(0, 1)]
+"""A probability or a share, in [0, 1]."""
+Names = Annotated[tuple[str, ...], NonEmpty(), Unique()]
+"""Class or split names: at least one, none twice."""

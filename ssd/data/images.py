@@ -1,0 +1,80 @@
+"""Checks on image bytes before they go into a dataset: the size from the header, and a
+decode that notices corrupt JPEG data.
+
+- :func:`header_size` reads width and height without decoding the pixels (Pillow reads only
+  the header when it opens a file), so a small file that would decode into gigabytes can be
+  refused before it is decoded.
+- :func:`decode_checked` decodes with OpenCV and reports what libjpeg says about the data.
+  A JPEG whose entropy-coded data is damaged decodes without an error: libjpeg only prints
+  "Corrupt JPEG data: ..." or "Premature end of JPEG file" on the process's standard error
+  and fills the damaged blocks with garbage. Neither OpenCV, Pillow nor torchvision report
+  it to the caller (checked: all three return a full image), so the decode runs with file
+  descriptor 2 redirected to a temporary file and the messages are read back from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Iterator
+
+import cv2
+import numpy as np
+
+#: libjpeg warnings that mean the pixel data is damaged (not merely unusual metadata).
+CORRUPTION_MESSAGES = ("Corrupt JPEG data", "Premature end of JPEG file", "Invalid SOS parameters")
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from the image header, or None when no header can be read."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        # Pillow's own limit (about 179 million pixels) was hit while opening: certainly too large.
+        return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1
+    except Exception:  # not an image Pillow knows: let the decoder decide
+        return None
+
+
+def decode_checked(data: bytes, flags: int) -> tuple[np.ndarray | None, str | None]:
+    """``cv2.imdecode`` of ``data``, plus the decoder's corruption message (None if clean)."""
+    buffer = np.frombuffer(data, np.uint8)
+    if data[:3] != b"\xff\xd8\xff":  # only libjpeg's warnings are known to mean damaged pixels
+        return cv2.imdecode(buffer, flags), None
+    with _stderr_captured() as captured:
+        pixels = cv2.imdecode(buffer, flags)
+    lines = [line.strip() for line in captured().splitlines()]
+    problems = [line for line in lines if line.startswith(CORRUPTION_MESSAGES)]
+    for line in lines:
+        if line and line not in problems:  # anything else the decoder said is the user's to see
+            print(line, file=sys.stderr)
+    return pixels, problems[0] if problems else None
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator:
+    """Redirect file descriptor 2 (what C libraries write to) to a temporary file; yields a
+    function that returns what was written once the block has ended."""
+    text = ""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield lambda: text
+            finally:
+                os.dup2(saved, 2)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", errors="replace")
+    finally:
+        os.close(saved)
