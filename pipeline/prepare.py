@@ -37,6 +37,7 @@ import json
 import logging
 import multiprocessing
 import shutil
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +82,7 @@ DUPLICATE_ANNOTATION = "annotation given twice"
 UNREADABLE_VIDEO = "unreadable video"
 FRAME_WITHOUT_NUMBER = "frame file name has no number"
 BOX_LIST_LENGTH = "box list length differs from the video's frame count"
+BOX_LIST_TAIL = "lines without boxes after the last frame"
 MOT_FRAMES = "gt.txt names frames the video does not have"
 LISTED_VIDEO_MISSING = "video listed in splits file not found"
 
@@ -422,6 +424,10 @@ def _decode_folder(folder: Path, quality: int, max_pixels: int) -> _DecodedVideo
 
 def _init_worker() -> None:
     cv2.setNumThreads(1)  # the worker processes already fill the cores
+    # Ctrl-C reaches the whole process group. Only the main process acts on it: it stops
+    # the pool (Pool.terminate). A worker killed by it could die holding the pool's task
+    # queue lock, and terminate() would then wait for that lock forever.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
@@ -484,18 +490,17 @@ def _scan_voc_layout(
     for split in splits:
         path = root / splits_dir / f"{split}.txt"
         try:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = ann.decode_list_file(path.read_bytes())
         except FileNotFoundError:
             raise StageError(f"{path}: split list not found (split {split!r} is configured)") from None
         except OSError as e:
             raise StageError(f"{path}: cannot read split list ({e.strerror})") from None
-        for line in text.splitlines():
-            fields = line.split()
-            if fields and not fields[0].startswith("#"):
-                named = listed.setdefault(fields[0], [])
-                if split not in named:
-                    named.append(split)
-                list_file.setdefault(fields[0], path)
+        for line, first in ann.parse_id_list(text):
+            id_ = line if line in xmls or line in images else first
+            named = listed.setdefault(id_, [])
+            if split not in named:
+                named.append(split)
+            list_file.setdefault(id_, path)
     sources = []
     for id_ in sorted(set(xmls) | set(images) | set(listed), key=ann.natural_key):
         xml, image, named = xmls.get(id_), images.get(id_), listed.get(id_)
@@ -957,7 +962,7 @@ def _video_splits(
     if not path.is_file():
         return ["train", "val"], ann.split_videos(names, vc.val_fraction)
     try:
-        listing = json.loads(path.read_text(encoding="utf-8"))
+        listing = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, ValueError) as e:
         raise StageError(f"{path}: cannot read splits file ({e})") from None
     if not isinstance(listing, dict) or not all(
@@ -984,15 +989,31 @@ def _video_splits(
 
 
 def _video_annotations(src: _VideoSource, issues: Issues) -> dict | list | None:
-    """The parsed box list (per frame) or gt.txt (by frame number); None when unusable."""
+    """The parsed box list (per line) or gt.txt (by frame number); None when unusable."""
     try:
-        text = src.annotation.read_text(encoding="utf-8", errors="replace")
+        text = src.annotation.read_text(encoding="utf-8-sig", errors="replace")
         return ann.parse_mot(text) if src.mot else ann.parse_box_list(text)
     except OSError as e:
         issues.skip(src.annotation, UNREADABLE_FILE, e.strerror or str(e))
     except ann.AnnotationError as e:
         issues.skip(src.annotation, e.reason, e.detail)
     return None
+
+
+def _fit_box_list(labels: list, frames: int, file: Path, issues: Issues) -> list | None:
+    """The box list's lines for a video of ``frames`` frames; None (skipped) if they don't fit.
+
+    Lines without boxes after the last frame (the blank lines an editor leaves at the end
+    of a file) are dropped and reported; any other difference in length skips the video.
+    """
+    extra = len(labels) - frames
+    if extra > 0 and not any(labels[frames:]):
+        issues.fix(file, BOX_LIST_TAIL, f"{extra} line(s) without boxes after frame {frames} ignored", defect=False)
+        return labels[:frames]
+    if extra:
+        issues.skip(file, BOX_LIST_LENGTH, f"{len(labels)} lines, {frames} frames; video skipped")
+        return None
+    return labels
 
 
 def _mot_objects(rows: Sequence[ann.TrackBox], mot_classes: Sequence[str]) -> tuple[_Object, ...]:
@@ -1047,9 +1068,8 @@ def convert_ir_video(cfg: IrConfig, workers: int, issues: Issues, out: Path, max
                     continue
                 objects_of = {n: _mot_objects(labels.get(n, ()), vc.mot_classes) for n in decoded.numbers}
             else:
-                if len(labels) != len(decoded.numbers):
-                    detail = f"{len(labels)} lines, {len(decoded.numbers)} frames; video skipped"
-                    issues.skip(src.annotation, BOX_LIST_LENGTH, detail)
+                labels = _fit_box_list(labels, len(decoded.numbers), src.annotation, issues)
+                if labels is None:
                     continue
                 objects_of = {
                     n: tuple(_Object(vc.box_list_class, b, False) for b in boxes)

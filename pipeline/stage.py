@@ -20,6 +20,8 @@ from pipeline.config import ConfigError
 from ssd.errors import InputError
 
 EXIT_USER_ERROR = 2
+#: Stopped by Ctrl-C (SIGINT), as shells report it (128 + 2).
+EXIT_INTERRUPTED = 130
 
 log = logging.getLogger("pipeline")
 
@@ -67,7 +69,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     # Accelerate logs every file of every checkpoint at INFO; our own lines say what matters.
-    for noisy in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils"):
+    for noisy in ("accelerate.accelerator", "accelerate.checkpointing", "accelerate.utils", "torch._subclasses"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -123,9 +125,9 @@ def run(body: Callable[[], int | None]) -> int:
             raise
         print(f"error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         code = EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        code = 130
-        raise
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing is half-written
+        print("interrupted (Ctrl-C): finished outputs are kept, unfinished ones discarded", file=sys.stderr)
+        code = EXIT_INTERRUPTED
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         raise

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
@@ -228,6 +229,25 @@ def _unlisted(root):
     (root / "ImageSets" / "Main" / "train.txt").write_text("a\nc\n")
 
 
+def _bom_list(root):
+    (root / "ImageSets" / "Main" / "train.txt").write_bytes("\ufeffa\nb\nc\n".encode("utf-8"))
+
+
+def _crlf_flag_list(root):
+    (root / "ImageSets" / "Main" / "train.txt").write_bytes(b"a  1\r\nb -1\r\n  c 0\r\n")
+
+
+def _rename_b(new: str):
+    """Rename id b's files and list entry to ``new`` (written as the file system's bytes)."""
+
+    def f(root):
+        for sub, ext in (("Annotations", ".xml"), ("JPEGImages", ".jpg")):
+            (root / sub / f"b{ext}").rename(root / sub / f"{new}{ext}")
+        (root / "ImageSets" / "Main" / "train.txt").write_bytes(b"a\n" + os.fsencode(new) + b"\nc\n")
+
+    return f
+
+
 KEEP_ALL = {"a", "b", "c", "d"}
 KEEP_NO_B = {"a", "c", "d"}
 
@@ -287,6 +307,12 @@ BAD_INPUTS = {
     "id in two split lists": (_list_twice, "fixed", "b.xml", stage.IN_TWO_SPLITS, KEEP_ALL, True, ()),
     "listed id without files": (_list_missing, "skipped", "val.txt", stage.LISTED_BUT_MISSING, KEEP_ALL, True, ()),
     "id in no split list": (_unlisted, "skipped", "b.xml", stage.NOT_IN_SPLIT, KEEP_NO_B, False, ()),
+    # Split lists as editors and other systems write them: every id still found.
+    "byte-order mark in a split list": (_bom_list, None, "", None, KEEP_ALL, False, ()),
+    "Windows line ends and a per-class flag": (_crlf_flag_list, None, "", None, KEEP_ALL, False, ()),
+    "id with a space": (_rename_b("b 2"), None, "", None, {"a", "b 2", "c", "d"}, False, ()),
+    "id with bytes that are not UTF-8": (_rename_b(os.fsdecode(b"b\xe9")), None, "", None,
+                                         {"a", os.fsdecode(b"b\xe9"), "c", "d"}, False, ()),
 }
 
 
@@ -652,6 +678,23 @@ IR_VIDEO_BAD = {
         lambda r: _write_avi(r / "videos" / "clipA.avi", 3) or (r / "annotations" / "clipA.txt").write_text("\n" * 3),
         "clipA.avi", stage.SHORT_VIDEO, {"clipB"}, False,
     ),
+    "blank line after the last frame of a box list": (
+        lambda r: (r / "annotations" / "clipA.txt").write_text((r / "annotations" / "clipA.txt").read_text() + "\n"),
+        "clipA.txt", stage.BOX_LIST_TAIL, BOTH, False,
+    ),
+    "byte-order mark in a box list and the splits file": (
+        lambda r: [(r / f).write_bytes(b"\xef\xbb\xbf" + (r / f).read_bytes())
+                   for f in ("annotations/clipA.txt", "splits.json")],
+        None, None, BOTH, False,
+    ),
+    "MOT class id not a whole number": (
+        lambda r: (r / "annotations" / "clipB" / "gt.txt").write_text("1,1,1,1,4,4,1,1.7,1\n"),
+        "gt.txt", ann.MALFORMED_MOT, {"clipA"}, True,
+    ),
+    "MOT track id not a whole number": (
+        lambda r: (r / "annotations" / "clipB" / "gt.txt").write_text("1,2.5,1,1,4,4,1,1,1\n"),
+        "gt.txt", ann.MALFORMED_MOT, {"clipA"}, True,
+    ),
     "video in two split lists": (
         lambda r: (r / "splits.json").write_text('{"train": ["clipA", "clipB"], "val": ["clipB"]}'),
         "splits.json", stage.VIDEO_IN_TWO_SPLITS, BOTH, True,
@@ -666,7 +709,10 @@ def test_ir_video_bad_input(tmp_path, capsys, kind):
     mutate(tmp_path / "irv")
     assert ir_video_run(tmp_path) == 0
     m = manifest(tmp_path, "ir")
-    assert (file, reason) in entries(m, "skipped") | entries(m, "fixed")
+    if reason is None:
+        assert m["skipped"] == [] and m["fixed"] == []
+    else:
+        assert (file, reason) in entries(m, "skipped") | entries(m, "fixed")
     got = samples(tmp_path, "ir")
     assert {s["meta"]["video"] for s in got} == videos
     if kind == "corrupt frame in a folder":
@@ -773,6 +819,56 @@ def test_killed_run_leaves_no_complete_looking_shard_and_rerun_is_clean(tmp_path
     assert _tree(out) == first
     assert main(["--params", "params.yaml", *args]) == 0
     assert _tree(out) == first  # byte-identical, manifest included
+
+
+_SLOW_POOL = """
+import sys, time
+from pathlib import Path
+import pipeline.prepare as prepare
+original = prepare.load_image
+def load_image(path, *args, **kw):
+    Path(sys.argv[1]).touch()  # a pool worker is converting
+    time.sleep(0.1)
+    return original(path, *args, **kw)
+prepare.load_image = load_image
+sys.exit(prepare.main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_stops_a_pool_of_workers_at_once_and_keeps_the_previous_output(tmp_path, monkeypatch):
+    """Ctrl-C signals the whole foreground process group, pool workers included; it used to
+    leave the main process waiting forever on a lock a dead worker held (2 runs in 3)."""
+    items = {f"img{i:02d}": [("cat", (1, 1, 5 + i % 20, 5 + i % 20))] for i in range(60)}
+    make_voc(tmp_path / "voc", items, {"train": list(items), "val": []})
+    (tmp_path / "params.yaml").write_text("prepare: {}\n")
+    args = ["--set", "voc.root=voc", "--set", "ir.enabled=false", "--set", "voc.out=data/voc",
+            "--set", "ir.out=data/ir", "--set", "allow_empty_splits=true"]
+    monkeypatch.chdir(tmp_path)
+    assert main(["--params", "params.yaml", "--set", "workers=1", *args]) == 0
+    before = _tree(tmp_path / "data" / "voc")
+    for trial in range(3):
+        marker = tmp_path / f"working-{trial}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SLOW_POOL, str(marker), "--set", "workers=2", *args], cwd=tmp_path,
+            env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert marker.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "no worker started"
+            time.sleep(0.3)
+            os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+            proc.wait(timeout=20)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        err = proc.stderr.read()
+        assert proc.returncode == 130, err[-2000:]
+        assert "Traceback" not in err and "interrupted (Ctrl-C)" in err
+        assert _tree(tmp_path / "data" / "voc") == before
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["ir", "voc"]  # nothing temporary left
 
 
 def test_cli_strict_one_line_error(tmp_path):

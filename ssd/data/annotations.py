@@ -153,6 +153,35 @@ def parse_voc_xml(text: str | bytes) -> VocRecord:
 
 
 # ---------------------------------------------------------------------------
+# Split lists
+
+
+def decode_list_file(data: bytes) -> str:
+    """The text of a split list or similar id list, as file names are decoded.
+
+    UTF-8 with an optional byte-order mark (which Windows editors write, and which would
+    otherwise stick to the first id); bytes that are not UTF-8 are kept as Python keeps them
+    in file names (``surrogateescape``), so an id matches the file it names whatever its bytes.
+    """
+    return data.decode("utf-8-sig", errors="surrogateescape")
+
+
+def parse_id_list(text: str) -> list[tuple[str, str]]:
+    """The ids of a VOC split list: per entry ``(whole line, first field)``, both stripped.
+
+    A line is an id, or an id and a flag (VOC's per-class lists: ``000005 -1``); blank lines
+    and ``#`` comments are skipped. Which of the two is the id depends on the files present
+    (an id may contain a space), so both are returned for the caller to match.
+    """
+    out = []
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#"):
+            out.append((stripped, stripped.split()[0]))
+    return out
+
+
+# ---------------------------------------------------------------------------
 # IR box lists and MOT gt.txt
 
 _SEPARATORS = re.compile(r"[\s,]+")
@@ -213,7 +242,8 @@ def parse_mot(text: str) -> dict[int, list[TrackBox]]:
     absent: they have no objects). ``conf`` defaults to 1 and ``class`` to 1
     when the columns are missing; ``visibility`` is not used. Blank lines are
     ignored. Raises :class:`AnnotationError` (:data:`MALFORMED_MOT`) for fewer
-    than six fields, a non-numeric or non-finite value, or a negative frame.
+    than six fields, a non-numeric or non-finite value, a negative frame, or a frame, track
+    or class id that is not a whole number.
     """
     out: dict[int, list[TrackBox]] = {}
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -232,8 +262,12 @@ def parse_mot(text: str) -> dict[int, list[TrackBox]]:
         if frame < 0 or frame != int(frame):
             raise AnnotationError(MALFORMED_MOT, f"line {lineno}: frame {fields[0]!r} is not a frame number")
         conf = values[6] if len(values) > 6 else 1.0
-        class_id = int(values[7]) if len(values) > 7 else 1
-        out.setdefault(int(frame), []).append(TrackBox((x, y, x + w, y + h), class_id, int(track), conf == 0))
+        class_id = values[7] if len(values) > 7 else 1.0
+        for what, value in (("track id", track), ("class id", class_id)):
+            if value != int(value):  # truncating 1.7 to class 1 would label the box silently
+                raise AnnotationError(MALFORMED_MOT, f"line {lineno}: {what} {value:g} is not a whole number")
+        box = TrackBox((x, y, x + w, y + h), int(class_id), int(track), conf == 0)
+        out.setdefault(int(frame), []).append(box)
     return out
 
 
