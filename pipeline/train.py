@@ -78,8 +78,9 @@ PLOT_FIELDS = ("step", "loss", "box_loss", "class_loss", "lr", "grad_norm", "ima
 class _StopFlag:
     """SIGTERM/SIGINT set a flag (no collectives in a signal handler); a second SIGINT aborts."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "finishing the current step, then saving a checkpoint") -> None:
         self.requested = False
+        self.then = then
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
@@ -95,7 +96,7 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("received %s: finishing the current step, then saving a checkpoint", signal.Signals(signum).name)
+        log.warning("received %s: %s", signal.Signals(signum).name, self.then)
 
 
 @contextlib.contextmanager
@@ -143,7 +144,7 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
     try:
         code = _loop(r)
         if code == 0:
-            _finish(r)
+            code = _finish(r)
         return code
     finally:
         r.log.close()
@@ -418,32 +419,49 @@ def _save_checkpoint(r: _Run) -> None:
     checkpoints.save_checkpoint(r.accelerator, r.paths.checkpoints, r.step, meta, r.cfg.keep_last)
 
 
-def _finish(r: _Run) -> None:
-    """Write the model file and the run's metrics (main process); remove the checkpoints."""
-    r.accelerator.wait_for_everyone()
-    if r.accelerator.is_main_process:
-        h, seconds = r.history, max(r.history["train_seconds"], 1e-9)
-        losses = h["losses"]
-        summary = {
-            "steps": r.step,
-            "final_loss": round(sum(losses) / len(losses), 6) if losses else None,
-            "images_per_s": round(h["images"] / seconds, 2),
-            "wall_time_s": round(h["train_seconds"], 2),
-            "data_wait_fraction": round(h["wait_seconds"] / seconds, 4),
-            "nonfinite_steps": h["nonfinite"],
-            "world_size": r.accelerator.num_processes,
-        }
-        if r.carry is not None:  # clips (on this process) that started from the previous clip's state
-            summary["carried_clips"] = h.get("carried_clips", 0)
-        # How it ran (not metrics to compare): the precision in use, every process count it ran with.
-        ran = {"mixed_precision": r.accelerator.mixed_precision, "world_sizes": h["world_sizes"]}
-        save_model_file(r.paths.model, r.unwrapped, r.classes,
-                        meta={"train_config": to_dict(r.cfg), "summary": summary, "ran": ran})
-        atomic.write_json(r.paths.metrics, summary)
-        log.info("wrote %s and %s: %s", r.paths.model, r.paths.metrics, summary)
-        if not r.cfg.keep_checkpoints:
+def _finish(r: _Run) -> int:
+    """Write the model file and the run's metrics (main process); remove the checkpoints.
+
+    A SIGTERM or Ctrl-C meanwhile does not cut the writing short: the outputs are completed,
+    a checkpoint of the finished state is kept instead of the checkpoints being removed, and
+    the exit code is 75 (a rerun resumes at the last step and writes the outputs again).
+    """
+    with _StopFlag("writing the model file first, then a checkpoint") as stop:
+        r.accelerator.wait_for_everyone()
+        if r.accelerator.is_main_process:
+            _write_outputs(r)
+        flag = torch.tensor([float(stop.requested)], device=r.accelerator.device)
+        if float(r.accelerator.reduce(flag, reduction="sum")) > 0:  # every rank decides alike
+            _save_checkpoint(r)
+            log.warning("stopped after writing %s; a rerun of the same command finishes at once", r.paths.model)
+            return EXIT_PREEMPTED
+        if r.accelerator.is_main_process and not r.cfg.keep_checkpoints:
             shutil.rmtree(r.paths.checkpoints, ignore_errors=True)
-    r.accelerator.wait_for_everyone()
+        r.accelerator.wait_for_everyone()
+    return 0
+
+
+def _write_outputs(r: _Run) -> None:
+    """The model file and the metrics JSON (main process)."""
+    h, seconds = r.history, max(r.history["train_seconds"], 1e-9)
+    losses = h["losses"]
+    summary = {
+        "steps": r.step,
+        "final_loss": round(sum(losses) / len(losses), 6) if losses else None,
+        "images_per_s": round(h["images"] / seconds, 2),
+        "wall_time_s": round(h["train_seconds"], 2),
+        "data_wait_fraction": round(h["wait_seconds"] / seconds, 4),
+        "nonfinite_steps": h["nonfinite"],
+        "world_size": r.accelerator.num_processes,
+    }
+    if r.carry is not None:  # clips (on this process) that started from the previous clip's state
+        summary["carried_clips"] = h.get("carried_clips", 0)
+    # How it ran (not metrics to compare): the precision in use, every process count it ran with.
+    ran = {"mixed_precision": r.accelerator.mixed_precision, "world_sizes": h["world_sizes"]}
+    save_model_file(r.paths.model, r.unwrapped, r.classes,
+                    meta={"train_config": to_dict(r.cfg), "summary": summary, "ran": ran})
+    atomic.write_json(r.paths.metrics, summary)
+    log.info("wrote %s and %s: %s", r.paths.model, r.paths.metrics, summary)
 
 
 def _trace_path(r: _Run) -> Path:

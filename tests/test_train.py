@@ -293,6 +293,34 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(kept_checkp
         f"error: checkpoints/tiny/step-00000004: the checkpoint can't be loaded ({error}")
 
 
+SIGNAL_IN_SAVE = """
+import os, signal, sys
+import pipeline.train as train
+original = train.save_model_file
+def save_model_file(*args, **kw):
+    os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice arrives while the model is written
+    return original(*args, **kw)
+train.save_model_file = save_model_file
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_the_model_is_written_finishes_it_keeps_a_checkpoint_and_exits_75(tmp_path):
+    cwd = workdir(tmp_path, steps=6, checkpoint_every=4, trace=False)
+    result = subprocess.run([sys.executable, "-c", SIGNAL_IN_SAVE], cwd=cwd, env=env(), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 75, result.stderr[-3000:]
+    model = cwd / "models" / "tiny.pt"
+    written = weights(model)  # complete and loadable
+    assert json.loads((cwd / "metrics" / "train-tiny.json").read_text())["steps"] == 6
+    assert (cwd / "checkpoints" / "tiny" / "step-00000006").is_dir()  # the finished state, kept
+    again = run_train(cwd, 1)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "at step 6" in again.stderr  # resumed at the end: no step trained twice
+    assert max_difference(weights(model), written) == 0
+    assert not (cwd / "checkpoints" / "tiny").exists()
+
+
 def test_missing_shard_is_a_one_line_error(tmp_path):
     cwd = workdir(tmp_path)
     local = tmp_path / "own-shards"
