@@ -45,7 +45,7 @@ import torch
 from ssd import atomic
 from ssd.postprocess import PostprocessConfig
 from pipeline.config import ConfigError, load_config, load_params, to_dict
-from pipeline.stage import StageError, arg_parser, run
+from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.data.shards import list_shards
 from ssd.model_file import ModelFileError, read_model_file
 
@@ -271,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise StageError(f"unknown benchmark section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
         check_inputs(cfg, names)
-        result = benchmark(cfg, names)
         out = args.out or cfg.out
+        check_writable(Path(out).parent)
+        result = benchmark(cfg, names)
         atomic.write_json(out, result)
         log.info("wrote %s", out)
         if "models" in result:

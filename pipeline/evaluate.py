@@ -182,10 +182,12 @@ def predict(
     must come in (video, frame number) order, as ``eval_loader(kind="frames_from_clips")``
     yields them); any other mode runs whole batches, a temporal model from a fresh state.
     """
+    from ssd.data.loader import batches
+
     acc = accumulator if accumulator is not None else DetectionAccumulator()
     if mode == "video":
         state, previous = None, None
-        for batch in loader:
+        for batch in batches(loader):
             images = batch.images.to(device)
             for i in range(len(batch)):
                 current = (batch.video[i], int(batch.frames[i][0]))
@@ -195,7 +197,7 @@ def predict(
                 acc.add(batch.keys[i], batch.sizes[i], postprocessor(logits, deltas)[0], batch.targets[i])
                 previous = current
         return acc
-    for batch in loader:
+    for batch in batches(loader):
         out = model(batch.images.to(device))  # a temporal model: state=None, fresh for every image
         for key, size, det, target in zip(batch.keys, batch.sizes, postprocessor(out[0], out[1]), batch.targets):
             acc.add(key, size, det, target)

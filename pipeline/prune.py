@@ -55,7 +55,7 @@ from torch import nn
 
 from ssd import atomic
 from pipeline.config import check_run_name, choose_section, load_config, load_params, to_dict
-from pipeline.stage import StageError, arg_parser, run
+from pipeline.stage import StageError, arg_parser, check_writable, run
 from pipeline.train_config import DataConfig
 from ssd.loss import LossConfig
 from ssd.model_file import ModelFileError, load_model_file, save_model_file
@@ -268,6 +268,7 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     out_model = Path(cfg.models_dir) / f"{train_name}.pt"
     out_metrics = Path(cfg.metrics_dir) / f"prune-{name}.json"
     work = Path(cfg.runs_dir) / train_name / "prune"
+    check_writable(cfg.models_dir, cfg.metrics_dir, cfg.runs_dir, cfg.checkpoints_dir)
 
     try:
         model, info = load_model_file(cfg.model)

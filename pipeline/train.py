@@ -280,6 +280,8 @@ def _load_state(accelerator, checkpoint: Path, root: Path) -> None:
 
 def _micro_batches(r: _Run, first: int) -> Iterator[Any]:
     """Micro-batches from position ``first`` on, across epochs; deterministic in the position."""
+    from ssd.data.loader import batches
+
     epoch, start = divmod(first, r.batches_per_epoch)
     rank, world = r.accelerator.process_index, r.accelerator.num_processes
     while True:
@@ -288,8 +290,8 @@ def _micro_batches(r: _Run, first: int) -> Iterator[Any]:
         # inherit the block and a preemption signal can't kill one mid-epoch; the training
         # process gets the pending signal as soon as the block is lifted.
         with _signals_blocked():
-            batches = iter(loader)
-        yield from batches
+            started = iter(loader)
+        yield from batches(started)  # workers stopped even when a bad sample ends the run
         epoch, start = epoch + 1, 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import multiprocessing
 import shutil
 import struct
 import tarfile
@@ -209,6 +210,8 @@ MATRIX: dict[str, Case] = {
     "no classes": prepare("voc.classes=[]", message="prepare.voc.classes: must not be empty"),
     "duplicate class names": prepare("voc.classes=[cat, dog, cat]", message="'cat' is listed twice"),
     "empty split list": prepare("voc.splits=[]", message="prepare.voc.splits: must not be empty"),
+    "image size too small for SSD300-VGG16": train("model.name=ssd300_vgg16", "model.image_size=64",
+                                                   message="image_size 64 is too small for this architecture"),
     "run name ..": train("name=..", message="not a valid run name"),
     "run name escaping the project": train("name=../../escape", message="not a valid run name"),
     "evaluate batch size 0": evaluate("batch_size=0", message="batch_size"),
@@ -246,8 +249,14 @@ MATRIX: dict[str, Case] = {
     "random-byte shard": train(setup=write(TRAIN_SHARD, bytes(range(256)) * 40), message="train-000000.tar"),
     "undecodable JPEG in a shard (train)": train(
         setup=shard_member(TRAIN_SHARD, ".jpg", lambda d: b"\xff\xd8\xff" + bytes(200)), message="train-000000.tar"),
+    "undecodable JPEG in a shard (loader worker process)": train(
+        "data.num_workers=1", setup=shard_member(TRAIN_SHARD, ".jpg", lambda d: b"\xff\xd8\xff" + bytes(200)),
+        message="train-000000.tar: sample"),
     "undecodable JPEG in a shard (evaluate)": evaluate(
         setup=shard_member(VAL_SHARD, ".jpg", lambda d: b"\xff\xd8\xff" + bytes(200)), message="val-000000.tar"),
+    "undecodable JPEG in a shard (evaluate, loader worker process)": evaluate(
+        "num_workers=1", setup=shard_member(VAL_SHARD, ".jpg", lambda d: b"\xff\xd8\xff" + bytes(200)),
+        message="val-000000.tar: sample"),
     "label out of range in a shard (train)": train(
         setup=shard_member(TRAIN_SHARD, ".json", label_out_of_range), message="label 5 is not a class"),
     "label out of range in a shard (evaluate)": evaluate(
@@ -303,6 +312,8 @@ def test_bad_input(kind, template, tmp_path, monkeypatch, capsys):
         code = e.code
     err = capsys.readouterr().err
     assert "Traceback" not in err, err[-3000:]
+    # No worker process outlives the stage (one left behind kept the process from exiting).
+    assert multiprocessing.active_children() == []
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == case.code, err[-3000:]
     after = _snapshot(root)

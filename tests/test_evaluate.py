@@ -229,7 +229,7 @@ def test_bad_model_file_is_a_one_line_error(project, tmp_path, monkeypatch, caps
     [
         ("mode=movie", "evaluate.mode: expected one of"),
         ("postprocess.nms=0.5", "evaluate.postprocess.nms: unknown key"),
-        ("batch_size=0", "batch_size must be at least 1"),
+        ("batch_size=0", "evaluate.batch_size: must be at least 1, got 0"),
         ("mode=video", "mode 'video' needs clip shards"),
         ("split=test", "no split 'test'"),
         ("name=..", "name '..' is not a valid run name"),  # reports/.. would be replaced

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -10,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -247,7 +249,7 @@ def test_tensorboard_has_loss_and_learning_rate(reference_run):
         # checkpoints/.. (the project) was removed when the run finished; ../../x wrote outside it
         (["name=..", "steps=2", "checkpoint_every=1"], "train: name '..' is not a valid run name"),
         (["name=../../escape"], "train: name '../../escape' is not a valid run name"),
-        (["name=''"], "train: name '' is not a valid run name"),
+        (["name=''"], "train.name: must not be empty"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
@@ -319,6 +321,27 @@ def test_sigterm_while_the_model_is_written_finishes_it_keeps_a_checkpoint_and_e
     assert "at step 6" in again.stderr  # resumed at the end: no step trained twice
     assert max_difference(weights(model), written) == 0
     assert not (cwd / "checkpoints" / "tiny").exists()
+
+
+def test_a_bad_sample_read_in_a_loader_worker_stops_the_run_and_the_process_exits(tmp_path):
+    """The loader's workers ignore SIGTERM (so a preemption can't kill one mid-step): the run
+    used to print its error and then wait forever for them at exit."""
+    cwd = workdir(tmp_path, **{"data.num_workers": 2, "trace": False})
+    local = tmp_path / "own-shards"
+    shutil.copytree(cwd / "shards", local)
+    with tarfile.open(local / "train-000000.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    with tarfile.open(local / "train-000000.tar", "w") as tar:
+        for info, data in members:
+            data = b"\xff\xd8\xff" + bytes(200) if info.name.endswith(".jpg") else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (cwd / "shards").unlink()
+    (cwd / "shards").symlink_to(local)
+    result = run_train(cwd, 1, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: shards/train-000000.tar: sample '")
 
 
 def test_missing_shard_is_a_one_line_error(tmp_path):

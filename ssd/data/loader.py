@@ -885,6 +885,24 @@ def eval_loader(
     )
 
 
+def batches(loader: DataLoader | Iterator[Any]) -> Iterator[Any]:
+    """The batches of ``loader`` (or of an iterator over one), its worker processes stopped
+    however the iteration ends.
+
+    A DataLoader iterator stops its workers when it is garbage-collected. An exception from a
+    batch (a bad sample raised in a worker) keeps the iterator alive in its traceback, and
+    the workers with it; Python's exit then waits for them, forever when they ignore SIGTERM
+    (training starts them so). Iterating through this stops them at once instead.
+    """
+    iterator = iter(loader)
+    try:
+        yield from iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
+        if shutdown is not None:
+            shutdown()
+
+
 def _check_kind(kind: str) -> None:
     if kind not in _KINDS:
         raise ValueError(f"kind must be one of {', '.join(_KINDS)}, got {kind!r}")

@@ -92,7 +92,8 @@ def feature_shapes(
     """``(channels, height, width)`` of every map backbone + extras produce at ``image_size``.
 
     Runs one dummy forward in eval mode (so batch norm doesn't mind a batch of
-    one) and restores the modules' modes.
+    one) and restores the modules' modes. ``ValueError`` when ``image_size`` is too small
+    for the layers (a map would shrink to nothing).
     """
     modes = [(m, m.training) for m in [backbone, *extras]]
     for m, _ in modes:
@@ -105,6 +106,11 @@ def feature_shapes(
         for layer in extras:
             last = layer(last)
             maps.append(last)
+    except RuntimeError as e:  # a convolution or pooling with nothing left to work on
+        if "size" not in str(e):
+            raise
+        raise ValueError(f"image_size {image_size} is too small for this architecture: "
+                         f"a feature map would be empty ({str(e).strip().splitlines()[0][:120]})") from None
     finally:
         for m, mode in modes:
             m.train(mode)
