@@ -2,9 +2,12 @@
 
 Each stage declares its configuration as a frozen dataclass (a comment on
 every default), and parses its section of ``params.yaml`` with
-:func:`load_config`. Unknown keys and values of the wrong type are a
-:class:`ConfigError` whose one-line message names the key and lists the valid
-ones; command-line overrides (``key.sub=value``, the value parsed as YAML) are
+:func:`load_config`. This is where every configuration is validated: unknown keys,
+values of the wrong type, numbers that are not finite, empty strings, and values
+outside the bounds a field declares (``Annotated[int, AtLeast(1)]``, see
+:mod:`ssd.bounds`) are a :class:`ConfigError` whose one-line message names the
+key; the dataclasses' own ``__post_init__`` checks (rules across fields) become
+one too. Command-line overrides (``key.sub=value``, the value parsed as YAML) are
 applied before validation, so they get the same checks.
 """
 

@@ -245,10 +245,13 @@ def _device(name: str) -> torch.device:
 
 
 def _check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
-    """Outputs must differ from each other and from every input (an input folder's files
+    """Outputs must differ from each other and from every input (an input folder's frames
     included), and their folders must be writable."""
     def same(a: Path, b: Path) -> bool:
         return a.resolve() == b.resolve() or (a.exists() and b.exists() and a.samefile(b))
+
+    def frame_of(path: Path, folder: Path) -> bool:
+        return folder.is_dir() and same(path.parent, folder) and path.suffix.lower() in FRAME_SUFFIXES
 
     flags = list(outputs)
     for i, flag in enumerate(flags):
@@ -257,14 +260,14 @@ def _check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
             if same(path, outputs[other]):
                 raise StageError(f"{flag} {path}: the same file as {other}")
         for what, source in inputs.items():
-            if same(path, source) or (source.is_dir() and same(path.parent, source) and path.exists()):
+            if same(path, source) or (frame_of(path, source) and path.exists()):
                 raise StageError(f"{flag} {path}: is the input {what} (or a file in it); choose another name")
         check_writable(path.parent)
 
 
 def detect(args: argparse.Namespace) -> int:
     from ssd.draw import draw_detections
-    from ssd.model_file import ModelFileError, load_model_file
+    from ssd.model_file import load_model_file
     from ssd.postprocess import PostprocessConfig, PostProcessor
 
     if len(args.fourcc) != 4:
@@ -280,10 +283,7 @@ def detect(args: argparse.Namespace) -> int:
     _check_outputs({"--out": out, "--jsonl": jsonl}, {"input": Path(args.input), "model file": Path(args.model)})
     device = _device(args.device)
     source = open_source(Path(args.input), args.fps)
-    try:
-        model, info = load_model_file(args.model, map_location=device)
-    except ModelFileError as e:
-        raise StageError(str(e)) from None
+    model, info = load_model_file(args.model, map_location=device)  # a bad file: InputError, one line from stage.run
     class_names = list(info.get("class_names", []))
     size = int(model.image_size)
     temporal = bool(getattr(model, "is_temporal", False))

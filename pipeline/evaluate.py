@@ -77,7 +77,7 @@ from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.bounds import Count, Fraction, PositiveInt
 from ssd.draw import draw_detections
 from ssd.metrics import DetectionAccumulator, ImageRecord, VocResult, pr_curve_points
-from ssd.model_file import ModelFileError, load_model_file
+from ssd.model_file import load_model_file
 from ssd.postprocess import PostprocessConfig, PostProcessor
 
 log = logging.getLogger("pipeline.evaluate")
@@ -209,10 +209,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     check_writable(cfg.metrics_dir, cfg.plots_dir, cfg.reports_dir, cfg.runs_dir)
     manifest = read_manifest(cfg.shards)
     shards = manifest.shard_paths(cfg.split)
-    try:
-        model, info = load_model_file(cfg.model)
-    except ModelFileError as e:
-        raise StageError(str(e)) from None
+    model, info = load_model_file(cfg.model)  # a bad file: InputError, one line from stage.run
     model_classes = list(info.get("class_names", []))
     if model_classes != manifest.classes:
         raise StageError(

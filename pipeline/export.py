@@ -55,7 +55,7 @@ def export(args: argparse.Namespace) -> int:
     except ImportError:
         raise StageError("onnx is not installed: pip install -c constraints.txt '.[export]'") from None
     from ssd.export import MAX_OPSET, MIN_OPSET, onnxruntime_difference, save_onnx
-    from ssd.model_file import ModelFileError, load_model_file
+    from ssd.model_file import load_model_file
 
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise StageError(f"--opset {args.opset}: supported are {MIN_OPSET} to {MAX_OPSET}")
@@ -63,10 +63,7 @@ def export(args: argparse.Namespace) -> int:
     if out.exists() and Path(args.model).exists() and out.samefile(args.model):
         raise StageError(f"--out {out}: is the input model file")
     check_writable(out.parent)
-    try:
-        model, info = load_model_file(args.model)
-    except ModelFileError as e:
-        raise StageError(str(e)) from None
+    model, info = load_model_file(args.model)  # a bad file: InputError, one line from stage.run
     arch = info.get("arch", {})
     metadata = {
         "class_names": info.get("class_names", []),

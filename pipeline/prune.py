@@ -270,10 +270,7 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     work = Path(cfg.runs_dir) / train_name / "prune"
     check_writable(cfg.models_dir, cfg.metrics_dir, cfg.runs_dir, cfg.checkpoints_dir)
 
-    try:
-        model, info = load_model_file(cfg.model)
-    except ModelFileError as e:
-        raise StageError(str(e)) from None
+    model, info = load_model_file(cfg.model)  # a bad file: InputError, one line from stage.run
     classes, size = list(info["class_names"]), int(info["image_size"])
 
     cost_before = _cost(model, size)
