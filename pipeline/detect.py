@@ -34,7 +34,8 @@ complete:
   their file names.
 
 Exit codes: 0 done; 2 with a one-line message for a missing or unreadable model file,
-video or frame, an empty frames folder, or a codec OpenCV can't open.
+video or frame, an empty frames folder, a codec OpenCV can't open, an ``OUT`` that is not a
+video name (``.mp4``, ``.avi``, ``.mkv``, ``.mov``, ``.m4v``) or that is one of the inputs.
 """
 
 from __future__ import annotations
@@ -64,6 +65,9 @@ from pipeline.stage import StageError, check_writable, run
 log = logging.getLogger("pipeline.detect")
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+#: Containers the annotated video may be written as (OpenCV's writers); any other --out name
+#: would get a video stream under a name that promises something else.
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v")
 #: Frame rate of the output video when the input is a folder of frames.
 DEFAULT_FOLDER_FPS = 25.0
 #: Weight of the newest frame in the smoothed speed shown on the video.
@@ -279,6 +283,8 @@ def detect(args: argparse.Namespace) -> int:
     if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise StageError(f"--fps {args.fps:g}: expected a positive frame rate")
     out = Path(args.out)
+    if out.suffix.lower() not in VIDEO_SUFFIXES:
+        raise StageError(f"--out {out}: detect writes an annotated video; name it {', '.join(VIDEO_SUFFIXES)}")
     jsonl = Path(args.jsonl) if args.jsonl else out.with_suffix(".jsonl")
     _check_outputs({"--out": out, "--jsonl": jsonl}, {"input": Path(args.input), "model file": Path(args.model)})
     device = _device(args.device)

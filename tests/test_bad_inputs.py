@@ -267,6 +267,8 @@ MATRIX: dict[str, Case] = {
                                        "is the input"),
     "detect detections file is the input": Case(
         "detect", (MODEL, VIDEO, "--out", "o.avi", "--jsonl", VIDEO, "--fourcc", "MJPG"), 2, "is the input"),
+    "detect output named as an image": Case("detect", (MODEL, VIDEO, "--out", "o.jpg"), 2,
+                                            "--out o.jpg: detect writes an annotated video"),
     "detect frame rate 0": Case("detect", (MODEL, "data/irv/frames/clipB", "--out", "o.avi", "--fourcc", "MJPG",
                                            "--fps", "0"), 2, "--fps 0"),
     "detect input missing": Case("detect", (MODEL, "media/none.avi", "--out", "o.avi"), 2, "media/none.avi"),
