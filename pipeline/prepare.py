@@ -322,8 +322,8 @@ def load_image(path: str, jpeg_quality: int | None = None, max_pixels: int | Non
 def _image_from_bytes(data: bytes, jpeg_quality: int | None, max_pixels: int | None = None) -> LoadedImage:
     if not data:
         return LoadedImage(error=(CORRUPT_IMAGE, "empty file"))
-    size = images.header_size(data)
-    if max_pixels is not None and size is not None and size[0] * size[1] > max_pixels:
+    size = images.header_size(data) if max_pixels is not None else None
+    if size is not None and size[0] * size[1] > max_pixels:
         return LoadedImage(error=(IMAGE_TOO_LARGE, f"{size[0]}x{size[1]} is over prepare.max_pixels ({max_pixels})"))
     try:
         pixels, damage = images.decode_checked(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)

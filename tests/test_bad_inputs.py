@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import io
 import json
 import multiprocessing
 import shutil
@@ -105,7 +106,7 @@ def shard_member(path: str, member_suffix: str, change: Callable[[bytes], bytes]
                 if not done and info.name.endswith(member_suffix):
                     data, done = change(data), True
                 info.size = len(data)
-                tar.addfile(info, __import__("io").BytesIO(data))
+                tar.addfile(info, io.BytesIO(data))
 
     return f
 

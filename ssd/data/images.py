@@ -19,7 +19,6 @@ import io
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Iterator
 
 import cv2
@@ -33,16 +32,17 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     """``(width, height)`` from the image header, or None when no header can be read."""
     from PIL import Image
 
+    # Pillow refuses to open an image over its own decompression-bomb limit (about 179
+    # million pixels) and so would hide the size; the caller applies its own limit, so
+    # Pillow's is lifted while the header is read (prepare reads images one per process).
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Image.DecompressionBombError:
-        # Pillow's own limit (about 179 million pixels) was hit while opening: certainly too large.
-        return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
     except Exception:  # not an image Pillow knows: let the decoder decide
         return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
 
 
 def decode_checked(data: bytes, flags: int) -> tuple[np.ndarray | None, str | None]:
