@@ -7,7 +7,10 @@ Contents (a ``torch.save`` of plain data, loadable with ``weights_only=True``)::
       "arch": {"name": builder, **builder arguments},   # model.arch; a pruned model's also holds
                                                          # "pruned": {module: widths} (ssd.pruning)
       "class_names": [...],                              # object classes, label k -> class_names[k-1]
-      "image_size": S, "mean": [...], "std": [...],      # the input the model expects
+      "image_size": S, "mean": [...], "std": [...],      # the input the model expects: mean/std
+                                                         # for [0, 1] pixels in the network's order,
+      "input_norm": {"channels": "rgb"|"bgr", "scale": 1|255, "mean": [...], "std": [...]},
+                                                         # the same in the weights' own terms
       "state_dict": {...},
       "meta": {...},                                     # free-form: training config, metrics, ...
     }
@@ -58,6 +61,7 @@ def save_model_file(
         "image_size": model.image_size,
         "mean": model.mean.flatten().tolist(),
         "std": model.std.flatten().tolist(),
+        "input_norm": model.input_norm.to_dict(),
         "state_dict": state,
         "meta": dict(meta or {}),
     }

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -38,8 +38,10 @@ class PriorConfig:
     """Distance between neighbouring centres on each map; ``None``: ``image_size / map size``."""
     offset: float = 0.5
     """Centre of cell ``(i, j)`` is at ``(j + offset, i + offset) * step``."""
-    clip: bool = True
-    """Clamp the ``(cx, cy, w, h)`` values to ``[0, 1]``, as ssd.pytorch does."""
+    clip: bool | Literal["wh"] = True
+    """``True``: clamp the ``(cx, cy, w, h)`` values to ``[0, 1]``, as ssd.pytorch does;
+    ``"wh"``: clamp only the sizes, as torchvision's ``DefaultBoxGenerator`` does (centres
+    past the image edge stay); ``False``: no clamping."""
 
     def __post_init__(self) -> None:
         n = len(self.min_sizes)
@@ -54,6 +56,8 @@ class PriorConfig:
         for ratios in self.aspect_ratios:
             if any(r < 1 for r in ratios):
                 raise ValueError(f"aspect ratios must be >= 1 (1/r is added for each r), got {list(ratios)}")
+        if self.clip not in (True, False, "wh"):
+            raise ValueError(f"clip must be true, false or 'wh', got {self.clip!r}")
         if any(s <= 0 for s in self.min_sizes):
             raise ValueError(f"min_sizes must be positive, got {list(self.min_sizes)}")
 
@@ -99,7 +103,7 @@ class PriorConfig:
             aspect_ratios=tuple(tuple(float(r) for r in rs) for rs in d.get("aspect_ratios") or ()),
             steps=None if d.get("steps") is None else tuple(float(s) for s in d["steps"]),
             offset=float(d.get("offset", 0.5)),
-            clip=bool(d.get("clip", True)),
+            clip="wh" if d.get("clip") == "wh" else bool(d.get("clip", True)),
         )
 
     def scaled(self, factor: float) -> "PriorConfig":
@@ -150,6 +154,8 @@ def generate_priors(
             q = math.sqrt(r)
             wh += [(s * q, s / q), (s / q, s * q)]
         wh_t = torch.tensor(wh, dtype=torch.float64)
+        if config.clip == "wh":
+            wh_t = wh_t.clamp(min=0.0, max=1.0)
         cy = (torch.arange(fh, dtype=torch.float64) + config.offset) * step_y
         cx = (torch.arange(fw, dtype=torch.float64) + config.offset) * step_x
         cy, cx = torch.meshgrid(cy, cx, indexing="ij")  # [fh, fw]
@@ -158,7 +164,7 @@ def generate_priors(
         boxes = torch.cat((centres.expand(-1, a, 2), wh_t.expand(centres.shape[0], a, 2)), dim=-1)
         per_map.append(boxes.reshape(-1, 4))
     priors = torch.cat(per_map, dim=0)
-    if config.clip:
+    if config.clip is True:
         priors = priors.clamp(min=0.0, max=1.0)
     return priors.to(torch.float32)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from ssd.models.lstm_ssd import LSTMSSD, lstm_ssd_mobilenet_v2
+from ssd.models.mobilenet_v3 import ssdlite_mobilenet_v3_large
 from ssd.models.ssd import SSD
 from ssd.models.ssdlite import ssdlite_mobilenet_v2
 from ssd.models.vgg import ssd300_vgg16
@@ -18,6 +19,7 @@ BUILDERS: dict[str, Callable[..., SSD]] = {
     "ssdlite_mobilenet_v2": ssdlite_mobilenet_v2,
     "ssd300_vgg16": ssd300_vgg16,
     "lstm_ssd_mobilenet_v2": lstm_ssd_mobilenet_v2,
+    "ssdlite_mobilenet_v3_large": ssdlite_mobilenet_v3_large,
 }
 
 
@@ -30,4 +32,5 @@ def build_model(arch: Mapping[str, Any], **extra: Any) -> SSD:
     return BUILDERS[name](**args, **extra)
 
 
-__all__ = ["SSD", "LSTMSSD", "BUILDERS", "build_model", "ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2"]
+__all__ = ["SSD", "LSTMSSD", "BUILDERS", "build_model", "ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2",
+           "ssdlite_mobilenet_v3_large"]

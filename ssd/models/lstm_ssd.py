@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from ssd.lstm import BottleneckConvLSTMCell
-from ssd.models.ssd import IMAGENET_MEAN, IMAGENET_STD, SSD, feature_shapes
+from ssd.models.input_norm import IMAGENET, InputNorm
+from ssd.models.ssd import SSD, feature_shapes
 from ssd.models.ssdlite import STRIDE8_BLOCK, STRIDE16_BLOCK, TAPS, ssdlite_mobilenet_v2
 from ssd.priors import PriorConfig
 
@@ -59,7 +60,7 @@ class LSTMSSD(SSD):
             backbone maps after the blocks listed in ``taps`` (e.g.
             :class:`ssd.models.ssdlite.MobileNetV2Backbone`); the forward runs those
             blocks itself, so a cell can sit between two backbone stages.
-        extras, head, priors, image_size, mean, std, arch: as for :class:`SSD`.
+        extras, head, priors, image_size, input_norm, arch: as for :class:`SSD`.
         taps: indices of the ``backbone.features`` blocks whose outputs are maps.
         temporal: cell per map index ``k`` (0 = the first backbone map, in the
             order the head reads the maps); its output replaces map ``k``.
@@ -80,11 +81,10 @@ class LSTMSSD(SSD):
         taps: Sequence[int],
         temporal: Mapping[int, BottleneckConvLSTMCell],
         map_sizes: Sequence[tuple[int, int]],
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        input_norm: InputNorm = IMAGENET,
         arch: dict[str, Any] | None = None,
     ):
-        super().__init__(backbone, extras, head, priors, image_size, mean, std, arch)
+        super().__init__(backbone, extras, head, priors, image_size, input_norm, arch)
         num_maps = len(taps) + len(extras)
         if len(map_sizes) != num_maps:
             raise ValueError(f"{len(map_sizes)} map sizes for {num_maps} maps")
@@ -220,11 +220,13 @@ def lstm_ssd_mobilenet_v2(
     backbone_state_dict: Mapping[str, Tensor] | None = None,
     taps: Sequence[int] = TAPS,
     residual: bool = False,
+    input_norm: InputNorm | Mapping[str, Any] | None = None,
 ) -> LSTMSSD:
     """LSTM-SSD on SSDLite-MobileNetV2: the SSDLite of the same arguments plus temporal cells.
 
     Args:
-        num_classes, width_mult, image_size, extra_channels, priors, backbone_state_dict, taps:
+        num_classes, width_mult, image_size, extra_channels, priors, backbone_state_dict, taps,
+        input_norm:
             as for :func:`ssd.models.ssdlite.ssdlite_mobilenet_v2`; the detector parts,
             priors included, are exactly that model's.
         placement: where the cells go, a non-empty subset of ``("backbone", "extras", "stride8")``
@@ -248,7 +250,7 @@ def lstm_ssd_mobilenet_v2(
 
     base = ssdlite_mobilenet_v2(
         num_classes, width_mult, image_size, extra_channels, priors, backbone_state_dict=backbone_state_dict,
-        taps=taps,
+        taps=taps, input_norm=input_norm,
     )
     taps = base.backbone.taps
     shapes = feature_shapes(base.backbone, base.extras, image_size)
@@ -283,6 +285,7 @@ def lstm_ssd_mobilenet_v2(
         taps=taps,
         temporal=temporal,
         map_sizes=[(h, w) for _, h, w in shapes],
+        input_norm=base.input_norm,
         arch=arch,
     )
 

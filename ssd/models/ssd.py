@@ -19,9 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-#: ImageNet statistics (RGB, [0, 1] scale): torchvision backbones are trained with them.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ssd.models.input_norm import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, InputNorm  # noqa: F401
 
 
 class SSD(nn.Module):
@@ -33,7 +31,8 @@ class SSD(nn.Module):
         head: ``list of maps -> (Tensor[B, P, C], Tensor[B, P, 4])``.
         priors: ``Tensor[P, 4]`` cxcywh normalised, in the head's output order.
         image_size: the square input side the priors were made for.
-        mean, std: per-channel normalisation applied to the ``[0, 1]`` RGB input.
+        input_norm: what the weights expect (channel order, scale, mean, std); the
+            forward turns the ``[0, 1]`` RGB input into it.
         arch: the builder's name and arguments (plain data), stored in model files
             so the model can be rebuilt.
     """
@@ -45,8 +44,7 @@ class SSD(nn.Module):
         head: nn.Module,
         priors: Tensor,
         image_size: int,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
+        input_norm: InputNorm = IMAGENET,
         arch: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -56,15 +54,20 @@ class SSD(nn.Module):
         self.image_size = image_size
         self.arch = dict(arch or {})
         self.register_buffer("priors", priors.detach().clone())
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.input_norm = input_norm
+        self.bgr = input_norm.channels == "bgr"
+        mean, std = input_norm.unit_mean_std()  # for [0, 1] pixels
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     @property
     def num_classes(self) -> int:
         return self.head.num_classes
 
     def normalize(self, images: Tensor) -> Tensor:
-        """``[0, 1]`` RGB -> the backbone's input statistics."""
+        """``[0, 1]`` RGB -> what the weights expect (:attr:`input_norm`)."""
+        if self.bgr:
+            images = images.flip(1)
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def extra_features(self, last: Tensor) -> list[Tensor]:
@@ -117,19 +120,27 @@ def feature_shapes(
     return [(int(t.shape[1]), int(t.shape[2]), int(t.shape[3])) for t in maps]
 
 
-def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor]) -> None:
-    """Load torchvision-layout weights (``features.N.*``; other keys ignored) into a backbone.
+def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor], source: str = "backbone weights"):
+    """Load weights in the backbone's own keys (``features.N.*``; other keys ignored) and log what loaded.
 
-    Raises ``ValueError`` naming the first key whose shape doesn't match, or when no key matches.
+    Layers the weights don't cover start fresh, and the log names them (with the backbone's
+    ``layer_labels`` and ``by_design`` attributes, when it has them). Raises ``ValueError``
+    naming the first key whose shape doesn't match (weights of another width), or when no
+    key matches. Returns the :class:`ssd.weights.loading.LoadReport`.
     """
+    from ssd.weights.loading import load_matching
+
     own = backbone.state_dict()
-    usable = {k: v for k, v in state_dict.items() if k in own}
-    if not usable:
-        raise ValueError("no backbone weights match (expected torchvision keys like 'features.0.weight')")
-    for k, v in usable.items():
-        if own[k].shape != v.shape:
-            raise ValueError(f"backbone weight {k}: shape {tuple(v.shape)} does not match {tuple(own[k].shape)}")
-    backbone.load_state_dict(usable, strict=False)
+    if not any(k in own for k in state_dict):
+        raise ValueError(f"{source}: no backbone weights match (expected keys like 'features.0.weight', "
+                         f"got {', '.join(list(state_dict)[:3])}, ...)")
+    for k, v in state_dict.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{source}: weight {k}: shape {tuple(v.shape)} does not match {tuple(own[k].shape)}")
+    report = load_matching(backbone, {k: v for k, v in state_dict.items() if k in own}, source,
+                           labels=getattr(backbone, "layer_labels", None), by_design=getattr(backbone, "by_design", None))
+    report.log()
+    return report
 
 
 def freeze_batchnorm(model: nn.Module) -> None:

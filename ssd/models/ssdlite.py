@@ -17,6 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from ssd.models.heads import SSDLiteHead
+from ssd.models.input_norm import InputNorm
 from ssd.models.ssd import SSD, feature_shapes, load_backbone_weights
 from ssd.priors import PriorConfig, generate_priors, resolve_prior_config
 
@@ -102,6 +103,7 @@ def ssdlite_mobilenet_v2(
     priors: PriorConfig | Mapping[str, Any] | None = None,
     backbone_state_dict: Mapping[str, Tensor] | None = None,
     taps: Sequence[int] = TAPS,
+    input_norm: InputNorm | Mapping[str, Any] | None = None,
 ) -> SSD:
     """SSDLite-MobileNetV2.
 
@@ -116,12 +118,13 @@ def ssdlite_mobilenet_v2(
         backbone_state_dict: torchvision ``mobilenet_v2`` weights of the same width (keys
             ``features.N.*``), e.g. read by :func:`ssd.model_file.load_state_dict_file`.
         taps: backbone blocks whose outputs are maps (default ssds.pytorch's 13 and 17).
+        input_norm: what the weights expect (default torchvision's ImageNet convention).
     """
     extra_channels = list(extra_channels) if extra_channels is not None else scaled_channels(EXTRA_CHANNELS, width_mult)
     prior_cfg = resolve_prior_config(priors, ssds_mobilenet_v2_priors(), 300, image_size)
     backbone = MobileNetV2Backbone(width_mult, taps)
     if backbone_state_dict is not None:
-        load_backbone_weights(backbone, backbone_state_dict)
+        load_backbone_weights(backbone, backbone_state_dict, "torchvision mobilenet_v2")
     in_channels = backbone.features[backbone.taps[-1]].out_channels
     extras = nn.ModuleList()
     for c in extra_channels:
@@ -142,4 +145,7 @@ def ssdlite_mobilenet_v2(
         "priors": prior_cfg.to_dict(),
         "taps": list(backbone.taps),
     }
-    return SSD(backbone, extras, head, prior_boxes, image_size, arch=arch)
+    norm = InputNorm.from_dict(input_norm)
+    if input_norm is not None:
+        arch["input_norm"] = norm.to_dict()
+    return SSD(backbone, extras, head, prior_boxes, image_size, input_norm=norm, arch=arch)

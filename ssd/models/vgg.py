@@ -17,7 +17,9 @@ import torchvision
 from torch import Tensor, nn
 
 from ssd.models.heads import SSDHead
+from ssd.models.input_norm import IMAGENET, InputNorm
 from ssd.models.ssd import SSD, feature_shapes, load_backbone_weights
+from ssd.weights.vgg16 import vgg16_backbone_weights
 from ssd.priors import PriorConfig, generate_priors, resolve_prior_config
 
 #: Index of relu4_3 in torchvision's vgg16 ``features``.
@@ -40,6 +42,11 @@ class L2Norm(nn.Module):
 
 class VGG16Backbone(nn.Module):
     """``Tensor[B, 3, S, S] -> [conv4_3 (L2-normed, 512 ch, S/8), conv7 (1024 ch, S/16)]``."""
+
+    #: Names for load reports.
+    layer_labels = {"features.31": "conv6 (features.31)", "features.33": "conv7 (features.33)"}
+    #: Layers that start from their initialisation whatever the weights.
+    by_design = {"l2norm": "scale 20, the SSD paper's start"}
 
     def __init__(self):
         super().__init__()
@@ -111,6 +118,7 @@ def ssd300_vgg16(
     image_size: int = 300,
     priors: PriorConfig | Mapping[str, Any] | None = None,
     backbone_state_dict: Mapping[str, Tensor] | None = None,
+    input_norm: InputNorm | Mapping[str, Any] | None = None,
 ) -> SSD:
     """SSD300-VGG16.
 
@@ -118,16 +126,25 @@ def ssd300_vgg16(
         num_classes: object classes + 1 (background).
         image_size: square input side; the default priors are for 300.
         priors: prior layout (default :func:`ssd300_priors`, scaled for other sizes).
-        backbone_state_dict: torchvision ``vgg16`` weights (keys ``features.N.*``), e.g. read by
-            :func:`ssd.model_file.load_state_dict_file`; never downloaded.
+        backbone_state_dict: ImageNet VGG16 weights, torchvision's ``vgg16`` or ssd.pytorch's
+            ``vgg16_reducedfc`` (:mod:`ssd.weights.vgg16`: fc6/fc7 become conv6/conv7), e.g. read
+            by :func:`ssd.model_file.load_state_dict_file`; never downloaded.
+        input_norm: what the weights expect (default: the backbone weights' convention, else
+            torchvision's ImageNet one).
     """
     prior_cfg = resolve_prior_config(priors, ssd300_priors(), 300, image_size)
     backbone = VGG16Backbone()
     if backbone_state_dict is not None:
-        load_backbone_weights(backbone, backbone_state_dict)
+        weights = vgg16_backbone_weights(backbone_state_dict)
+        load_backbone_weights(backbone, weights.state_dict, weights.layout)
+        if input_norm is None and weights.input_norm != IMAGENET:
+            input_norm = weights.input_norm  # Caffe weights: Caffe's input convention
     extras = vgg_extras()
     shapes = feature_shapes(backbone, extras, image_size)
     head = SSDHead([c for c, _, _ in shapes], prior_cfg.num_anchors_per_location(), num_classes)
     prior_boxes = generate_priors(prior_cfg, image_size, [(h, w) for _, h, w in shapes])
     arch = {"name": "ssd300_vgg16", "num_classes": num_classes, "image_size": image_size, "priors": prior_cfg.to_dict()}
-    return SSD(backbone, extras, head, prior_boxes, image_size, arch=arch)
+    norm = InputNorm.from_dict(input_norm)
+    if input_norm is not None:
+        arch["input_norm"] = norm.to_dict()
+    return SSD(backbone, extras, head, prior_boxes, image_size, input_norm=norm, arch=arch)
