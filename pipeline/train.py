@@ -60,6 +60,7 @@ from ssd import atomic
 from ssd.clip_loss import clip_loss
 from ssd.loss import MultiBoxLoss
 from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file, save_model_file
+from ssd.weights.loading import load_matching
 from ssd.models import build_model
 from ssd.models.ssd import freeze_batchnorm
 from ssd.optim import build_optimizer, group_factors
@@ -486,15 +487,17 @@ def _build(cfg: ModelConfig, classes: list[str]):
                 )
             return model.train()
         backbone = load_state_dict_file(cfg.backbone_weights) if cfg.backbone_weights else None
-        model = build_model(cfg.arch(len(classes) + 1), backbone_state_dict=backbone)
+        arch = cfg.arch(len(classes) + 1)
         if cfg.init_weights:
             source, _ = load_model_file(cfg.init_weights)
-            own = model.state_dict()
-            usable = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
-            if not usable:
+            # The weights were trained on their input convention: the new model takes it.
+            arch["input_norm"] = source.input_norm.to_dict()
+        model = build_model(arch, backbone_state_dict=backbone)
+        if cfg.init_weights:
+            report = load_matching(model, source.state_dict(), cfg.init_weights)
+            if not report.loaded:
                 raise StageError(f"{cfg.init_weights}: no weight matches the model's names and shapes")
-            model.load_state_dict(usable, strict=False)
-            log.info("initialised %d of %d tensors from %s", len(usable), len(own), cfg.init_weights)
+            report.log()
         return model
     except (ModelFileError, ValueError) as e:
         raise StageError(f"model: {e}") from None

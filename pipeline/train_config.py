@@ -34,16 +34,20 @@ class PriorsParams:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2"] = "ssdlite_mobilenet_v2"
+    name: Literal["ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2",
+                  "ssdlite_mobilenet_v3_large", "lstm_ssd_mobilenet_v3_large"] = "ssdlite_mobilenet_v2"
     """Architecture (builder in ssd.models); LSTM-SSD trains on clips (data.kind: clips)."""
     image_size: Annotated[int, AtLeast(32)] = 300
     """Square input side in pixels."""
     width_mult: PositiveFloat = 1.0
-    """MobileNetV2 width multiplier (SSDLite only)."""
+    """MobileNet width multiplier (SSDLite and LSTM-SSD only)."""
+    reduced_tail: bool = True
+    """MobileNetV3 only: halve the last stage's channels (torchvision's COCO SSDLite320 does)."""
     extra_channels: tuple[PositiveInt, ...] | None = None
     """SSDLite extra-layer widths; null: 512/256/256/128 x width_mult."""
     taps: Annotated[tuple[int, ...], NonEmpty(), Unique()] = (13, 17)
-    """MobileNetV2 blocks whose outputs are maps (ssds.pytorch: 13, 17; add 6 for a stride-8 map)."""
+    """MobileNetV2 blocks whose outputs are maps (ssds.pytorch: 13, 17; add 6 for a stride-8 map);
+    MobileNetV3 has its two maps fixed."""
     placement: Annotated[tuple[str, ...], NonEmpty(), Unique()] = ("backbone",)
     """LSTM-SSD: where the ConvLSTM cells go: backbone (the paper: after the stride-16 map), extras,
     stride8 (on the stride-8 map, tap 6: every later map sees the memory)."""
@@ -61,17 +65,21 @@ class ModelConfig:
     and its weights), e.g. to fine-tune a pruned model; the keys above are then ignored."""
     init_weights: str | None = None
     """Copy the same-named, same-shaped weights of this model file into the model built from
-    the keys above (e.g. a trained SSDLite into LSTM-SSD)."""
+    the keys above (e.g. a trained SSDLite into LSTM-SSD, or a converted COCO model into one for
+    your classes: the class layers start fresh). The model takes the file's input convention."""
 
     def arch(self, num_classes: int) -> dict[str, Any]:
         """The builder arguments (what model files store)."""
         arch: dict[str, Any] = {"name": self.name, "num_classes": num_classes, "image_size": self.image_size}
         if self.name in ("ssdlite_mobilenet_v2", "lstm_ssd_mobilenet_v2"):
-            arch["width_mult"] = self.width_mult
             arch["taps"] = list(self.taps)
+        if self.name in ("ssdlite_mobilenet_v3_large", "lstm_ssd_mobilenet_v3_large"):
+            arch["reduced_tail"] = self.reduced_tail
+        if self.name != "ssd300_vgg16":
+            arch["width_mult"] = self.width_mult
             if self.extra_channels is not None:
                 arch["extra_channels"] = list(self.extra_channels)
-        if self.name == "lstm_ssd_mobilenet_v2":
+        if self.name.startswith("lstm_ssd"):
             arch["placement"] = list(self.placement)
             arch["state_reduction"] = self.state_reduction
             if self.residual:

@@ -445,3 +445,26 @@ def test_lstm_ssd_remembers_an_object_through_a_blank_frame(one_thread):
     detections = PostProcessor(model.priors)(logits, deltas)
     for det, clip in zip(detections, targets):
         assert box_iou(clip[1]["boxes"], det["boxes"][:1]).item() > 0.5, det["boxes"][:3]
+
+
+def test_lstm_ssd_sits_on_mobilenet_v3_as_on_v2():
+    """The converted torchvision SSDLite320 (MobileNetV3-Large) is a base for LSTM-SSD too: the cell on the
+    stride-16 map (C4's expansion), residual, so that it starts by predicting what its SSDLite predicts."""
+    size = 128
+    torch.manual_seed(0)
+    base = randomise_batch_norm(build_model({"name": "ssdlite_mobilenet_v3_large", "num_classes": 3,
+                                             "image_size": size, "width_mult": 0.5})).eval()
+    model = build_model({**base.arch, "name": "lstm_ssd_mobilenet_v3_large", "placement": ["backbone"],
+                         "state_reduction": 4, "residual": True})
+    assert model.cell_maps == [0] and model.temporal["0"].in_channels == base.backbone.features[0][-1].out_channels
+    assert model.input_norm == base.input_norm
+    load_matching_weights(model, base.state_dict())
+    model.eval()
+    clips = torch.rand(2, 3, 3, size, size)
+    with torch.no_grad():
+        logits, deltas, state = model(clips)
+        base_logits, base_deltas = base(clips.flatten(0, 1))
+    assert_close(logits.flatten(0, 1), base_logits)
+    assert_close(deltas.flatten(0, 1), base_deltas)
+    with pytest.raises(ValueError, match="placement 'stride8' is not available on this backbone"):
+        build_model({**base.arch, "name": "lstm_ssd_mobilenet_v3_large", "placement": ["stride8"]})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
-from ssd.models.lstm_ssd import LSTMSSD, lstm_ssd_mobilenet_v2
+from ssd.models.lstm_ssd import LSTMSSD, lstm_ssd_mobilenet_v2, lstm_ssd_mobilenet_v3_large
 from ssd.models.mobilenet_v3 import ssdlite_mobilenet_v3_large
 from ssd.models.ssd import SSD
 from ssd.models.ssdlite import ssdlite_mobilenet_v2
@@ -20,6 +20,7 @@ BUILDERS: dict[str, Callable[..., SSD]] = {
     "ssd300_vgg16": ssd300_vgg16,
     "lstm_ssd_mobilenet_v2": lstm_ssd_mobilenet_v2,
     "ssdlite_mobilenet_v3_large": ssdlite_mobilenet_v3_large,
+    "lstm_ssd_mobilenet_v3_large": lstm_ssd_mobilenet_v3_large,
 }
 
 
@@ -33,4 +34,4 @@ def build_model(arch: Mapping[str, Any], **extra: Any) -> SSD:
 
 
 __all__ = ["SSD", "LSTMSSD", "BUILDERS", "build_model", "ssdlite_mobilenet_v2", "ssd300_vgg16", "lstm_ssd_mobilenet_v2",
-           "ssdlite_mobilenet_v3_large"]
+           "ssdlite_mobilenet_v3_large", "lstm_ssd_mobilenet_v3_large"]

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ssd.lstm import BottleneckConvLSTMCell
 from ssd.models.input_norm import IMAGENET, InputNorm
 from ssd.models.ssd import SSD, feature_shapes
+from ssd.models.mobilenet_v3 import ssdlite_mobilenet_v3_large
 from ssd.models.ssdlite import STRIDE8_BLOCK, STRIDE16_BLOCK, TAPS, ssdlite_mobilenet_v2
 from ssd.priors import PriorConfig
 
@@ -240,6 +241,54 @@ def lstm_ssd_mobilenet_v2(
             trained SSDLite then predicts exactly what that SSDLite predicts, and training
             learns what memory adds. ``False``: the paper's layout.
     """
+    base = ssdlite_mobilenet_v2(
+        num_classes, width_mult, image_size, extra_channels, priors, backbone_state_dict=backbone_state_dict,
+        taps=taps, input_norm=input_norm,
+    )
+    blocks = {"stride8": (STRIDE8_BLOCK, 8), "backbone": (STRIDE16_BLOCK, 16)}
+    return add_temporal_cells(base, "lstm_ssd_mobilenet_v2", blocks, placement, state_reduction, residual)
+
+
+def lstm_ssd_mobilenet_v3_large(
+    num_classes: int,
+    image_size: int = 320,
+    width_mult: float = 1.0,
+    reduced_tail: bool = True,
+    extra_channels: Sequence[int] | None = None,
+    priors: PriorConfig | Mapping[str, Any] | None = None,
+    placement: Sequence[str] = ("backbone",),
+    state_reduction: int = 1,
+    backbone_state_dict: Mapping[str, Tensor] | None = None,
+    residual: bool = False,
+    input_norm: InputNorm | Mapping[str, Any] | None = None,
+) -> LSTMSSD:
+    """LSTM-SSD on SSDLite-MobileNetV3-Large (:func:`ssd.models.mobilenet_v3.ssdlite_mobilenet_v3_large`,
+    e.g. converted from torchvision's COCO model): ``"backbone"`` puts the cell on the stride-16
+    map (C4's expansion layer, 672 channels), ``"extras"`` after each extra layer; there is no
+    stride-8 map. Other arguments as for :func:`lstm_ssd_mobilenet_v2`.
+    """
+    base = ssdlite_mobilenet_v3_large(num_classes, image_size, width_mult, reduced_tail, extra_channels, priors,
+                                      backbone_state_dict, input_norm)
+    blocks = {"backbone": (0, 16)}
+    return add_temporal_cells(base, "lstm_ssd_mobilenet_v3_large", blocks, placement, state_reduction, residual)
+
+
+def add_temporal_cells(
+    base: SSD,
+    name: str,
+    blocks: Mapping[str, tuple[int, int]],
+    placement: Sequence[str],
+    state_reduction: int,
+    residual: bool,
+) -> LSTMSSD:
+    """``base`` (an SSD whose backbone has ``features`` and ``taps``) with cells where ``placement`` says.
+
+    Args:
+        name: the builder's name, for the arch.
+        blocks: backbone placements -> ``(block index in backbone.features, stride)``, e.g.
+            ``{"backbone": (13, 16)}``; the block must be a tap.
+        placement, state_reduction, residual: as for :func:`lstm_ssd_mobilenet_v2`.
+    """
     placement = list(placement)
     unknown = [p for p in placement if p not in PLACEMENTS]
     if not placement or unknown or len(set(placement)) != len(placement):
@@ -247,19 +296,19 @@ def lstm_ssd_mobilenet_v2(
     if int(state_reduction) != state_reduction or state_reduction < 1:
         raise ValueError(f"state_reduction must be a positive integer, got {state_reduction}")
     state_reduction = int(state_reduction)
-
-    base = ssdlite_mobilenet_v2(
-        num_classes, width_mult, image_size, extra_channels, priors, backbone_state_dict=backbone_state_dict,
-        taps=taps, input_norm=input_norm,
-    )
     taps = base.backbone.taps
-    shapes = feature_shapes(base.backbone, base.extras, image_size)
+    shapes = feature_shapes(base.backbone, base.extras, base.image_size)
     cell_maps: list[int] = []
-    for where, block, stride in (("stride8", STRIDE8_BLOCK, 8), ("backbone", STRIDE16_BLOCK, 16)):
-        if where in placement:
-            if block not in taps:
-                raise ValueError(f"placement {where!r} needs block {block} (stride {stride}) among the taps {list(taps)}")
-            cell_maps.append(taps.index(block))
+    for where in ("stride8", "backbone"):
+        if where not in placement:
+            continue
+        if where not in blocks:
+            raise ValueError(f"placement {where!r} is not available on this backbone (available: "
+                             f"{', '.join([*blocks, 'extras'])})")
+        block, stride = blocks[where]
+        if block not in taps:
+            raise ValueError(f"placement {where!r} needs block {block} (stride {stride}) among the taps {list(taps)}")
+        cell_maps.append(taps.index(block))
     if "extras" in placement:
         cell_maps.extend(range(len(taps), len(shapes)))
     temporal = {}
@@ -268,12 +317,7 @@ def lstm_ssd_mobilenet_v2(
         temporal[k] = BottleneckConvLSTMCell(
             channels, max(8, channels // state_reduction), out_channels=channels, residual=residual
         )
-    arch = {
-        **base.arch,
-        "name": "lstm_ssd_mobilenet_v2",
-        "placement": placement,
-        "state_reduction": state_reduction,
-    }
+    arch = {**base.arch, "name": name, "placement": placement, "state_reduction": state_reduction}
     if residual:  # absent from older files, which are not residual
         arch["residual"] = True
     return LSTMSSD(
@@ -281,7 +325,7 @@ def lstm_ssd_mobilenet_v2(
         base.extras,
         base.head,
         base.priors,
-        image_size,
+        base.image_size,
         taps=taps,
         temporal=temporal,
         map_sizes=[(h, w) for _, h, w in shapes],

@@ -46,6 +46,9 @@ class MobileNetV3Backbone(nn.Module):
             network first.
     """
 
+    #: Both stages' outputs are maps (what LSTM-SSD's feature path reads).
+    taps = (0, 1)
+
     def __init__(self, stack: nn.Sequential):
         super().__init__()
         c4 = [i for i, b in enumerate(stack) if getattr(b, "_is_cn", False)][-1]  # first stride-32 block
