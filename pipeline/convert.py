@@ -8,6 +8,7 @@ Formats (``--format``; by default recognised from the checkpoint's keys):
 
 - ``ssd.pytorch``: an SSD300 trained with ssd.pytorch (VOC class names by default
   when it has 21 classes);
+- ``ssds.pytorch``: an SSDLite-MobileNetV2 trained with ssds.pytorch v0.3.1 (likewise);
 - ``torchvision-ssd300``: ``torchvision.models.detection.ssd300_vgg16``'s state dict;
 - ``torchvision-ssdlite320``: ``ssdlite320_mobilenet_v3_large``'s state dict
   (both with torchvision's COCO names by default when they have 91 classes).

@@ -16,7 +16,7 @@ import yaml
 
 from shardgen import CLASSES, write_frame_dataset
 from ssd.model_file import load_model_file
-from test_weights import randomised, ssd_pytorch_state_dict
+from test_weights import randomised, ssd_pytorch_state_dict, ssds_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +35,11 @@ def stage(name: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.
 def checkpoints(folder: Path) -> dict[str, Path]:
     """Foreign checkpoints with the real keys and shapes (random values): 2 object classes, and COCO's 91."""
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"ssd.pytorch": folder / "ssd300_mAP_77.43_v2.pth", "torchvision-ssdlite320": folder / "ssdlite.pth",
+    files = {"ssd.pytorch": folder / "ssd300_mAP_77.43_v2.pth", "ssds.pytorch": folder / "mobilenet_v2_ssd_lite.pth",
+             "torchvision-ssdlite320": folder / "ssdlite.pth",
              "coco-ssdlite320": folder / "ssdlite_coco.pth"}
     torch.save(ssd_pytorch_state_dict(len(CLASSES) + 1, seed=0), files["ssd.pytorch"])
+    torch.save(ssds_state_dict(len(CLASSES) + 1, seed=0), files["ssds.pytorch"])
     for key, classes in (("torchvision-ssdlite320", len(CLASSES) + 1), ("coco-ssdlite320", 91)):
         tv = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
                                                                         num_classes=classes)
@@ -58,6 +60,7 @@ def project(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("fmt, checkpoint", [("ssd.pytorch", "ssd300_mAP_77.43_v2.pth"),
+                                             ("ssds.pytorch", "mobilenet_v2_ssd_lite.pth"),
                                              ("torchvision-ssdlite320", "ssdlite.pth")])
 def test_converted_models_run_through_evaluate_detect_and_export(project, fmt, checkpoint):
     model = f"models/{fmt}.pt"

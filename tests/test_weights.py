@@ -309,7 +309,7 @@ def test_torchvision_priors_are_its_default_boxes():
 def test_conversion_errors_name_the_keys_and_the_formats():
     with pytest.raises(ValueError, match=r"no known format has keys like conv1\.weight.*ssd\.pytorch: ssd\.pytorch SSD300"):
         convert({"conv1.weight": torch.zeros(1)})
-    with pytest.raises(ValueError, match=r"unknown format 'yolo'; known formats: ssd\.pytorch, torchvision-ssd300"):
+    with pytest.raises(ValueError, match=r"unknown format .yolo.; known formats: ssd\.pytorch, ssds\.pytorch, torchvision-ssd300"):
         convert({"a": torch.zeros(1)}, "yolo")
     sd = ssd_pytorch_state_dict(21, 0)
     sd["extra_head.weight"] = torch.zeros(1)
@@ -321,3 +321,112 @@ def test_conversion_errors_name_the_keys_and_the_formats():
         build_converted(convert(sd))
     sd = {f"module.{k}": v for k, v in ssd_pytorch_state_dict(21, 0).items()}  # DataParallel prefix
     assert convert(sd).arch["num_classes"] == 21
+
+
+# ---------------------------------------------------------------------------------------------
+# ssds.pytorch SSDLite-MobileNetV2 (v0.3.1): an independent reference of its forward pass and priors
+
+SSDS_STAGES = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+SSDS_EXTRAS = [(320, 512), (512, 256), (256, 256), (256, 128)]
+SSDS_SOURCES, SSDS_MBOX = [96, 320, 512, 256, 256, 128], [6, 6, 6, 6, 4, 4]
+
+
+def ssds_state_dict(num_classes: int, seed: int) -> dict:
+    shapes: dict[str, tuple] = {}
+
+    def conv_bn(prefix: str, conv: int, shape: tuple) -> None:
+        shapes[f"{prefix}.{conv}.weight"] = shape
+        for leaf in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{prefix}.{conv + 1}.{leaf}"] = (shape[0],)
+
+    conv_bn("base.0.conv", 0, (32, 3, 3, 3))
+    cin, n = 32, 1
+    for t, c, reps, _ in SSDS_STAGES:
+        for _ in range(reps):
+            mid = cin * t
+            conv_bn(f"base.{n}.conv", 0, (mid, cin, 1, 1))
+            conv_bn(f"base.{n}.conv", 3, (mid, 1, 3, 3))
+            conv_bn(f"base.{n}.conv", 6, (c, mid, 1, 1))
+            cin, n = c, n + 1
+    shapes["norm.weight"] = (96,)
+    for k, (cin, cout) in enumerate(SSDS_EXTRAS):
+        conv_bn(f"extras.{k}", 0, (cout, cin, 1, 1))
+        conv_bn(f"extras.{k}", 3, (cout, 1, 3, 3))
+        conv_bn(f"extras.{k}", 6, (cout, cout, 1, 1))
+    for k, (c, a) in enumerate(zip(SSDS_SOURCES, SSDS_MBOX)):
+        shapes[f"loc.{k}.weight"], shapes[f"loc.{k}.bias"] = (a * 4, c, 3, 3), (a * 4,)
+        shapes[f"conf.{k}.weight"], shapes[f"conf.{k}.bias"] = (a * num_classes, c, 3, 3), (a * num_classes,)
+    return randomised({k: torch.empty(s) for k, s in shapes.items()}, seed)
+
+
+def ssds_forward(sd: dict, x: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssds.pytorch's SSDLite-MobileNetV2, on its own input (BGR 0..255 minus (103.94, 116.78, 123.68))."""
+
+    def cbn(x, prefix, conv, stride=1, groups=1, act=F.relu6):
+        w = sd[f"{prefix}.{conv}.weight"]
+        x = F.conv2d(x, w, stride=stride, padding=w.shape[-1] // 2, groups=groups)
+        bn = f"{prefix}.{conv + 1}"
+        x = F.batch_norm(x, sd[f"{bn}.running_mean"], sd[f"{bn}.running_var"], sd[f"{bn}.weight"], sd[f"{bn}.bias"],
+                         training=False, eps=1e-5)
+        return act(x) if act else x
+
+    x = cbn(x, "base.0.conv", 0, stride=2, act=F.relu)
+    sources, n, cin = [], 1, 32
+    for t, c, reps, s in SSDS_STAGES:
+        for i in range(reps):
+            stride = s if i == 0 else 1
+            p = f"base.{n}.conv"
+            h = cbn(x, p, 0)
+            h = cbn(h, p, 3, stride=stride, groups=h.shape[1])
+            h = cbn(h, p, 6, act=None)
+            x = x + h if stride == 1 and cin == c else h
+            if n == 13:
+                sources.append(x / (x.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) * sd["norm.weight"].view(1, -1, 1, 1))
+            cin, n = c, n + 1
+    sources.append(x)
+    for k in range(4):
+        x = cbn(x, f"extras.{k}", 0)
+        x = cbn(x, f"extras.{k}", 3, stride=2, groups=x.shape[1])
+        x = F.relu(cbn(x, f"extras.{k}", 6, act=None))
+        sources.append(x)
+    b = x.shape[0]
+    loc = [F.conv2d(s, sd[f"loc.{k}.weight"], sd[f"loc.{k}.bias"], padding=1).permute(0, 2, 3, 1).reshape(b, -1)
+           for k, s in enumerate(sources)]
+    conf = [F.conv2d(s, sd[f"conf.{k}.weight"], sd[f"conf.{k}.bias"], padding=1).permute(0, 2, 3, 1).reshape(b, -1)
+            for k, s in enumerate(sources)]
+    return torch.cat(conf, 1).view(b, -1, num_classes), torch.cat(loc, 1).view(b, -1, 4)
+
+
+def ssds_priors() -> torch.Tensor:
+    """ssds.pytorch's PriorBox for this model: ratio 1 gives the min square and the sqrt(s_k * s_k+1) one."""
+    maps, steps = [19, 10, 5, 3, 2, 1], [16, 32, 64, 100, 150, 300]
+    sizes = [45, 90, 135, 180, 225, 270, 315]
+    ratios = [[1, 2, 3]] * 4 + [[1, 2]] * 2
+    out = []
+    for k, f in enumerate(maps):
+        for i in range(f):
+            for j in range(f):
+                cx, cy = j * steps[k] / 300 + steps[k] / 600, i * steps[k] / 300 + steps[k] / 600
+                s = sizes[k] / 300
+                for r in ratios[k]:
+                    if r == 1:
+                        s2 = math.sqrt(s * sizes[k + 1] / 300)
+                        out += [[cx, cy, s, s], [cx, cy, s2, s2]]
+                    else:
+                        out += [[cx, cy, s * math.sqrt(r), s / math.sqrt(r)], [cx, cy, s / math.sqrt(r), s * math.sqrt(r)]]
+    return torch.tensor(out).clamp(0, 1)
+
+
+def test_ssds_pytorch_checkpoint_matches_its_reference_forward_and_priors():
+    sd = ssds_state_dict(num_classes=21, seed=6)
+    converted = convert(sd)
+    assert converted.source == "ssds.pytorch SSDLite-MobileNetV2" and converted.class_names[-1] == "tvmonitor"
+    model = build_converted(converted)
+    assert_close(model.priors, ssds_priors(), rtol=0, atol=1e-6)
+    images = torch.rand(2, 3, 300, 300)
+    theirs = images.flip(1) * 255 - torch.tensor([103.94, 116.78, 123.68]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        ref_conf, ref_loc = ssds_forward(sd, theirs, 21)
+        conf, loc = model(images)
+    for ours, ref in ((conf, ref_conf), (loc, ref_loc)):
+        assert_close(ours, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))

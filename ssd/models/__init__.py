@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 from ssd.models.lstm_ssd import LSTMSSD, lstm_ssd_mobilenet_v2, lstm_ssd_mobilenet_v3_large
 from ssd.models.mobilenet_v3 import ssdlite_mobilenet_v3_large
 from ssd.models.ssd import SSD
+from ssd.models.ssds_mobilenet_v2 import ssds_ssdlite_mobilenet_v2
 from ssd.models.ssdlite import ssdlite_mobilenet_v2
 from ssd.models.vgg import ssd300_vgg16
 
@@ -21,6 +22,7 @@ BUILDERS: dict[str, Callable[..., SSD]] = {
     "lstm_ssd_mobilenet_v2": lstm_ssd_mobilenet_v2,
     "ssdlite_mobilenet_v3_large": ssdlite_mobilenet_v3_large,
     "lstm_ssd_mobilenet_v3_large": lstm_ssd_mobilenet_v3_large,
+    "ssds_ssdlite_mobilenet_v2": ssds_ssdlite_mobilenet_v2,
 }
 
 

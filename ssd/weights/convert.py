@@ -79,9 +79,9 @@ def class_count(state_dict: Mapping[str, Tensor], cls_key: str, box_key: str) ->
 
 
 def _converters() -> dict[str, Converter]:
-    from ssd.weights import ssd_pytorch, torchvision_ssd
+    from ssd.weights import ssd_pytorch, ssds_pytorch, torchvision_ssd
 
-    found = [ssd_pytorch.CONVERTER, *torchvision_ssd.CONVERTERS]
+    found = [ssd_pytorch.CONVERTER, ssds_pytorch.CONVERTER, *torchvision_ssd.CONVERTERS]
     return {c.name: c for c in found}
 
 
