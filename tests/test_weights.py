@@ -190,12 +190,18 @@ def ssd_pytorch_forward(sd: dict, x: torch.Tensor, num_classes: int) -> tuple[to
         x = F.relu(F.conv2d(x, sd[f"extras.{k}.weight"], sd[f"extras.{k}.bias"], stride=stride, padding=pad))
         if k % 2:
             sources.append(x)
-    b = x.shape[0]
-    loc = [F.conv2d(s, sd[f"loc.{k}.weight"], sd[f"loc.{k}.bias"], padding=1).permute(0, 2, 3, 1).reshape(b, -1)
-           for k, s in enumerate(sources)]
-    conf = [F.conv2d(s, sd[f"conf.{k}.weight"], sd[f"conf.{k}.bias"], padding=1).permute(0, 2, 3, 1).reshape(b, -1)
-            for k, s in enumerate(sources)]
-    return torch.cat(conf, 1).view(b, -1, num_classes), torch.cat(loc, 1).view(b, -1, 4)
+    return reference_heads(sd, sources, num_classes)
+
+
+def reference_heads(sd: dict, sources: list, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both projects' heads: a 3x3 convolution per source (``conf.k``, ``loc.k``), flattened row, column, prior."""
+    b = sources[0].shape[0]
+
+    def flat(kind: str) -> torch.Tensor:
+        return torch.cat([F.conv2d(s, sd[f"{kind}.{k}.weight"], sd[f"{kind}.{k}.bias"], padding=1)
+                          .permute(0, 2, 3, 1).reshape(b, -1) for k, s in enumerate(sources)], dim=1)
+
+    return flat("conf").view(b, -1, num_classes), flat("loc").view(b, -1, 4)
 
 
 def ssd_pytorch_priors() -> torch.Tensor:
@@ -389,12 +395,7 @@ def ssds_forward(sd: dict, x: torch.Tensor, num_classes: int) -> tuple[torch.Ten
         x = cbn(x, f"extras.{k}", 3, stride=2, groups=x.shape[1])
         x = F.relu(cbn(x, f"extras.{k}", 6, act=None))
         sources.append(x)
-    b = x.shape[0]
-    loc = [F.conv2d(s, sd[f"loc.{k}.weight"], sd[f"loc.{k}.bias"], padding=1).permute(0, 2, 3, 1).reshape(b, -1)
-           for k, s in enumerate(sources)]
-    conf = [F.conv2d(s, sd[f"conf.{k}.weight"], sd[f"conf.{k}.bias"], padding=1).permute(0, 2, 3, 1).reshape(b, -1)
-            for k, s in enumerate(sources)]
-    return torch.cat(conf, 1).view(b, -1, num_classes), torch.cat(loc, 1).view(b, -1, 4)
+    return reference_heads(sd, sources, num_classes)
 
 
 def ssds_priors() -> torch.Tensor:
