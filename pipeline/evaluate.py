@@ -18,9 +18,17 @@ default the model file's stem):
 - ``plots/pr-{name}.csv``: precision-recall points of every class (columns class,
   recall, precision), and the same per class as ``plots/pr-{name}/{class}.csv`` (what
   ``dvc plots show`` draws: one chart per class);
+- ``plots/confusion-{name}.csv``: the confusion matrix (:mod:`ssd.confusion`: IoU 0.5,
+  detections scored at least ``confusion_threshold``, a background row and column), one
+  ``actual,predicted`` row per count, as DVC's confusion template reads it;
 - ``reports/{name}/``: example images with ground truth (green) and predictions
   scored at least ``draw_threshold`` (magenta), also logged to TensorBoard in
-  ``runs/{name}-eval/``.
+  ``runs/{name}-eval/``; and ``detections.json``, every detection kept for the metrics in
+  the COCO results format (``image_id`` the sample's position in sample-key order from 1,
+  ``bbox`` ``[x, y, w, h]`` in the original image's pixels, ``score``, ``category_id``, plus
+  ``sample`` and ``category_name``): pycocotools or faster-coco-eval re-score it to ``coco.map``.
+
+The writing is in :mod:`pipeline.eval_outputs`; a progress bar counts the images.
 
 VOC AP and COCO AP50 are different definitions (see :mod:`ssd.metrics`): they are
 reported under separate names and never as one number. Difficult boxes count as
@@ -54,29 +62,23 @@ Exit codes: 0 done, 2 bad configuration or input.
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-import cv2
-import numpy as np
 import torch
 from torch import nn
 
-from ssd import atomic
 from pipeline import device
-from pipeline.config import check_run_name, choose_section, load_config, load_params, to_dict
+from pipeline.config import check_run_name, choose_section, load_config, load_params
 from pipeline.datasets import Manifest, read_manifest
+from pipeline.eval_outputs import EvalPaths, write_outputs
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.bounds import Count, Fraction, PositiveInt
-from ssd.draw import draw_detections
-from ssd.metrics import DetectionAccumulator, ImageRecord, VocResult, pr_curve_points
+from ssd.metrics import DetectionAccumulator, ImageRecord
 from ssd.model_file import load_model_file
 from ssd.postprocess import PostprocessConfig, PostProcessor
 
@@ -109,6 +111,8 @@ class EvaluateConfig:
     """Example images drawn to reports/{name}/ and TensorBoard (the first of the split)."""
     draw_threshold: Fraction = 0.3
     """Predictions scored below this are not drawn (they still count in the metrics)."""
+    confusion_threshold: Fraction = 0.5
+    """Detections scored at least this count in the confusion matrix (matched at IoU >= 0.5)."""
     metrics_dir: str = "metrics"
     plots_dir: str = "plots"
     reports_dir: str = "reports"
@@ -117,25 +121,6 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.name is not None:
             check_run_name(self.name, "name")
-
-
-@dataclass(frozen=True)
-class _Paths:
-    metrics: Path
-    plots: Path
-    class_plots: Path
-    reports: Path
-    logs: Path
-
-    @classmethod
-    def of(cls, cfg: EvaluateConfig, name: str) -> _Paths:
-        return cls(
-            metrics=Path(cfg.metrics_dir) / f"eval-{name}.json",
-            plots=Path(cfg.plots_dir) / f"pr-{name}.csv",
-            class_plots=Path(cfg.plots_dir) / f"pr-{name}",
-            reports=Path(cfg.reports_dir) / name,
-            logs=Path(cfg.runs_dir) / f"{name}-eval",
-        )
 
 
 def is_temporal(model: nn.Module) -> bool:
@@ -175,12 +160,14 @@ def predict(
     mode: str,
     device: torch.device | str,
     accumulator: DetectionAccumulator | None = None,
+    progress: Any = None,
 ) -> DetectionAccumulator:
     """Run ``model`` over the batches of ``loader`` and collect detections and ground truth per image.
 
     ``mode``: ``"video"`` feeds the frames one at a time carrying the state (batches
     must come in (video, frame number) order, as ``eval_loader(kind="frames_from_clips")``
     yields them); any other mode runs whole batches, a temporal model from a fresh state.
+    ``progress``: a tqdm bar advanced by the images of every batch (None: no bar).
     """
     from ssd.data.loader import batches
 
@@ -196,11 +183,15 @@ def predict(
                 logits, deltas, state = model(images[i : i + 1], state=state)
                 acc.add(batch.keys[i], batch.sizes[i], postprocessor(logits, deltas)[0], batch.targets[i])
                 previous = current
+            if progress is not None:
+                progress.update(len(batch))
         return acc
     for batch in batches(loader):
         out = model(batch.images.to(device))  # a temporal model: state=None, fresh for every image
         for key, size, det, target in zip(batch.keys, batch.sizes, postprocessor(out[0], out[1]), batch.targets):
             acc.add(key, size, det, target)
+        if progress is not None:
+            progress.update(len(batch))
     return acc
 
 
@@ -219,7 +210,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     temporal = is_temporal(model)
     mode, kind = resolve_mode(cfg.mode, manifest, temporal)
     name = cfg.name or Path(cfg.model).stem
-    paths = _Paths.of(cfg, name)
+    paths = EvalPaths.of(cfg, name)
 
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -249,8 +240,14 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     if main:
         log.info("evaluating %s on %s (%s, %s mode), %d process(es)", cfg.model, cfg.shards, cfg.split, mode, world)
 
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
-    local = predict(model, postprocessor, loader, mode, accelerator.device)
+    # The main process's share, about the split's frames over the processes (a clip split's frames
+    # count overlapping clips' frames once each).
+    total = math.ceil(manifest.count(cfg.split, "frames") / world)
+    with tqdm(total=total, unit="image", desc=f"evaluate {name}", disable=not main, dynamic_ncols=True) as bar:
+        local = predict(model, postprocessor, loader, mode, accelerator.device, progress=bar)
     # Once, after every rank's loop: ranks evaluate different numbers of batches.
     records: list[ImageRecord] = gather_object(local.records)
     seconds = time.perf_counter() - start
@@ -258,148 +255,15 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     if main:
         everything = DetectionAccumulator(records)
-        voc = everything.voc(len(manifest.classes))
-        metrics = _summary(cfg, mode, manifest.classes, everything, voc, seconds)
-        atomic.write_json(paths.metrics, metrics)
-        _write_pr_curves(paths, manifest.classes, voc)
-        examples = _draw_examples(cfg, shards, kind, manifest.classes, everything)
-        _write_reports(paths, examples)
-        _write_tensorboard(paths.logs, metrics, examples)
+        metrics = write_outputs(cfg, paths, shards, kind, mode, manifest.classes, everything, seconds)
         log.info(
             "%s: VOC07 mAP %.4f, VOC2010 mAP %.4f, COCO mAP %s, AP50 %s on %d images (%.1f images/s); wrote %s",
-            name, voc.map07, voc.map2010, metrics["coco"]["map"], metrics["coco"]["map_50"],
-            len(everything), metrics["images_per_s"], paths.metrics,
+            name, metrics["voc07"]["map"] or 0.0, metrics["voc2010"]["map"] or 0.0, metrics["coco"]["map"],
+            metrics["coco"]["map_50"], len(everything), metrics["images_per_s"], paths.metrics,
         )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
-
-
-def _summary(
-    cfg: EvaluateConfig,
-    mode: str,
-    classes: list[str],
-    acc: DetectionAccumulator,
-    voc: VocResult,
-    seconds: float,
-) -> dict[str, Any]:
-    records = acc.records
-    return {
-        "model": cfg.model,
-        "shards": cfg.shards,
-        "split": cfg.split,
-        "mode": mode,
-        "images": len(records),
-        "objects": int(sum(len(r.gt_labels) for r in records)),
-        "detections": int(sum(len(r.labels) for r in records)),
-        "voc_metric": cfg.voc_metric,
-        "map_voc": _number(voc.map07 if cfg.voc_metric == "voc07" else voc.map2010),
-        "voc07": {"map": _number(voc.map07), "ap": {c: _number(r.ap07) for c, r in zip(classes, voc.classes)}},
-        "voc2010": {"map": _number(voc.map2010), "ap": {c: _number(r.ap) for c, r in zip(classes, voc.classes)}},
-        "positives": {c: r.num_positives for c, r in zip(classes, voc.classes)},
-        "coco": {k: _number(v) for k, v in acc.coco().items()},
-        "postprocess": to_dict(cfg.postprocess),
-        "images_per_s": round(len(records) / max(seconds, 1e-9), 2),
-        "wall_time_s": round(seconds, 3),
-    }
-
-
-def _number(v: float | None) -> float | None:
-    """JSON-friendly: 6 decimals; NaN (undefined: e.g. a class without ground truth) becomes null."""
-    return None if v is None or math.isnan(v) else round(float(v), 6)
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "class"
-
-
-def _write_pr_curves(paths: _Paths, classes: list[str], voc: VocResult) -> None:
-    """``plots/pr-{name}.csv`` (class, recall, precision) and one ``recall,precision`` file per class."""
-    rows: list[tuple[str, float, float]] = []
-    per_class: dict[str, list[tuple[float, float]]] = {}
-    for cls, result in zip(classes, voc.classes):
-        recall, precision = pr_curve_points(result)
-        points = [(round(float(r), 6), round(float(p), 6)) for r, p in zip(recall, precision)]
-        if points:  # classes without ground truth or without detections have no curve
-            per_class[cls] = points
-            rows += [(cls, r, p) for r, p in points]
-    atomic.write_text(paths.plots, _csv(("class", "recall", "precision"), rows))
-    with atomic.atomic_dir(paths.class_plots) as tmp:
-        for cls, points in per_class.items():
-            atomic.write_text(tmp / f"{_safe_name(cls)}.csv", _csv(("recall", "precision"), points))
-
-
-def _csv(header: tuple[str, ...], rows: Iterable[tuple]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _draw_examples(
-    cfg: EvaluateConfig, shards: list[str], kind: str, classes: list[str], acc: DetectionAccumulator
-) -> list[tuple[str, np.ndarray]]:
-    """``(key, RGB image)`` of the first ``cfg.examples`` evaluated samples, drawn on the original image."""
-    from ssd.data.loader import read_raw_samples
-
-    if cfg.examples == 0:
-        return []
-    by_key = {r.image_id: r for r in acc.records}
-    out: list[tuple[str, np.ndarray]] = []
-    for raw in read_raw_samples(shards, kind):  # type: ignore[arg-type]
-        record = by_key.pop(raw.key, None)  # an overlapping clip's repeated frame was evaluated once
-        if record is None:
-            continue
-        image = _decode_rgb(raw.images[0])
-        if image is None or image.shape[:2] != (record.height, record.width):
-            log.warning("example %s: image can't be decoded or has another size than annotated; skipped", raw.key)
-            continue
-        drawn = draw_detections(
-            image, record.boxes, record.labels, record.scores, classes,
-            gt_boxes=record.gt_boxes, gt_labels=record.gt_labels, score_threshold=cfg.draw_threshold,
-        )
-        out.append((raw.key, drawn))
-        if len(out) == cfg.examples:
-            break
-    return out
-
-
-def _decode_rgb(data: bytes) -> np.ndarray | None:
-    # As the loader decodes: 3 channels, EXIF orientation ignored (annotations refer to the stored pixels).
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def _write_reports(paths: _Paths, examples: list[tuple[str, np.ndarray]]) -> None:
-    with atomic.atomic_dir(paths.reports) as tmp:
-        for i, (key, image) in enumerate(examples):
-            ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            if not ok:
-                raise StageError(f"example {key}: PNG encoding failed")
-            atomic.write_bytes(tmp / f"{i:03d}-{_safe_name(key)}.png", png.tobytes())
-
-
-def _write_tensorboard(logs: Path, metrics: dict[str, Any], examples: list[tuple[str, np.ndarray]]) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    # One evaluation per log directory: a rerun replaces the previous events instead of adding to them.
-    for old in logs.glob("events.out.tfevents.*"):
-        old.unlink()
-    writer = SummaryWriter(str(logs))
-    try:
-        scalars = {
-            "eval/voc07_map": metrics["voc07"]["map"],
-            "eval/voc2010_map": metrics["voc2010"]["map"],
-            **{f"eval/coco_{k}": v for k, v in metrics["coco"].items()},
-        }
-        for tag, value in scalars.items():
-            if value is not None:
-                writer.add_scalar(tag, value, 0)
-        for i, (key, image) in enumerate(examples):
-            writer.add_image(f"examples/{i:03d}-{key}", image, 0, dataformats="HWC")
-    finally:
-        writer.close()
 
 
 def main(argv: list[str] | None = None) -> int:

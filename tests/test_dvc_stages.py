@@ -98,7 +98,8 @@ def test_what_a_stage_module_loads_is_in_its_computed_deps(module):
 def stage_paths(name: str) -> tuple[set[str], set[str]]:
     """(inputs, outputs) of a stage as its own code computes them from params.yaml."""
     from pipeline.benchmark import BenchmarkConfig
-    from pipeline.evaluate import EvaluateConfig, _Paths
+    from pipeline.eval_outputs import EvalPaths
+    from pipeline.evaluate import EvaluateConfig
     from pipeline.prepare import PrepareConfig
     from pipeline.prune import PruneStageConfig
     from pipeline.sample import SampleConfig
@@ -117,8 +118,9 @@ def stage_paths(name: str) -> tuple[set[str], set[str]]:
         return inputs, {str(p.model), str(p.metrics), str(p.plots)}
     if name.startswith("evaluate"):
         c = load_config(EvaluateConfig, PARAMS, name)
-        p = _Paths.of(c, c.name or Path(c.model).stem)
-        return {c.model, c.shards}, {str(p.metrics), str(p.plots), str(p.class_plots), str(p.reports)}
+        p = EvalPaths.of(c, c.name or Path(c.model).stem)
+        return {c.model, c.shards}, {str(p.metrics), str(p.plots), str(p.class_plots), str(p.reports),
+                                     str(p.confusion)}
     if name == "prune":
         c = load_config(PruneStageConfig, PARAMS, name)
         stem = c.name or Path(c.model).stem

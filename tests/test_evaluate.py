@@ -155,12 +155,20 @@ def test_stage_writes_metrics_plots_and_examples(project):
 
 def test_tensorboard_has_examples_and_scalars(project):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.util import tensor_util
 
     (events,) = (project / "runs" / "tiny-eval").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events), size_guidance={"images": 0})
     acc.Reload()
     assert len(acc.Tags()["images"]) == 3
     assert {"eval/voc07_map", "eval/voc2010_map", "eval/coco_map", "eval/coco_map_50"} <= set(acc.Tags()["scalars"])
+    # One PR curve per class: the last point (highest recall) equals the CSV curve's last point.
+    assert {f"pr/{c}" for c in CLASSES} <= set(acc.Tags()["tensors"])
+    for name in CLASSES:
+        data = tensor_util.make_ndarray(acc.Tensors(f"pr/{name}")[0].tensor_proto)  # [6, N]: tp fp tn fn p r
+        last = (project / "plots" / "pr-tiny" / f"{name}.csv").read_text().splitlines()[-1]
+        recall, precision = (float(v) for v in last.split(","))
+        assert data[5, 0] == pytest.approx(recall, abs=1e-5) and data[4, 0] == pytest.approx(precision, abs=1e-5)
 
 
 def test_dvc_plots_show_renders_pr_curves(project):
@@ -174,6 +182,58 @@ def test_dvc_plots_show_renders_pr_curves(project):
     curve = shown["data"]["plots/pr-tiny/red.csv"][0]["content"]
     assert curve["encoding"]["x"]["field"] == "recall" and curve["encoding"]["y"]["field"] == "precision"
     assert len(curve["data"]["values"]) == len((project / "plots/pr-tiny/red.csv").read_text().splitlines()) - 1
+
+
+def coco_ground_truth(shards: Path) -> dict:
+    """The val split's annotations as a COCO ground-truth file, images numbered in sample-key order
+    (the evaluation's detections file numbers them so); difficult boxes as crowd boxes."""
+    from ssd.data.loader import read_raw_samples
+
+    samples = sorted(read_raw_samples(read_manifest(shards).shard_paths("val")), key=lambda raw: raw.key)
+    images, annotations = [], []
+    for image_id, raw in enumerate(samples, start=1):
+        meta = json.loads(raw.meta)
+        images.append({"id": image_id, "width": meta["width"], "height": meta["height"], "file_name": raw.key})
+        for (x1, y1, x2, y2), label, difficult in zip(meta["boxes"], meta["labels"], meta["difficult"]):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label + 1,
+                                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                                "iscrowd": int(difficult)})
+    categories = [{"id": k, "name": name} for k, name in enumerate(CLASSES, start=1)]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def test_detections_file_rescores_to_the_evaluation_coco_ap(project, shards):
+    from faster_coco_eval import COCO, COCOeval_faster
+
+    metrics = json.loads((project / "metrics" / "eval-tiny.json").read_text())
+    detections = json.loads((project / "reports" / "tiny" / "detections.json").read_text())
+    assert len(detections) == metrics["detections"] > 0
+    assert {d["category_name"] for d in detections} <= set(CLASSES)
+    gt = COCO(coco_ground_truth(shards))
+    evaluation = COCOeval_faster(gt, gt.loadRes(detections), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(metrics["coco"]["map"], abs=1e-5)
+    assert evaluation.stats[1] == pytest.approx(metrics["coco"]["map_50"], abs=1e-5)
+
+
+def test_confusion_matrix_plot_counts_every_object_once(project):
+    import csv
+
+    metrics = json.loads((project / "metrics" / "eval-tiny.json").read_text())
+    with open(project / "plots" / "confusion-tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    # Every object that counts (not difficult) is either found (as some class) or missed: one row each.
+    for name in CLASSES:
+        assert sum(r["actual"] == name for r in rows) == metrics["positives"][name]
+    assert {r["actual"] for r in rows} | {r["predicted"] for r in rows} <= {"background", *CLASSES}
+    assert any(r["actual"] == r["predicted"] != "background" for r in rows)  # the trained model finds some
+    shown = json.loads(run([*DVC, "plots", "show", "--json"], project, timeout=120).stdout)
+    (plot,) = shown["data"]["plots/confusion-tiny.csv"]
+    title = plot["content"]["title"]
+    assert (title["text"] if isinstance(title, dict) else title).startswith("Confusion matrix")
+    assert len(plot["content"]["data"]["values"]) == len(rows)
 
 
 @pytest.mark.slow
