@@ -59,7 +59,7 @@ def write_outputs(cfg: Any, paths: EvalPaths, shards: list[str], kind: str, mode
     counts = confusion_matrix(acc.records, len(classes), score_threshold=cfg.confusion_threshold)
     write_confusion(paths.confusion, counts, classes)
     examples = draw_examples(cfg, shards, kind, classes, acc)
-    write_reports(paths, examples, coco_detections(acc, classes))
+    write_reports(paths, examples, coco_detections(acc, classes), run_settings(cfg, mode))
     write_tensorboard(paths.logs, metrics, examples, classes, voc)
     return metrics
 
@@ -72,25 +72,28 @@ def summary(
     voc: VocResult,
     seconds: float,
 ) -> dict[str, Any]:
+    """The numbers that compare runs (what ``dvc metrics`` shows); the settings that produced
+    them are in :func:`run_settings`, not here."""
     records = acc.records
     return {
-        "model": cfg.model,
-        "shards": cfg.shards,
-        "split": cfg.split,
-        "mode": mode,
         "images": len(records),
         "objects": int(sum(len(r.gt_labels) for r in records)),
         "detections": int(sum(len(r.labels) for r in records)),
-        "voc_metric": cfg.voc_metric,
         "map_voc": _number(voc.map07 if cfg.voc_metric == "voc07" else voc.map2010),
         "voc07": {"map": _number(voc.map07), "ap": {c: _number(r.ap07) for c, r in zip(classes, voc.classes)}},
         "voc2010": {"map": _number(voc.map2010), "ap": {c: _number(r.ap) for c, r in zip(classes, voc.classes)}},
         "positives": {c: r.num_positives for c, r in zip(classes, voc.classes)},
         "coco": {k: _number(v) for k, v in acc.coco().items()},
-        "postprocess": to_dict(cfg.postprocess),
         "images_per_s": round(len(records) / max(seconds, 1e-9), 2),
         "wall_time_s": round(seconds, 3),
     }
+
+
+def run_settings(cfg: Any, mode: str) -> dict[str, Any]:
+    """What produced the metrics: the whole evaluate config (``reports/{name}/evaluation.json``),
+    with the mode it resolved to. Kept out of the metrics file, so that ``dvc metrics diff``
+    compares numbers, not settings."""
+    return {**to_dict(cfg), "mode": mode}
 
 
 def _number(v: float | None) -> float | None:
@@ -160,10 +163,12 @@ def _decode_rgb(data: bytes) -> np.ndarray | None:
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def write_reports(paths: EvalPaths, examples: list[tuple[str, np.ndarray]], detections: list[dict]) -> None:
-    """``reports/{name}/``: the example pictures and ``detections.json``."""
+def write_reports(paths: EvalPaths, examples: list[tuple[str, np.ndarray]], detections: list[dict],
+                  settings: dict[str, Any]) -> None:
+    """``reports/{name}/``: the example pictures, ``detections.json`` and ``evaluation.json`` (the settings)."""
     with atomic.atomic_dir(paths.reports) as tmp:
         atomic.write_json(tmp / "detections.json", detections, indent=0)
+        atomic.write_json(tmp / "evaluation.json", settings)
         for i, (key, image) in enumerate(examples):
             ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             if not ok:

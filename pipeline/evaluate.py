@@ -11,10 +11,11 @@ on the classes of the shards' manifest, in the same order; another model is refu
 with a one-line error (exit code 2). Outputs (``{name}``: the config's ``name``, by
 default the model file's stem):
 
-- ``metrics/eval-{name}.json``: Pascal VOC mAP and per-class AP (VOC2007 11-point and
-  VOC2010+ area, IoU > 0.5, :mod:`ssd.metrics`), COCO metrics from torchmetrics
-  (mAP@[.5:.95], AP50, AP75, small/medium/large, AR) under ``coco``, images evaluated,
-  images/s, the evaluation mode;
+- ``metrics/eval-{name}.json``: numbers only: Pascal VOC mAP and per-class AP (VOC2007
+  11-point and VOC2010+ area, IoU > 0.5, :mod:`ssd.metrics`), COCO metrics from torchmetrics
+  (mAP@[.5:.95], AP50, AP75, small/medium/large, AR) under ``coco``, images, objects and
+  detections counted, images/s. The settings that produced them (this config, the mode it
+  resolved to) are in ``reports/{name}/evaluation.json``;
 - ``plots/pr-{name}.csv``: precision-recall points of every class (columns class,
   recall, precision), and the same per class as ``plots/pr-{name}/{class}.csv`` (what
   ``dvc plots show`` draws: one chart per class);

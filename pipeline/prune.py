@@ -19,10 +19,12 @@ Outputs (``{name}``: the config's ``name``, by default the input file's stem):
 - ``models/{name}-pruned.pt``: the pruned, fine-tuned model file; it loads with
   :func:`ssd.model_file.load_model_file` like any other (its ``arch`` records the
   pruned widths);
-- ``metrics/prune-{name}.json``: parameters, multiply-adds and CPU forward times
-  (``cpu_forward``: medians of ``latency.runs`` forwards at batch 1 and at
+- ``metrics/prune-{name}.json``: numbers only: parameters, multiply-adds and CPU forward
+  times (``cpu_forward``: medians of ``latency.runs`` forwards at batch 1 and at
   ``latency.batch``, the unpruned and the pruned model timed alternately) before and
-  after, and mAP before pruning, after pruning and after fine-tuning.
+  after, and mAP (``evaluate.voc_metric``) before pruning, after pruning and after
+  fine-tuning. The settings behind them (source model, ratio, mode, device, threads) are
+  in the model file's ``meta["prune_run"]``.
 
 Scratch, not outputs: ``runs/{name}-pruned/prune/`` (the pruned model before
 fine-tuning, the evaluations' own files), the fine-tuning's TensorBoard logs in
@@ -321,13 +323,16 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
         meta["finetune"] = tuned["meta"]
         eval_finetuned = _evaluate(cfg, finetuned_path, f"{name}-finetuned", work)
 
+    # Numbers that compare runs go to the metrics file; the settings that produced them (the
+    # ratio, the mode, which mAP, the device) to the model file's meta, not to `dvc metrics`.
+    meta["prune_run"] = {
+        "model": cfg.model, "ratio": cfg.pruning.ratio, "mode": cfg.pruning.mode,
+        "map_voc_metric": cfg.evaluate.voc_metric, "finetune_steps": cfg.finetune.steps, "image_size": size,
+        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "latency": {"threads": speed.get("threads"), "runs": speed.get("runs")},
+    }
     save_model_file(out_model, model, classes, meta=meta)
-    metric = cfg.evaluate.voc_metric
     metrics = {
-        "model": cfg.model,
-        "pruned_model": str(out_model),
-        "ratio": cfg.pruning.ratio,
-        "mode": cfg.pruning.mode,
         "channels": {"before": result.channels_before, "after": result.channels_after},
         "params": {
             "before": cost_before["params"], "after": cost_after["params"],
@@ -337,9 +342,8 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
             "before": cost_before["macs"], "after": cost_after["macs"],
             "reduction": _change(cost_before["macs"], cost_after["macs"]),
         },
-        "cpu_forward": speed,
+        "cpu_forward": {k: v for k, v in speed.items() if k.startswith("batch_")},
         "map_voc": {
-            "metric": metric,
             "before": _map(eval_before, "map_voc"),
             "pruned": _map(eval_pruned, "map_voc"),
             "finetuned": _map(eval_finetuned, "map_voc"),
@@ -349,9 +353,6 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
             "pruned": _map(eval_pruned, "coco", "map_50"),
             "finetuned": _map(eval_finetuned, "coco", "map_50"),
         },
-        "finetune_steps": cfg.finetune.steps,
-        "image_size": size,
-        "device": f"cpu ({platform.processor() or platform.machine()})",
         "wall_time_s": round(time.perf_counter() - t_start, 2),
     }
     atomic.write_json(out_metrics, metrics)

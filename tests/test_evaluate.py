@@ -121,6 +121,11 @@ def project(tmp_path_factory, shards, model_file) -> Path:
     return root
 
 
+def settings(root: Path, name: str) -> dict:
+    """The settings an evaluation ran with (beside its example pictures, not in its metrics)."""
+    return json.loads((root / "reports" / name / "evaluation.json").read_text())
+
+
 def without_timing(metrics: dict) -> dict:
     return {k: v for k, v in metrics.items() if k not in TIMING}
 
@@ -128,7 +133,11 @@ def without_timing(metrics: dict) -> dict:
 def test_stage_writes_metrics_plots_and_examples(project):
     metrics = json.loads((project / "metrics" / "eval-tiny.json").read_text())
     print("evaluate metrics:", json.dumps(without_timing(metrics)))
-    assert metrics["images"] == 10 and metrics["mode"] == "frames" and metrics["model"] == "models/tiny.pt"
+    assert metrics["images"] == 10
+    ran = settings(project, "tiny")
+    assert ran["mode"] == "frames" and ran["model"] == "models/tiny.pt" and ran["postprocess"]
+    # Numbers only: a setting is never shown as a metric (strings and config keys stay out).
+    assert not {"model", "shards", "split", "mode", "voc_metric", "postprocess"} & set(metrics)
     assert set(metrics["voc07"]["ap"]) == set(metrics["voc2010"]["ap"]) == set(CLASSES)
     assert 0.3 < metrics["voc07"]["map"] <= 1.0 and 0.3 < metrics["voc2010"]["map"] <= 1.0
     assert metrics["map_voc"] == metrics["voc07"]["map"]  # voc_metric: voc07
@@ -234,6 +243,26 @@ def test_confusion_matrix_plot_counts_every_object_once(project):
     title = plot["content"]["title"]
     assert (title["text"] if isinstance(title, dict) else title).startswith("Confusion matrix")
     assert len(plot["content"]["data"]["values"]) == len(rows)
+
+
+def test_metrics_diff_after_a_postprocess_change_shows_metrics_not_settings(project, tmp_path):
+    """`dvc metrics diff` used to list postprocess.score_threshold 0.01 -> 0.05 as a metric."""
+    work = tmp_path / "copy"
+    shutil.copytree(project, work, symlinks=True)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    for cmd in ([*git, "add", "-A"], [*git, "commit", "-qm", "baseline"]):
+        result = run(cmd, work, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["evaluate"]["postprocess"]["score_threshold"] = 0.3
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run([*DVC, "repro", "evaluate"], work)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    diff = json.loads(run([*DVC, "metrics", "diff", "--json"], work, timeout=120).stdout)
+    changed = {key for changes in diff.values() for key in changes}
+    assert "detections" in changed  # fewer detections kept at the higher threshold
+    settings_keys = ("postprocess", "score_threshold", "model", "shards", "split", "mode", "voc_metric")
+    assert not [k for k in changed if any(part in settings_keys for part in k.split("."))], sorted(changed)
 
 
 @pytest.mark.slow
@@ -381,7 +410,7 @@ def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch)
     try:
         assert evaluate_mod.main([]) == 0
         video = json.loads((tmp_path / "metrics" / "eval-lstm.json").read_text())
-        assert video["mode"] == "video" and video["images"] == 12
+        assert settings(tmp_path, "lstm")["mode"] == "video" and video["images"] == 12
         assert model.seen == [[t] for t in range(8)] + [[t] for t in range(4)]
         assert len(list((tmp_path / "reports" / "lstm").glob("*.png"))) == 2
         AcceleratorState._reset_state(True)
@@ -389,7 +418,7 @@ def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch)
         model.seen.clear()
         assert evaluate_mod.main(["--set", "mode=per_frame", "--set", "name=lstm-per-frame"]) == 0
         per_frame = json.loads((tmp_path / "metrics" / "eval-lstm-per-frame.json").read_text())
-        assert per_frame["mode"] == "per_frame" and per_frame["images"] == 12
+        assert settings(tmp_path, "lstm-per-frame")["mode"] == "per_frame" and per_frame["images"] == 12
         assert all(s == [0] * len(s) for s in model.seen)
     finally:
         AcceleratorState._reset_state(True)
@@ -416,7 +445,7 @@ def test_stage_runs_an_lstm_ssd_model_file_in_video_mode(clips, tmp_path, monkey
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     metrics = json.loads((tmp_path / "metrics" / "eval-lstm.json").read_text())
-    assert metrics["mode"] == "video" and metrics["images"] == 12
+    assert settings(tmp_path, "lstm")["mode"] == "video" and metrics["images"] == 12
 
 
 def test_modes_that_do_not_fit_the_shards_or_the_model_are_refused(clips, shards):

@@ -130,7 +130,7 @@ def test_dvc_repro_runs_every_stage(repo):
         assert data, name
     for model in ("ssdlite_voc", "ssdlite_ir_base", "ssdlite_ir", "lstm_ir", "ssdlite_voc-pruned"):
         assert (repo / "models" / f"{model}.pt").is_file()
-    assert json.loads((repo / "metrics" / "eval-lstm_ir.json").read_text())["mode"] == "video"
+    assert json.loads((repo / "reports" / "lstm_ir" / "evaluation.json").read_text())["mode"] == "video"
     assert (repo / "reports" / "benchmark.png").is_file()
     assert any((repo / "reports" / "ssdlite_voc").iterdir())
 
