@@ -31,7 +31,7 @@ log = logging.getLogger("pipeline.evaluate")
 class EvalPaths:
     metrics: Path
     plots: Path
-    class_plots: Path
+    map_row: Path
     reports: Path
     logs: Path
     confusion: Path
@@ -41,7 +41,7 @@ class EvalPaths:
         return cls(
             metrics=Path(cfg.metrics_dir) / f"eval-{name}.json",
             plots=Path(cfg.plots_dir) / f"pr-{name}.csv",
-            class_plots=Path(cfg.plots_dir) / f"pr-{name}",
+            map_row=Path(cfg.plots_dir) / f"map-{name}.json",
             reports=Path(cfg.reports_dir) / name,
             logs=Path(cfg.runs_dir) / f"{name}-eval",
             confusion=Path(cfg.plots_dir) / f"confusion-{name}.csv",
@@ -55,7 +55,8 @@ def write_outputs(cfg: Any, paths: EvalPaths, shards: list[str], kind: str, mode
     voc = acc.voc(len(classes))
     metrics = summary(cfg, mode, classes, acc, voc, seconds)
     atomic.write_json(paths.metrics, metrics)
-    write_pr_curves(paths, classes, voc)
+    write_pr_curves(paths, classes, voc, cfg.voc_metric == "voc07")
+    write_map_row(paths.map_row, paths.reports.name, metrics)
     counts = confusion_matrix(acc.records, len(classes), score_threshold=cfg.confusion_threshold)
     write_confusion(paths.confusion, counts, classes)
     examples = draw_examples(cfg, shards, kind, classes, acc)
@@ -105,20 +106,25 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".") or "class"
 
 
-def write_pr_curves(paths: EvalPaths, classes: list[str], voc: VocResult) -> None:
-    """``plots/pr-{name}.csv`` (class, recall, precision) and one ``recall,precision`` file per class."""
-    rows: list[tuple[str, float, float]] = []
-    per_class: dict[str, list[tuple[float, float]]] = {}
+def write_pr_curves(paths: EvalPaths, classes: list[str], voc: VocResult, use_07: bool) -> None:
+    """``plots/pr-{name}.csv``: ``class, curve, recall, precision``, every class's curve in one file;
+    ``curve`` is the legend entry, the class and its VOC AP (the headline metric's), e.g.
+    ``car (AP 0.712)``: DVC draws all classes in one chart (template ``pr_by_class``)."""
+    rows: list[tuple[str, str, float, float]] = []
     for cls, result in zip(classes, voc.classes):
         recall, precision = pr_curve_points(result)
-        points = [(round(float(r), 6), round(float(p), 6)) for r, p in zip(recall, precision)]
-        if points:  # classes without ground truth or without detections have no curve
-            per_class[cls] = points
-            rows += [(cls, r, p) for r, p in points]
-    atomic.write_text(paths.plots, _csv(("class", "recall", "precision"), rows))
-    with atomic.atomic_dir(paths.class_plots) as tmp:
-        for cls, points in per_class.items():
-            atomic.write_text(tmp / f"{_safe_name(cls)}.csv", _csv(("recall", "precision"), points))
+        ap = result.ap07 if use_07 else result.ap
+        curve = f"{cls} (AP {ap:.3f})"
+        # Classes without ground truth or without detections have no curve.
+        rows += [(cls, curve, round(float(r), 6), round(float(p), 6)) for r, p in zip(recall, precision)]
+    atomic.write_text(paths.plots, _csv(("class", "curve", "recall", "precision"), rows))
+
+
+def write_map_row(path: Path, name: str, metrics: dict[str, Any]) -> None:
+    """``plots/map-{name}.json``: one row, this model's headline figures, for the chart comparing models."""
+    row = {"model": name, "map_voc": metrics["map_voc"], "coco_map": metrics["coco"].get("map"),
+           "coco_map_50": metrics["coco"].get("map_50")}
+    atomic.write_json(path, [row])
 
 
 def _csv(header: tuple[str, ...], rows: Iterable[tuple]) -> str:
@@ -165,15 +171,17 @@ def _decode_rgb(data: bytes) -> np.ndarray | None:
 
 def write_reports(paths: EvalPaths, examples: list[tuple[str, np.ndarray]], detections: list[dict],
                   settings: dict[str, Any]) -> None:
-    """``reports/{name}/``: the example pictures, ``detections.json`` and ``evaluation.json`` (the settings)."""
+    """``reports/{name}/``: ``detections.json``, ``evaluation.json`` (the settings) and the example
+    pictures in ``examples/`` (a folder of pictures only: dvc.yaml shows it as image plots)."""
     with atomic.atomic_dir(paths.reports) as tmp:
         atomic.write_json(tmp / "detections.json", detections, indent=0)
         atomic.write_json(tmp / "evaluation.json", settings)
+        (tmp / "examples").mkdir()
         for i, (key, image) in enumerate(examples):
             ok, png = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             if not ok:
                 raise StageError(f"example {key}: PNG encoding failed")
-            atomic.write_bytes(tmp / f"{i:03d}-{_safe_name(key)}.png", png.tobytes())
+            atomic.write_bytes(tmp / "examples" / f"{i:03d}-{_safe_name(key)}.png", png.tobytes())
 
 
 def coco_detections(acc: DetectionAccumulator, classes: list[str]) -> list[dict]:

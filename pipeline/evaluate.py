@@ -16,15 +16,17 @@ default the model file's stem):
   (mAP@[.5:.95], AP50, AP75, small/medium/large, AR) under ``coco``, images, objects and
   detections counted, images/s. The settings that produced them (this config, the mode it
   resolved to) are in ``reports/{name}/evaluation.json``;
-- ``plots/pr-{name}.csv``: precision-recall points of every class (columns class,
-  recall, precision), and the same per class as ``plots/pr-{name}/{class}.csv`` (what
-  ``dvc plots show`` draws: one chart per class);
+- ``plots/pr-{name}.csv``: precision-recall points of every class (columns class, curve,
+  recall, precision; ``curve`` is the legend entry, the class and its VOC AP): DVC draws all
+  classes in one chart (template ``.dvc/plots/pr_by_class.json``);
+- ``plots/map-{name}.json``: one row (model, VOC mAP, COCO mAP, AP50) for the chart that
+  compares models (``mAP per model`` in dvc.yaml);
 - ``plots/confusion-{name}.csv``: the confusion matrix (:mod:`ssd.confusion`: IoU 0.5,
   detections scored at least ``confusion_threshold``, a background row and column), one
   ``actual,predicted`` row per count, as DVC's confusion template reads it;
-- ``reports/{name}/``: example images with ground truth (green) and predictions
+- ``reports/{name}/``: ``examples/``, example images with ground truth (green) and predictions
   scored at least ``draw_threshold`` (magenta), also logged to TensorBoard in
-  ``runs/{name}-eval/``; and ``detections.json``, every detection kept for the metrics in
+  ``runs/{name}-eval/``; ``detections.json``, every detection kept for the metrics in
   the COCO results format (``image_id`` the sample's position in sample-key order from 1,
   ``bbox`` ``[x, y, w, h]`` in the original image's pixels, ``score``, ``category_id``, plus
   ``sample`` and ``category_name``): pycocotools or faster-coco-eval re-score it to ``coco.map``.

@@ -119,7 +119,7 @@ def stage_paths(name: str) -> tuple[set[str], set[str]]:
     if name.startswith("evaluate"):
         c = load_config(EvaluateConfig, PARAMS, name)
         p = EvalPaths.of(c, c.name or Path(c.model).stem)
-        return {c.model, c.shards}, {str(p.metrics), str(p.plots), str(p.class_plots), str(p.reports),
+        return {c.model, c.shards}, {str(p.metrics), str(p.plots), str(p.map_row), str(p.reports),
                                      str(p.confusion)}
     if name == "prune":
         c = load_config(PruneStageConfig, PARAMS, name)
@@ -180,6 +180,7 @@ def scratch_project(root: Path, stages: list[str], params: dict) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"], [*DVC, "config", "core.analytics", "false"]):
         run(cmd, root, timeout=120)
+    shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")  # the project's plot templates
     return root
 
 

@@ -116,6 +116,7 @@ def project(tmp_path_factory, shards, model_file) -> Path:
     for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"], [*DVC, "config", "core.analytics", "false"]):
         result = run(cmd, root, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copytree(ROOT / ".dvc" / "plots", root / ".dvc" / "plots")  # the project's plot templates
     result = run([*DVC, "repro", "evaluate"], root)
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return root
@@ -146,15 +147,16 @@ def test_stage_writes_metrics_plots_and_examples(project):
     assert metrics["images_per_s"] > 0
     assert sum(metrics["positives"].values()) == metrics["objects"]
 
-    rows = (project / "plots" / "pr-tiny.csv").read_text().splitlines()
-    assert rows[0] == "class,recall,precision" and len(rows) > 2
-    for name in CLASSES:
-        per_class = (project / "plots" / "pr-tiny" / f"{name}.csv").read_text().splitlines()
-        assert per_class[0] == "recall,precision"
-        points = np.array([[float(v) for v in r.split(",")] for r in per_class[1:]])
+    curves = pr_curves(project)
+    assert set(curves) == set(CLASSES)
+    for name, (legend, points) in curves.items():
+        assert legend == f"{name} (AP {metrics['voc07']['ap'][name]:.3f})"  # the chart's legend: class and AP
         assert ((points >= 0) & (points <= 1)).all() and (np.diff(points[:, 0]) >= 0).all()
+    (row,) = json.loads((project / "plots" / "map-tiny.json").read_text())
+    assert row == {"model": "tiny", "map_voc": metrics["map_voc"], "coco_map": metrics["coco"]["map"],
+                   "coco_map_50": metrics["coco"]["map_50"]}
 
-    examples = sorted((project / "reports" / "tiny").glob("*.png"))
+    examples = sorted((project / "reports" / "tiny" / "examples").glob("*.png"))
     assert len(examples) == 3
     for path in examples:
         image = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
@@ -175,22 +177,35 @@ def test_tensorboard_has_examples_and_scalars(project):
     assert {f"pr/{c}" for c in CLASSES} <= set(acc.Tags()["tensors"])
     for name in CLASSES:
         data = tensor_util.make_ndarray(acc.Tensors(f"pr/{name}")[0].tensor_proto)  # [6, N]: tp fp tn fn p r
-        last = (project / "plots" / "pr-tiny" / f"{name}.csv").read_text().splitlines()[-1]
-        recall, precision = (float(v) for v in last.split(","))
+        recall, precision = pr_curves(project)[name][1][-1]
         assert data[5, 0] == pytest.approx(recall, abs=1e-5) and data[4, 0] == pytest.approx(precision, abs=1e-5)
 
 
-def test_dvc_plots_show_renders_pr_curves(project):
+def pr_curves(project: Path) -> dict[str, tuple[str, np.ndarray]]:
+    """class -> (legend entry, ``[N, 2]`` recall, precision) from ``plots/pr-tiny.csv``."""
+    import csv
+
+    with open(project / "plots" / "pr-tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    out: dict[str, tuple[str, list]] = {}
+    for r in rows:
+        out.setdefault(r["class"], (r["curve"], []))[1].append((float(r["recall"]), float(r["precision"])))
+    return {k: (legend, np.array(points)) for k, (legend, points) in out.items()}
+
+
+def test_dvc_plots_show_renders_one_pr_chart_with_every_class(project):
     result = run([*DVC, "plots", "show", "-o", "plots-html"], project, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     html = (project / "plots-html" / "index.html").read_text()
-    for name in CLASSES:
-        assert f"plots/pr-tiny/{name}.csv" in html
-    assert '"recall"' in html and '"precision"' in html
+    assert "plots_pr-tiny_csv" in html and '"recall"' in html and '"precision"' in html
     shown = json.loads(run([*DVC, "plots", "show", "--json"], project, timeout=120).stdout)
-    curve = shown["data"]["plots/pr-tiny/red.csv"][0]["content"]
-    assert curve["encoding"]["x"]["field"] == "recall" and curve["encoding"]["y"]["field"] == "precision"
-    assert len(curve["data"]["values"]) == len((project / "plots/pr-tiny/red.csv").read_text().splitlines()) - 1
+    assert not [k for k in shown["data"] if k.startswith("plots/pr-tiny/")]  # no chart per class any more
+    (chart,) = shown["data"]["plots/pr-tiny.csv"]
+    spec = chart["content"]
+    assert spec["encoding"]["x"]["field"] == "recall" and spec["encoding"]["y"]["field"] == "precision"
+    assert spec["encoding"]["color"]["field"] == "curve"  # one line per class, the legend with its AP
+    assert spec["title"].startswith("Precision-recall per class (tiny")
+    assert {v["curve"] for v in spec["data"]["values"]} == {legend for legend, _ in pr_curves(project).values()}
 
 
 def coco_ground_truth(shards: Path) -> dict:
@@ -276,7 +291,7 @@ def test_one_and_two_processes_give_identical_metrics(project):
     two = json.loads((project / "metrics2" / "eval-tiny.json").read_text())
     assert without_timing(two) == without_timing(one)
     assert (project / "plots2" / "pr-tiny.csv").read_bytes() == (project / "plots" / "pr-tiny.csv").read_bytes()
-    assert len(list((project / "reports2" / "tiny").glob("*.png"))) == 3
+    assert len(list((project / "reports2" / "tiny" / "examples").glob("*.png"))) == 3
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -412,7 +427,7 @@ def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch)
         video = json.loads((tmp_path / "metrics" / "eval-lstm.json").read_text())
         assert settings(tmp_path, "lstm")["mode"] == "video" and video["images"] == 12
         assert model.seen == [[t] for t in range(8)] + [[t] for t in range(4)]
-        assert len(list((tmp_path / "reports" / "lstm").glob("*.png"))) == 2
+        assert len(list((tmp_path / "reports" / "lstm" / "examples").glob("*.png"))) == 2
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
         model.seen.clear()

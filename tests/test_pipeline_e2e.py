@@ -135,6 +135,40 @@ def test_dvc_repro_runs_every_stage(repo):
     assert any((repo / "reports" / "ssdlite_voc").iterdir())
 
 
+def test_plots_people_read(repo):
+    """`dvc plots show` draws what dvc.yaml defines: titled training curves with every loss part and the
+    learning rate, one PR chart per evaluation with all classes, the mAP of every model in one chart,
+    confusion matrices, and the benchmark and example pictures."""
+    shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    assert all(len(v) == 1 for v in shown["data"].values()), {k: len(v) for k, v in shown["data"].items()}
+    charts = {k: v[0] for k, v in shown["data"].items()}
+    loss = charts["train_voc loss"]["content"]
+    assert loss["title"]["text"] == "Training loss (ssdlite_voc)"
+    assert {v["field"] for v in loss["data"]["values"]} == {"loss", "box_loss", "class_loss"}
+    lr = charts["train_ir_lstm learning rate"]["content"]
+    assert lr["title"]["text"] == "Learning rate (lstm_ir)" and '"title": "learning rate"' in json.dumps(lr)
+    models = charts["mAP per model"]["content"]["data"]["values"]
+    assert sorted(v["model"] for v in models) == sorted(
+        ["ssdlite_voc", "ssdlite_ir", "lstm_ir", "lstm_ir_per_frame", "ssdlite_voc-pruned"])
+    pr = charts["plots/pr-ssdlite_voc.csv"]["content"]
+    classes = json.loads((repo / "data" / "shards" / "voc" / "manifest.json").read_text())["classes"]
+    drawn = {v["class"] for v in pr["data"]["values"]}  # a class without detections has no curve
+    assert drawn and drawn <= set(classes) and pr["encoding"]["color"]["field"] == "curve"
+    confusion = json.dumps(charts["plots/confusion-lstm_ir.csv"]["content"])
+    assert '"field": "predicted"' in confusion and '"field": "actual"' in confusion
+    images = [k for k, v in charts.items() if v["type"] == "image"]
+    assert "reports/benchmark.png" in images and any(k.startswith("reports/ssdlite_voc/examples/") for k in images)
+    assert not [k for k in charts if k.startswith("plots/pr-ssdlite_voc/")]  # no chart per class
+    # `dvc metrics show` holds numbers only: no paths or settings among its columns.
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    for rev in metrics.values():
+        for name, content in rev["data"].items():
+            if name.startswith(("metrics/eval-", "metrics/prune-")):
+                flat = json.dumps(content["data"])
+                assert '"model"' not in flat and '"postprocess"' not in flat and '"mode"' not in flat, name
+
+
 def test_second_repro_does_nothing(repo):
     out = run(["dvc", "repro"], repo)
     assert "Data and pipelines are up to date" in out.stdout + out.stderr
