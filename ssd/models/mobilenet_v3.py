@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from ssd.models.heads import SSDLiteHead
 from ssd.models.input_norm import InputNorm
-from ssd.models.ssd import SSD, feature_shapes, load_backbone_weights
+from ssd.models.ssd import SSD, head_and_priors, load_backbone_weights
 from ssd.models.ssdlite import EXTRA_CHANNELS, extra_block, scaled_channels
-from ssd.priors import PriorConfig, generate_priors, resolve_prior_config
+from ssd.priors import PriorConfig, resolve_prior_config
 
 #: torchvision's batch-norm settings for its SSDLite.
 BN_EPS, BN_MOMENTUM = 0.001, 0.03
@@ -110,12 +110,10 @@ def ssdlite_mobilenet_v3_large(
         extras.append(extra_block(in_channels, c))
         in_channels = c
     prior_cfg = resolve_prior_config(priors, mobilenet_v3_large_priors(), 320, image_size)
-    shapes = feature_shapes(backbone, extras, image_size)
-    head = SSDLiteHead([c for c, _, _ in shapes], prior_cfg.num_anchors_per_location(), num_classes)
+    head, prior_boxes = head_and_priors(backbone, extras, SSDLiteHead, prior_cfg, image_size, num_classes)
     for m in [*extras.modules(), *head.modules()]:
         if isinstance(m, nn.BatchNorm2d):
             m.eps, m.momentum = BN_EPS, BN_MOMENTUM
-    prior_boxes = generate_priors(prior_cfg, image_size, [(h, w) for _, h, w in shapes])
     norm = InputNorm.from_dict(input_norm) if input_norm is not None else MINUS_ONE_TO_ONE
     arch = {
         "name": "ssdlite_mobilenet_v3_large",

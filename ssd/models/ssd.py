@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ssd.priors import generate_priors
+
 from ssd.models.input_norm import IMAGENET, IMAGENET_MEAN, IMAGENET_STD, InputNorm  # noqa: F401
 
 
@@ -118,6 +120,19 @@ def feature_shapes(
         for m, mode in modes:
             m.train(mode)
     return [(int(t.shape[1]), int(t.shape[2]), int(t.shape[3])) for t in maps]
+
+
+def head_and_priors(
+    backbone: nn.Module, extras: Sequence[nn.Module], head_type: Any, prior_cfg: Any, image_size: int, num_classes: int
+) -> tuple[nn.Module, Tensor]:
+    """The head for the maps ``backbone`` and ``extras`` produce at ``image_size``, and their priors.
+
+    ``head_type(in_channels, num_anchors, num_classes)`` is built with the prior config's
+    priors per location (the priors fix the head's widths); returns ``(head, Tensor[P, 4] priors)``.
+    """
+    shapes = feature_shapes(backbone, extras, image_size)
+    head = head_type([c for c, _, _ in shapes], prior_cfg.num_anchors_per_location(), num_classes)
+    return head, generate_priors(prior_cfg, image_size, [(h, w) for _, h, w in shapes])
 
 
 def load_backbone_weights(backbone: nn.Module, state_dict: Mapping[str, Tensor], source: str = "backbone weights"):

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from ssd.models.heads import SSDLiteHead
 from ssd.models.input_norm import InputNorm
-from ssd.models.ssd import SSD, feature_shapes, load_backbone_weights
-from ssd.priors import PriorConfig, generate_priors, resolve_prior_config
+from ssd.models.ssd import SSD, head_and_priors, load_backbone_weights
+from ssd.priors import PriorConfig, resolve_prior_config
 
 #: Blocks of torchvision's ``mobilenet_v2().features`` whose outputs feed the head
 #: (ssds.pytorch's baseline). Adding block 6 (stride 8) gives small objects a finer grid.
@@ -133,9 +133,7 @@ def ssdlite_mobilenet_v2(
     for m in extras.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out")
-    shapes = feature_shapes(backbone, extras, image_size)
-    head = SSDLiteHead([c for c, _, _ in shapes], prior_cfg.num_anchors_per_location(), num_classes)
-    prior_boxes = generate_priors(prior_cfg, image_size, [(h, w) for _, h, w in shapes])
+    head, prior_boxes = head_and_priors(backbone, extras, SSDLiteHead, prior_cfg, image_size, num_classes)
     arch = {
         "name": "ssdlite_mobilenet_v2",
         "num_classes": num_classes,

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from ssd.models.heads import SSDHead
 from ssd.models.input_norm import InputNorm
-from ssd.models.ssd import SSD, feature_shapes
+from ssd.models.ssd import SSD, head_and_priors
 from ssd.models.ssdlite import ssds_mobilenet_v2_priors
 from ssd.models.vgg import L2Norm
-from ssd.priors import PriorConfig, generate_priors, resolve_prior_config
+from ssd.priors import PriorConfig, resolve_prior_config
 
 #: ssds.pytorch's test-time input: OpenCV's BGR, 0..255, minus its pixel means.
 SSDS_INPUT = InputNorm(channels="bgr", scale=255.0, mean=(103.94, 116.78, 123.68), std=(1.0, 1.0, 1.0))
@@ -113,9 +113,7 @@ def ssds_ssdlite_mobilenet_v2(
         extras.append(ssds_extra_block(cin, c))
         cin = c
     prior_cfg = resolve_prior_config(priors, ssds_mobilenet_v2_priors(), 300, image_size)
-    shapes = feature_shapes(backbone, extras, image_size)
-    head = SSDHead([c for c, _, _ in shapes], prior_cfg.num_anchors_per_location(), num_classes)
-    prior_boxes = generate_priors(prior_cfg, image_size, [(h, w) for _, h, w in shapes])
+    head, prior_boxes = head_and_priors(backbone, extras, SSDHead, prior_cfg, image_size, num_classes)
     norm = InputNorm.from_dict(input_norm) if input_norm is not None else SSDS_INPUT
     arch = {"name": "ssds_ssdlite_mobilenet_v2", "num_classes": num_classes, "image_size": image_size,
             "width_mult": width_mult, "priors": prior_cfg.to_dict(), "input_norm": norm.to_dict()}

@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from ssd.models.heads import SSDHead
 from ssd.models.input_norm import IMAGENET, InputNorm
-from ssd.models.ssd import SSD, feature_shapes, load_backbone_weights
+from ssd.models.ssd import SSD, head_and_priors, load_backbone_weights
 from ssd.weights.vgg16 import vgg16_backbone_weights
-from ssd.priors import PriorConfig, generate_priors, resolve_prior_config
+from ssd.priors import PriorConfig, resolve_prior_config
 
 #: Index of relu4_3 in torchvision's vgg16 ``features``.
 CONV4_3 = 22
@@ -140,9 +140,7 @@ def ssd300_vgg16(
         if input_norm is None and weights.input_norm != IMAGENET:
             input_norm = weights.input_norm  # Caffe weights: Caffe's input convention
     extras = vgg_extras()
-    shapes = feature_shapes(backbone, extras, image_size)
-    head = SSDHead([c for c, _, _ in shapes], prior_cfg.num_anchors_per_location(), num_classes)
-    prior_boxes = generate_priors(prior_cfg, image_size, [(h, w) for _, h, w in shapes])
+    head, prior_boxes = head_and_priors(backbone, extras, SSDHead, prior_cfg, image_size, num_classes)
     arch = {"name": "ssd300_vgg16", "num_classes": num_classes, "image_size": image_size, "priors": prior_cfg.to_dict()}
     norm = InputNorm.from_dict(input_norm)
     if input_norm is not None:
