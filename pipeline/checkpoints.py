@@ -2,7 +2,8 @@
 
 Layout of a run's checkpoint directory::
 
-    checkpoints/<run>/step-00000200/   complete: Accelerate's save_state files + meta.json
+    checkpoints/<run>/step-00000200/   complete: Accelerate's save_state files, our own tensor
+                                       files (<name>.safetensors: the EMA, the best model) + meta.json
     checkpoints/<run>/.tmp-step-...    being written (or abandoned by a kill): never loaded
 
 A checkpoint is written by every process into a temporary directory with
@@ -27,7 +28,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
 
 from ssd.atomic import TMP_PREFIX, write_json
 
@@ -64,10 +68,19 @@ def read_meta(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return json.loads((Path(checkpoint) / META).read_text())
 
 
-def save_checkpoint(accelerator, root: str | os.PathLike, step: int, meta: dict[str, Any], keep: int) -> Path:
+def save_checkpoint(
+    accelerator,
+    root: str | os.PathLike,
+    step: int,
+    meta: dict[str, Any],
+    keep: int,
+    tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
     """Save the training state registered with ``accelerator`` as ``root/step-NNNNNNNN``.
 
-    Call on every process. Returns the final directory.
+    ``tensors``: more state the main process writes, ``{name: state dict}`` as
+    ``<name>.safetensors`` (tensors only: loading one can't run code, unlike a pickle); read
+    back with :func:`load_tensors`. Call on every process. Returns the final directory.
     """
     root = Path(root)
     final = root / checkpoint_name(step)
@@ -80,6 +93,8 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, meta: dict[
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, state in (tensors or {}).items():
+            save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
         write_json(tmp / META, {**meta, "step": step})
         if final.exists():  # a rerun after a kill between rename and cleanup
             shutil.rmtree(final)
@@ -89,6 +104,12 @@ def save_checkpoint(accelerator, root: str | os.PathLike, step: int, meta: dict[
         log.info("checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def load_tensors(checkpoint: str | os.PathLike, name: str) -> dict[str, torch.Tensor] | None:
+    """The state dict saved as ``name`` by :func:`save_checkpoint`; None if the checkpoint has none."""
+    path = Path(checkpoint) / f"{name}.safetensors"
+    return load_file(str(path)) if path.is_file() else None
 
 
 def remove_incomplete(root: str | os.PathLike) -> list[str]:

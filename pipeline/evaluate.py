@@ -200,6 +200,48 @@ def predict(
     return acc
 
 
+def gathered_records(
+    model: nn.Module,
+    postprocessor: PostProcessor,
+    shards: list[str],
+    accelerator: Any,
+    *,
+    kind: str,
+    mode: str,
+    batch_size: int,
+    num_workers: int,
+    num_classes: int,
+    progress: Any = None,
+) -> list[ImageRecord]:
+    """Every process evaluates its share of ``shards`` (:func:`ssd.data.loader.eval_loader` with its
+    rank) with :func:`predict`; returns the records of all processes, on every process.
+
+    The records are gathered once, after every rank's loop: ranks evaluate different numbers of
+    batches, so nothing is collective inside it. Metrics computed from them (in ``image_id``
+    order) are those of a one-process evaluation. Call on every process.
+    """
+    from accelerate.utils import gather_object
+
+    from ssd.data.loader import eval_loader
+
+    try:
+        loader = eval_loader(
+            shards,
+            image_size=int(model.image_size),
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            kind=kind,  # type: ignore[arg-type]
+            pin_memory=torch.cuda.is_available(),
+            num_classes=num_classes,
+        )
+    except ValueError as e:
+        raise StageError(str(e)) from None
+    local = predict(model, postprocessor, loader, mode, accelerator.device, progress=progress)
+    return gather_object(local.records)
+
+
 def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Evaluate as ``cfg`` says; writes the outputs on the main process and returns the metrics."""
     check_writable(cfg.metrics_dir, cfg.plots_dir, cfg.reports_dir, cfg.runs_dir)
@@ -218,30 +260,13 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     paths = EvalPaths.of(cfg, name)
 
     from accelerate import Accelerator
-    from accelerate.utils import gather_object
-
-    from ssd.data.loader import eval_loader
 
     # Without a GPU, Accelerate only sets up a process group (gloo) when told it runs on the CPU.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device.report(accelerator, f"evaluating {cfg.model}")
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    world, main = accelerator.num_processes, accelerator.is_main_process
     model = model.to(accelerator.device).eval()
     postprocessor = PostProcessor(model.priors, cfg.postprocess).to(accelerator.device)
-    try:
-        loader = eval_loader(
-            shards,
-            image_size=int(info["image_size"]),
-            rank=rank,
-            world_size=world,
-            batch_size=cfg.batch_size,
-            num_workers=cfg.num_workers,
-            kind=kind,  # type: ignore[arg-type]
-            pin_memory=torch.cuda.is_available(),
-            num_classes=len(manifest.classes),
-        )
-    except ValueError as e:
-        raise StageError(str(e)) from None
     if main:
         log.info("evaluating %s on %s (%s, %s mode), %d process(es)", cfg.model, cfg.shards, cfg.split, mode, world)
 
@@ -252,9 +277,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # count overlapping clips' frames once each).
     total = math.ceil(manifest.count(cfg.split, "frames") / world)
     with tqdm(total=total, unit="image", desc=f"evaluate {name}", disable=not main, dynamic_ncols=True) as bar:
-        local = predict(model, postprocessor, loader, mode, accelerator.device, progress=bar)
-    # Once, after every rank's loop: ranks evaluate different numbers of batches.
-    records: list[ImageRecord] = gather_object(local.records)
+        records = gathered_records(
+            model, postprocessor, shards, accelerator, kind=kind, mode=mode, batch_size=cfg.batch_size,
+            num_workers=cfg.num_workers, num_classes=len(manifest.classes), progress=bar,
+        )
     seconds = time.perf_counter() - start
 
     metrics: dict[str, Any] = {}

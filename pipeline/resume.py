@@ -27,6 +27,7 @@ RESUME_SAFE: dict[str, str] = {
     "trace": "a debug trace of what is computed",
     "max_nonfinite": "when a run of non-finite losses stops the run",
     "data.num_workers": "the data order and augmentation do not depend on it",
+    "validation.num_workers": "the validation samples and their order do not depend on it",
     "models_dir": "where the outputs go",
     "metrics_dir": "where the outputs go",
     "plots_dir": "where the outputs go",

@@ -15,8 +15,12 @@ from typing import Annotated, Any, Literal
 from pipeline.config import check_run_name, to_dict
 from ssd.bounds import AtLeast, Count, NonEmpty, PositiveFloat, PositiveInt, Unique
 from ssd.data.transforms import AugmentConfig
+from ssd.ema import EmaConfig
 from ssd.loss import LossConfig
 from ssd.optim import OptimConfig
+from ssd.postprocess import PostprocessConfig
+
+ValidationMode = Literal["auto", "frames", "video", "per_frame"]
 
 @dataclass(frozen=True)
 class PriorsParams:
@@ -119,6 +123,28 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class ValidationConfig:
+    every: Count = 0
+    """Steps between validations, plus one at the end; 0: no validation (and no best model)."""
+    split: str = "val"
+    """The split of data.shards validated on."""
+    modes: Annotated[tuple[ValidationMode, ...], NonEmpty(), Unique()] = ("auto",)
+    """Evaluation modes (the evaluate stage's): the first picks the best model, the others are
+    logged beside it (LSTM-SSD: [video, per_frame], its memory on and off). auto: frames on frame
+    shards; on clip shards video for LSTM-SSD, per_frame for the others."""
+    metric: Literal["voc07", "voc2010"] = "voc07"
+    """The VOC mAP that is logged and picks the best model."""
+    patience: Count = 0
+    """Stop after this many validations without a better mAP; 0: never stop early."""
+    batch_size: PositiveInt = 16
+    """Images per forward pass and process (video mode feeds one frame at a time)."""
+    num_workers: Count = 1
+    """Loader worker processes per process while validating."""
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    """Detections kept for the mAP (the evaluate stage's default: score 0.01, 200 per image)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "ssdlite"
     """Run name: names the model file, metrics, plots, logs and checkpoints."""
@@ -126,6 +152,9 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    """Exponential moving average of the weights: validation and the model file use it."""
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
     steps: PositiveInt = 1000
     """Optimiser steps in the whole run."""
     seed: Count = 0
@@ -164,8 +193,10 @@ class TrainConfig:
 @dataclass
 class RunPaths:
     model: Path
+    best_model: Path
     metrics: Path
     plots: Path
+    val_plots: Path
     logs: Path
     checkpoints: Path
 
@@ -173,8 +204,10 @@ class RunPaths:
     def of(cls, cfg: TrainConfig) -> "RunPaths":
         return cls(
             model=Path(cfg.models_dir) / f"{cfg.name}.pt",
+            best_model=Path(cfg.models_dir) / f"{cfg.name}-best.pt",
             metrics=Path(cfg.metrics_dir) / f"train-{cfg.name}.json",
             plots=Path(cfg.plots_dir) / f"train-{cfg.name}.csv",
+            val_plots=Path(cfg.plots_dir) / f"val-{cfg.name}.csv",
             logs=Path(cfg.runs_dir) / cfg.name,
             checkpoints=Path(cfg.checkpoints_dir) / cfg.name,
         )

@@ -115,7 +115,8 @@ def stage_paths(name: str) -> tuple[set[str], set[str]]:
         c = load_config(TrainConfig, PARAMS, name)
         p = RunPaths.of(c)
         inputs = {c.data.shards, c.model.init_weights, c.model.from_file, c.model.backbone_weights} - {None}
-        return inputs, {str(p.model), str(p.metrics), str(p.plots)}
+        validated = {str(p.best_model), str(p.val_plots)} if c.validation.every else set()
+        return inputs, {str(p.model), str(p.metrics), str(p.plots)} | validated
     if name.startswith("evaluate"):
         c = load_config(EvaluateConfig, PARAMS, name)
         p = EvalPaths.of(c, c.name or Path(c.model).stem)
@@ -213,6 +214,7 @@ TRAIN = {
     "data": {"shards": "data/shards/voc", "batch_size": 4, "num_workers": 0, "streams": 2, "shuffle_buffer": 8},
     "optim": {"lr": 0.003, "warmup_steps": 2},
     "steps": 40, "checkpoint_every": 5, "log_every": 2, "trace": True,
+    "validation": {"every": 10, "num_workers": 0},
 }
 
 
@@ -239,7 +241,14 @@ def test_preempted_training_stage_keeps_its_rows_and_only_its_imports_rerun_it(t
     with open(project / "plots" / "train-tiny.csv") as f:
         steps = [int(line.split(",")[0]) for line in f.read().splitlines()[1:]]
     assert steps == list(range(2, TRAIN["steps"] + 1, 2))
-    assert json.loads((project / "metrics" / "train-tiny.json").read_text())["steps"] == TRAIN["steps"]
+    summary = json.loads((project / "metrics" / "train-tiny.json").read_text())
+    assert summary["steps"] == TRAIN["steps"]
+    # The best model survives DVC deleting the stage's outputs: it travels in the checkpoints.
+    with open(project / "plots" / "val-tiny.csv") as f:
+        rows = [line.split(",") for line in f.read().splitlines()[1:]]
+    assert [int(r[0]) for r in rows] == [10, 20, 30, 40]
+    assert summary["val"]["best_map"] == max(float(r[1]) for r in rows)
+    assert (project / "models" / "tiny-best.pt").is_file()
 
     # A comment in a module training never imports changes nothing; one in the loss reruns it.
     with open(project / "ssd" / "export.py", "a") as f:

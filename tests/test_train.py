@@ -35,6 +35,7 @@ TRAIN = {
     "checkpoint_every": 4,
     "log_every": 2,
     "trace": True,
+    "validation": {"every": 4, "num_workers": 0, "batch_size": 8},
 }
 
 
@@ -51,6 +52,7 @@ LSTM = {
     "steps": 10,
     "checkpoint_every": 3,
     "freeze_backbone_steps": 2,
+    "validation": {"every": 4, "num_workers": 0, "modes": ["video", "per_frame"]},
 }
 
 
@@ -98,6 +100,7 @@ def reference_run(tmp_path_factory) -> Path:
     cwd = workdir(tmp_path_factory.mktemp("reference"))
     result = run_train(cwd, 2)
     assert result.returncode == 0, result.stderr[-3000:]
+    (cwd / "stderr.txt").write_text(result.stderr)
     return cwd
 
 
@@ -109,7 +112,7 @@ def test_two_processes_read_different_samples_and_keep_identical_weights(referen
         assert a["checksum"] == b["checksum"], f"weights differ between ranks after step {a['step']}"
     assert all(a["keys"] != b["keys"] for a, b in zip(r0, r1))
     assert set(sum((a["keys"] for a in r0), [])) != set(sum((b["keys"] for b in r1), []))
-    assert sorted(p.name for p in (cwd / "models").iterdir()) == ["tiny.pt"]
+    assert sorted(p.name for p in (cwd / "models").iterdir()) == ["tiny-best.pt", "tiny.pt"]
     metrics = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
     assert metrics["steps"] == TRAIN["steps"] and metrics["world_size"] == 2
     assert metrics["images_per_s"] > 0 and metrics["final_loss"] > 0
@@ -118,9 +121,9 @@ def test_two_processes_read_different_samples_and_keep_identical_weights(referen
     assert rows[0].startswith("step,loss,") and len(rows) == 1 + TRAIN["steps"] // TRAIN["log_every"]
 
 
-def logged_steps(cwd: Path) -> list[int]:
+def logged_steps(cwd: Path, table: str = "train") -> list[int]:
     """The steps of the plots CSV's rows, in file order."""
-    with open(cwd / "plots" / "train-tiny.csv", newline="") as f:
+    with open(cwd / "plots" / f"{table}-tiny.csv", newline="") as f:
         return [int(row["step"]) for row in csv.DictReader(f)]
 
 
@@ -165,7 +168,16 @@ def stop_and_resume(cwd: Path, reference: Path, steps: int) -> None:
     every = yaml.safe_load((cwd / "params.yaml").read_text())["train"]["log_every"]
     assert logged_steps(cwd) == expected_rows(steps, every)
     assert tensorboard_steps(cwd) == expected_rows(steps, every)
+    # The EMA (the model file's weights) and the best model travel in the checkpoints.
     assert max_difference(weights(cwd / "models/tiny.pt"), weights(reference / "models/tiny.pt")) < 1e-5
+    assert max_difference(weights(cwd / "models/tiny-best.pt"), weights(reference / "models/tiny-best.pt")) < 1e-5
+    validated = expected_rows(steps, 4)
+    assert logged_steps(cwd, "val") == tensorboard_steps(cwd, "val/map") == validated
+    ran = json.loads((cwd / "metrics" / "train-tiny.json").read_text())["val"]
+    ref = json.loads((reference / "metrics" / "train-tiny.json").read_text())["val"]
+    assert ran["best_step"] == ref["best_step"]
+    assert {k: pytest.approx(v, abs=1e-4) for k, v in ran.items() if k.startswith(("map", "best_map"))} == {
+        k: v for k, v in ref.items() if k.startswith(("map", "best_map"))}
     # no batch replayed or skipped: the resumed trace continues the reference's keys
     ref = trace(reference, 1)
     assert [t["keys"] for t in trace(cwd, 1)] == [t["keys"] for t in ref[:stopped]] + [t["keys"] for t in ref[stopped:]]
@@ -239,6 +251,68 @@ def test_tensorboard_has_loss_and_learning_rate(reference_run):
     assert (reference_run / "runs" / "tiny" / "config.yaml").is_file()
 
 
+def one_process_map(cwd: Path, model: str, **extra) -> float:
+    """VOC07 mAP of the evaluate stage run in one process on the validation split."""
+    section = {"model": model, "shards": "shards", "split": "val", "name": "check", "examples": 0, "num_workers": 0, **extra}
+    (cwd / "eval.yaml").write_text(yaml.safe_dump({"evaluate": section}))
+    result = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "--params", "eval.yaml"], cwd=cwd, env=env(),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((cwd / "metrics" / "eval-check.json").read_text())["voc07"]["map"]
+
+
+def test_validation_in_two_processes_equals_a_one_process_evaluation_and_keeps_the_best(reference_run):
+    cwd = reference_run
+    with open(cwd / "plots" / "val-tiny.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert [int(r["step"]) for r in rows] == [4, 8, 12, 14] == tensorboard_steps(cwd, "val/map")
+    val = json.loads((cwd / "metrics" / "train-tiny.json").read_text())["val"]
+    assert val["map"] == rows[-1]["map"]
+    best = max(rows, key=lambda r: r["map"])
+    assert (val["best_map"], val["best_step"]) == (best["map"], int(best["step"]))
+    # The figure the 2-process run gathered is the one-process evaluate stage's, for the last model
+    # and for the best one (the model file of the best step, its meta saying which).
+    assert one_process_map(cwd, "models/tiny.pt") == pytest.approx(val["map"], abs=1e-6)
+    assert one_process_map(cwd, "models/tiny-best.pt") == pytest.approx(val["best_map"], abs=1e-6)
+    _, info = load_model_file(cwd / "models/tiny-best.pt")
+    assert info["meta"]["best"] == {"step": val["best_step"], "map": val["best_map"]}
+
+
+def test_a_log_file_gets_plain_progress_lines_not_a_bar(reference_run):
+    stderr = (reference_run / "stderr.txt").read_text()
+    assert "\r" not in stderr
+    lines = [line for line in stderr.splitlines() if "tiny step " in line]
+    assert len(lines) == TRAIN["steps"] // TRAIN["log_every"]
+    assert " tiny step 14/14 loss " in lines[-1] and "images/s ETA " in lines[-1] and "(box " in lines[0]
+    assert "step 8: validation VOC07 mAP " in stderr
+
+
+def test_no_better_validation_for_patience_validations_stops_early(tmp_path, monkeypatch):
+    """In-process, with a validation that never improves: the run stops after the patience, exit 0,
+    its outputs those of the step it stopped at."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    import pipeline.train as train_mod
+    from pipeline.config import from_dict
+    from pipeline.training.validation import Validator
+
+    cwd = workdir(tmp_path)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(Validator, "evaluate", lambda self, model, accelerator: {"map": 0.25})
+    cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "trace": False, "data": {**TRAIN["data"], "num_workers": 0},
+                                            "validation": {"every": 2, "patience": 2, "num_workers": 0}})
+    try:
+        assert train_mod.train(cfg) == 0
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    summary = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
+    assert summary["steps"] == 6  # best at step 2, no better at 4 and 6
+    assert summary["val"] == {"map": 0.25, "best_map": 0.25, "best_step": 2, "seconds": summary["val"]["seconds"]}
+    assert logged_steps(cwd, "val") == [2, 4, 6]
+    assert load_model_file(cwd / "models/tiny-best.pt")[1]["meta"]["best"]["step"] == 2
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -250,6 +324,8 @@ def test_tensorboard_has_loss_and_learning_rate(reference_run):
         (["name=..", "steps=2", "checkpoint_every=1"], "train: name '..' is not a valid run name"),
         (["name=../../escape"], "train: name '../../escape' is not a valid run name"),
         (["name=''"], "train.name: must not be empty"),
+        (["validation.split=test"], "shards/manifest.json: no split 'test' (splits: train, val)"),
+        (["validation.modes=[video]"], "mode 'video' needs clip shards, these are frames"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message):
@@ -298,11 +374,12 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_without_running(kept_checkp
 SIGNAL_IN_SAVE = """
 import os, signal, sys
 import pipeline.train as train
-original = train.save_model_file
+import pipeline.training.outputs as outputs
+original = outputs.save_model_file
 def save_model_file(*args, **kw):
     os.kill(os.getpid(), signal.SIGTERM)  # the preemption notice arrives while the model is written
     return original(*args, **kw)
-train.save_model_file = save_model_file
+outputs.save_model_file = save_model_file
 sys.exit(train.main(sys.argv[1:]))
 """
 

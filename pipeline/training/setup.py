@@ -1,0 +1,296 @@
+"""A training run built from its config: data checked, model, optimiser, EMA and validation
+set up, and the state of the newest matching checkpoint loaded."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+
+from pipeline import checkpoints, device, resume
+from pipeline.config import ConfigError, flatten, to_dict
+from pipeline.datasets import Manifest, read_manifest
+from pipeline.run_log import RunLog, Table
+from pipeline.stage import StageError, check_writable
+from pipeline.train_config import DataConfig, ModelConfig, RunPaths, TrainConfig
+from pipeline.training.signals import signals_blocked
+from pipeline.training.validation import Validator
+from ssd import atomic
+from ssd.ema import averaged
+from ssd.loss import MultiBoxLoss
+from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file
+from ssd.models import build_model
+from ssd.optim import build_optimizer, group_factors
+from ssd.state_carry import StateCarry
+from ssd.weights.loading import load_matching
+
+log = logging.getLogger("pipeline.train")
+
+#: Columns of plots/train-{name}.csv (and TensorBoard's train/* scalars).
+PLOT_FIELDS = ("step", "loss", "box_loss", "class_loss", "lr", "grad_norm", "images_per_s")
+
+
+def _new_history() -> dict[str, Any]:
+    return {"losses": [], "nonfinite": 0, "nonfinite_streak": 0, "train_seconds": 0.0, "images": 0,
+            "wait_seconds": 0.0, "world_sizes": []}
+
+
+@dataclass
+class Run:
+    """Everything a training run holds while it trains (built by :func:`setup`)."""
+
+    cfg: TrainConfig
+    paths: RunPaths
+    accelerator: Any
+    model: Any  # as prepared by Accelerate (DDP-wrapped with several processes)
+    optimizer: Any
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    criterion: MultiBoxLoss
+    classes: list[str]
+    fingerprint: dict[str, Any]
+    temporal: bool
+    batches_per_epoch: int
+    shards: list[str]
+    log: RunLog
+    step: int = 0
+    history: dict[str, Any] = field(default_factory=_new_history)
+    carry: StateCarry | None = None
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    validator: Validator | None = None
+
+    @property
+    def unwrapped(self):
+        """The model being trained, without Accelerate's wrapper."""
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def final(self):
+        """The model that is validated and saved: the EMA's average when enabled, else the trained one."""
+        return self.ema.module if self.ema is not None else self.unwrapped
+
+
+def check_data(cfg: TrainConfig) -> tuple[Manifest, list[str], int]:
+    """The manifest, the training shards and the number of samples; StageError if they don't fit the config."""
+    manifest = read_manifest(cfg.data.shards)
+    shards = manifest.shard_paths(cfg.data.split)
+    num_samples = manifest.count(cfg.data.split, "frames" if cfg.data.kind == "frames_from_clips" else "samples")
+    if num_samples == 0:
+        raise StageError(f"{manifest.path}: split {cfg.data.split!r} has no samples")
+    expected_kind = "clips" if cfg.data.kind in ("clips", "frames_from_clips") else "frames"
+    if manifest.kind != expected_kind:
+        raise StageError(f"{manifest.path}: holds {manifest.kind} shards but data.kind is {cfg.data.kind!r}")
+    if cfg.data.streams % max(1, cfg.data.num_workers):
+        raise StageError(f"data.num_workers ({cfg.data.num_workers}) must divide data.streams ({cfg.data.streams})")
+    return manifest, shards, num_samples
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+
+    try:
+        precision = device.resolve_mixed_precision(cfg.mixed_precision, "mixed_precision")
+    except ConfigError as e:
+        raise StageError(str(e)) from None
+    accelerator = Accelerator(
+        # Without a GPU, Accelerate only sets up a process group (gloo) when told it runs on the CPU.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=precision,
+        step_scheduler_with_optimizer=False,  # we step it once per optimiser step ourselves
+    )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise StageError("mixed precision fp16 needs a GPU; use bf16 or no on the CPU")
+    device.report(accelerator, f"training {cfg.name}")
+    return accelerator
+
+
+def build(cfg: ModelConfig, classes: list[str]):
+    """The model to train: from a model file, or built from the config (plus copied weights)."""
+    try:
+        if cfg.from_file:
+            model, info = load_model_file(cfg.from_file)
+            if info["class_names"] != classes:
+                raise StageError(
+                    f"{cfg.from_file}: model classes {info['class_names']} differ from the data's {classes}"
+                )
+            return model.train()
+        backbone = load_state_dict_file(cfg.backbone_weights) if cfg.backbone_weights else None
+        arch = cfg.arch(len(classes) + 1)
+        if cfg.init_weights:
+            source, _ = load_model_file(cfg.init_weights)
+            # The weights were trained on their input convention: the new model takes it.
+            arch["input_norm"] = source.input_norm.to_dict()
+        model = build_model(arch, backbone_state_dict=backbone)
+        if cfg.init_weights:
+            report = load_matching(model, source.state_dict(), cfg.init_weights)
+            if not report.loaded:
+                raise StageError(f"{cfg.init_weights}: no weight matches the model's names and shapes")
+            report.log()
+        return model
+    except (ModelFileError, ValueError) as e:
+        raise StageError(f"model: {e}") from None
+
+
+def setup(cfg: TrainConfig, restart: bool) -> Run:
+    """Check the inputs, build the accelerator, model, optimiser, EMA and validation, and resume
+    if there is a checkpoint."""
+    from accelerate.utils import set_seed
+
+    paths = RunPaths.of(cfg)
+    check_writable(paths.model.parent, paths.metrics.parent, paths.plots.parent, paths.logs, paths.checkpoints)
+    manifest, shards, num_samples = check_data(cfg)
+    accelerator = make_accelerator(cfg)
+    files = {"data.shards": manifest.path, "model.init_weights": cfg.model.init_weights,
+             "model.from_file": cfg.model.from_file, "model.backbone_weights": cfg.model.backbone_weights}
+    fp = resume.fingerprint(to_dict(cfg), manifest.classes, files, accelerator.mixed_precision)
+
+    set_seed(cfg.seed)
+    model = build(cfg.model, manifest.classes)
+    temporal = bool(getattr(model, "is_temporal", False))
+    if temporal != (cfg.data.kind == "clips"):
+        raise StageError(
+            f"data.kind {cfg.data.kind!r} with model {model.arch.get('name')!r}: a temporal model "
+            "(lstm_ssd_*) trains on clips, the others on frames or frames_from_clips"
+        )
+    validator = Validator.of(cfg.validation, manifest, temporal) if cfg.validation.every else None
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, group_factors(optimizer, cfg.optim, cfg.steps, cfg.freeze_backbone_steps)
+    )
+    criterion = MultiBoxLoss(model.priors, cfg.loss).to(accelerator.device)
+    # The scheduler is not registered with Accelerate: its state goes into meta.json as JSON
+    # (Accelerate would pickle it, and unpickling a checkpoint someone else wrote runs code).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    world = accelerator.num_processes
+    tables = {"train": Table(paths.plots, PLOT_FIELDS)}
+    if validator is not None:
+        tables["val"] = Table(paths.val_plots, validator.fields)
+    r = Run(
+        cfg=cfg, paths=paths, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+        criterion=criterion, classes=manifest.classes, fingerprint=fp, temporal=temporal, shards=shards,
+        batches_per_epoch=max(1, math.ceil(num_samples / (cfg.data.batch_size * world))),
+        log=RunLog(paths.logs, tables, enabled=accelerator.is_main_process), validator=validator,
+    )
+    if cfg.ema.enabled:
+        r.ema = averaged(r.unwrapped, cfg.ema.decay)
+    if temporal and cfg.data.sequence_clips:
+        # A stream's next batch is `streams` micro-batches later; keep states twice that long.
+        r.carry = StateCarry(keep=2 * cfg.data.streams)
+    rows = _resume(r, restart)
+    r.history["world_sizes"] = sorted(set(r.history.get("world_sizes", [])) | {world})
+    if accelerator.is_main_process:
+        paths.logs.mkdir(parents=True, exist_ok=True)
+        atomic.write_text(paths.logs / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    r.log.start(rows, hparams={**flatten(to_dict(cfg)), "world_size": world})
+    return r
+
+
+def _checkpoint_to_resume(r: Run, restart: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest complete checkpoint and its meta if it matches the run; refused (or discarded
+    with --restart) if not."""
+    latest = checkpoints.latest_checkpoint(r.paths.checkpoints)
+    if latest is None:
+        return None
+    meta = checkpoints.read_meta(latest)
+    diffs = resume.differences(r.fingerprint, meta.get("fingerprint", {}))
+    if not diffs and meta["step"] > r.cfg.steps:
+        diffs = [f"steps: the checkpoint is at step {meta['step']}, past steps {r.cfg.steps}"]
+    if diffs and not restart:
+        raise StageError(resume.refusal(latest, diffs))
+    if diffs:
+        r.accelerator.wait_for_everyone()
+        if r.accelerator.is_main_process:
+            log.warning("--restart: discarding %s (%s)", r.paths.checkpoints, "; ".join(diffs[:3]))
+            shutil.rmtree(r.paths.checkpoints, ignore_errors=True)
+        r.accelerator.wait_for_everyone()
+        return None
+    return latest, meta
+
+
+def _resume(r: Run, restart: bool) -> dict[str, list[dict[str, Any]]]:
+    """Load the newest matching checkpoint into ``r`` (if any); returns the logged rows it carries."""
+    found = _checkpoint_to_resume(r, restart)
+    if r.accelerator.is_main_process:
+        checkpoints.remove_incomplete(r.paths.checkpoints)
+    if found is None:
+        return {}
+    latest, meta = found
+    _load_state(r.accelerator, latest, r.paths.checkpoints)
+    r.scheduler.load_state_dict(meta["scheduler"])
+    r.step, r.history = meta["step"], meta["history"]
+    if r.ema is not None:
+        r.ema.load_state_dict(_tensors(latest, "ema"))
+    if r.validator is not None:
+        r.validator.restore(r.history, checkpoints.load_tensors(latest, "best"))
+    world = r.accelerator.num_processes
+    if meta.get("world_size") != world:
+        log.warning("%s was written by %s processes, now %s: the global batch and the data order differ "
+                    "from an uninterrupted run", latest, meta.get("world_size"), world)
+    log.info("resumed from %s at step %d", latest, r.step)
+    return meta.get("log_rows", {})
+
+
+def _tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:
+    state = checkpoints.load_tensors(checkpoint, name)
+    if state is None:
+        raise StageError(f"{checkpoint}: {name}.safetensors is missing; delete the checkpoint to resume from the one before")
+    return state
+
+
+def _load_state(accelerator, checkpoint: Path, root: Path) -> None:
+    """Accelerate's ``load_state``: tensors only (``weights_only``), a bad file is a one-line error."""
+    try:
+        accelerator.load_state(str(checkpoint))
+    except Exception as e:  # torch and safetensors raise many types for a corrupt or foreign file
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise StageError(
+            f"{checkpoint}: the checkpoint can't be loaded ({type(e).__name__}: {first}); delete it to resume "
+            f"from the one before, or delete {root} to start over"
+        ) from None
+
+
+def micro_batches(r: Run, first: int) -> Iterator[Any]:
+    """Micro-batches from position ``first`` on, across epochs; deterministic in the position."""
+    from ssd.data.loader import batches
+
+    epoch, start = divmod(first, r.batches_per_epoch)
+    rank, world = r.accelerator.process_index, r.accelerator.num_processes
+    while True:
+        loader = _loader(r, rank, world, epoch, start)
+        # Loader workers are forked here. With SIGTERM/SIGINT blocked while they start, they
+        # inherit the block and a preemption signal can't kill one mid-epoch; the training
+        # process gets the pending signal as soon as the block is lifted.
+        with signals_blocked():
+            started = iter(loader)
+        yield from batches(started)  # workers stopped even when a bad sample ends the run
+        epoch, start = epoch + 1, 0
+
+
+def _loader(r: Run, rank: int, world: int, epoch: int, start: int):
+    from ssd.data.loader import train_loader
+
+    data: DataConfig = r.cfg.data
+    return train_loader(
+        r.shards,
+        data.augment,
+        image_size=r.unwrapped.image_size,
+        rank=rank,
+        world_size=world,
+        seed=r.cfg.seed,
+        epoch=epoch,
+        batches_per_epoch=r.batches_per_epoch,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
+        start_batch=start,
+        kind=data.kind,
+        streams=data.streams,
+        shuffle_buffer=data.shuffle_buffer,
+        sequence_clips=data.sequence_clips,
+        pin_memory=torch.cuda.is_available(),
+        num_classes=len(r.classes),
+    )

@@ -1,0 +1,103 @@
+"""One optimiser step: ``grad_accum`` micro-batches, frames and clips through the same code."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.stage import StageError
+from pipeline.training.setup import Run
+from pipeline.training.signals import StopFlag
+from ssd.clip_loss import clip_loss
+from ssd.state_carry import clip_keys
+
+log = logging.getLogger("pipeline.train")
+
+
+@dataclass
+class StepResult:
+    parts: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "box_loss": 0.0, "class_loss": 0.0})
+    grad_norm: float = float("nan")
+    skipped: bool = False
+    """A loss was not finite on some process: no update on any."""
+    stop: bool = False
+    """A stop signal arrived on some process."""
+    frames: int = 0
+    keys: list[str] = field(default_factory=list)
+
+
+def forward_loss(r: Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """The loss of one micro-batch, and the end states to carry (None unless clips carry state).
+
+    Frames: one image per sample. Clips: ``images [B, T, 3, H, W]``, every frame's loss counts
+    (:func:`ssd.clip_loss.clip_loss`); with ``sequence_clips`` each clip starts from the state
+    the previous clip of its run ended with.
+    """
+    if not r.temporal:
+        logits, deltas = r.model(batch.images)
+        return r.criterion(logits, deltas, batch.targets), None
+    state, next_keys = None, None
+    if r.carry is not None:  # the state the previous clip of each run ended with
+        start_keys, next_keys = clip_keys(batch.video, batch.frames, batch.runs)
+        zero = r.unwrapped.init_state(len(batch), r.accelerator.device)
+        state, carried = r.carry.take(zero, start_keys)
+        r.history["carried_clips"] = r.history.get("carried_clips", 0) + carried
+    logits, deltas, end_state = r.model(batch.images, state)
+    carried = (end_state, next_keys) if r.carry is not None else None
+    return clip_loss(r.criterion, logits, deltas, batch.targets), carried
+
+
+def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
+    """One optimiser step over ``grad_accum`` micro-batches; skipped (no update) if any loss is not
+    finite on any process. The EMA follows every update."""
+    accum, acc = r.cfg.optim.grad_accum, r.accelerator
+    res = StepResult()
+    for i in range(accum):
+        t0 = time.perf_counter()
+        batch = next(stream).to(acc.device)
+        r.history["wait_seconds"] += time.perf_counter() - t0
+        res.keys += batch.keys
+        with contextlib.nullcontext() if i == accum - 1 else acc.no_sync(r.model):
+            out, carried = forward_loss(r, batch)
+            flags = torch.tensor([0.0 if torch.isfinite(out["loss"]) else 1.0, float(stop.requested)], device=acc.device)
+            flags = acc.reduce(flags, reduction="sum")  # every rank decides alike
+            res.skipped = res.skipped or bool(flags[0] > 0)
+            res.stop = res.stop or bool(flags[1] > 0)
+            if carried is not None and not res.skipped:
+                r.carry.put(*carried)
+            if not res.skipped:
+                acc.backward(out["loss"] / accum)
+                for k in res.parts:
+                    res.parts[k] += out[k].item() / accum
+        res.frames += batch.images.shape[0] * (batch.images.shape[1] if r.temporal else 1)
+    if not res.skipped:
+        clip = r.cfg.optim.grad_clip if r.cfg.optim.grad_clip > 0 else float("inf")
+        res.grad_norm = float(acc.clip_grad_norm_(r.model.parameters(), clip))
+        r.optimizer.step()
+        if r.ema is not None:
+            r.ema.update_parameters(r.unwrapped)
+    r.optimizer.zero_grad(set_to_none=True)
+    return res
+
+
+def account(r: Run, res: StepResult) -> None:
+    """Book a step's outcome in the history; stop the run after too many non-finite steps in a row."""
+    h = r.history
+    h["images"] += res.frames * r.accelerator.num_processes
+    if not res.skipped:
+        h["nonfinite_streak"] = 0
+        h["losses"] = (h["losses"] + [res.parts["loss"]])[-50:]
+        return
+    h["nonfinite"] += 1
+    h["nonfinite_streak"] = h.get("nonfinite_streak", 0) + 1
+    log.warning("step %d: non-finite loss, step skipped (keys %s)", r.step, ", ".join(res.keys[:4]))
+    if h["nonfinite_streak"] > r.cfg.max_nonfinite:
+        raise StageError(
+            f"step {r.step}: loss not finite for {h['nonfinite_streak']} consecutive steps; "
+            f"last sample keys: {', '.join(res.keys[:8])}"
+        )
