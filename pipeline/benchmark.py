@@ -15,12 +15,15 @@ Sections (``sections`` of the ``benchmark`` params, or ``--only``), each a modul
 - ``loader`` (:mod:`pipeline.bench.loader`): training-loader throughput from the shards;
 - ``train_step`` (:mod:`pipeline.bench.train_step`): a full training step against forward + backward.
 
-Outputs: ``out`` (``metrics/benchmark.json``, for ``dvc metrics diff``): the device and
-thread count, then the headline figures (``postprocess_share.<model>``: post-processing over
+Outputs: ``out`` (``metrics/benchmark.json``, for ``dvc metrics diff``): measurements only
+(timings, ratios, sizes, counts): the headline figures (``postprocess_share.<model>``: post-processing over
 end-to-end latency at batch 1; ``lstm_vs_ssdlite_latency_ratio``: the first LSTM-SSD's
 streaming forward over its SSDLite's forward; ``peer_ratio``: our end-to-end latency over
 torchvision's SSDLite's), then ``models``, ``peer``, ``lstm_vs_ssdlite`` and one entry per
-other section (``postprocess``, ``loader``, ``train_step``); ``chart``
+other section (``postprocess``, ``loader``, ``train_step``); ``setup``
+(``reports/benchmark-setup.json``): how they were measured, in the same nesting: the device,
+torch version and threads, each model's file, architecture and mode, batch sizes, thresholds
+(:func:`split_setup`); ``chart``
 (``reports/benchmark.png``, when ``models`` ran): a stacked bar per model of its
 latency parts, and the peer.
 
@@ -150,6 +153,8 @@ class BenchmarkConfig:
     """Which benchmarks to run, in order."""
     out: str = "metrics/benchmark.json"
     """Where the JSON goes."""
+    setup: str = "reports/benchmark-setup.json"
+    """Where the description of the measurements goes (device, files, batch sizes, thresholds)."""
     chart: str = "reports/benchmark.png"
     """Where the latency chart goes (written when the models section runs)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -258,6 +263,34 @@ def benchmark(cfg: BenchmarkConfig, names: list[str]) -> dict[str, Any]:
     return result
 
 
+#: Numbers that say how something was measured, not what was measured: with the texts (device,
+#: file names, modes), they go to the setup file, so `dvc metrics diff` compares measurements only.
+SETUP_NUMBERS = frozenset({
+    "threads", "batch", "batch_size", "image_size", "width_mult", "num_classes", "num_priors", "num_batches",
+    "num_workers", "score_threshold", "nms_threshold", "top_k", "max_detections",
+})
+
+
+def split_setup(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(metrics, setup)`` of a benchmark result, both in its nesting: strings and the
+    :data:`SETUP_NUMBERS` keys go to ``setup``, every other value (timings, ratios, costs, counts,
+    checks) to ``metrics``. Sections left empty on one side are dropped from it."""
+    metrics: dict[str, Any] = {}
+    setup: dict[str, Any] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            m, s = split_setup(value)
+            if m:
+                metrics[key] = m
+            if s:
+                setup[key] = s
+        elif isinstance(value, str) or key in SETUP_NUMBERS:
+            setup[key] = value
+        else:
+            metrics[key] = value
+    return metrics, setup
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--only", help="comma-separated sections to run (default: the params' sections)")
@@ -272,10 +305,12 @@ def main(argv: list[str] | None = None) -> int:
             raise StageError(f"unknown benchmark section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
         check_inputs(cfg, names)
         out = args.out or cfg.out
-        check_writable(Path(out).parent)
+        check_writable(Path(out).parent, Path(cfg.setup).parent)
         result = benchmark(cfg, names)
-        atomic.write_json(out, result)
-        log.info("wrote %s", out)
+        metrics, setup = split_setup(result)
+        atomic.write_json(cfg.setup, setup)
+        atomic.write_json(out, metrics)
+        log.info("wrote %s and %s", out, cfg.setup)
         if "models" in result:
             from pipeline.bench.chart import latency_chart
 

@@ -69,11 +69,46 @@ def project(tmp_path_factory) -> Path:
     return root
 
 
+def merged(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for key, value in b.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and key in out else value
+    return out
+
+
 @pytest.fixture(scope="module")
-def figures(project) -> dict:
+def written(project) -> tuple[dict, dict]:
+    """(metrics/benchmark.json, reports/benchmark-setup.json) of one run."""
     result = run(project)
     assert result.returncode == 0, result.stderr[-4000:]
-    return json.loads((project / "metrics" / "benchmark.json").read_text())
+    return (json.loads((project / "metrics" / "benchmark.json").read_text()),
+            json.loads((project / "reports" / "benchmark-setup.json").read_text()))
+
+
+@pytest.fixture(scope="module")
+def figures(written) -> dict:
+    """Both files merged back into one result (key order: the metrics first)."""
+    return merged(*written)
+
+
+def strings_and_numbers(tree: dict, path: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in tree.items():
+        out += strings_and_numbers(value, f"{path}.{key}") if isinstance(value, dict) else [(f"{path}.{key}", value)]
+    return out
+
+
+def test_the_metrics_file_holds_measurements_and_the_setup_file_how_they_were_made(written):
+    metrics, setup = written
+    leaves = strings_and_numbers(metrics)
+    assert not [p for p, v in leaves if isinstance(v, str)]
+    assert not [p for p, v in leaves if p.rsplit(".", 1)[-1] in benchmark.SETUP_NUMBERS]
+    assert {".models.tiny.latency_ms.total", ".peer_ratio", ".models.tiny.throughput.images_per_s"} <= dict(leaves).keys()
+    assert setup["device"].startswith("cpu") and setup["threads"] >= 1 and setup["torch"] == torch.__version__
+    assert setup["models"]["tiny"] == {"file": "models/tiny.pt", "arch": "ssdlite_mobilenet_v2", "mode": "frame",
+                                       "pruned": "no", "image_size": 64, "width_mult": 0.25,
+                                       "num_classes": len(CLASSES) + 1, "num_priors": setup["models"]["tiny"]["num_priors"],
+                                       "throughput": {"batch": 2}}
 
 
 def test_every_model_has_its_latency_parts_and_costs(figures):

@@ -131,7 +131,7 @@ def stage_paths(name: str) -> tuple[set[str], set[str]]:
         c = load_config(BenchmarkConfig, PARAMS, name)
         inputs = {*c.models.files, c.models.source_image, c.loader.shards, c.loader.voc_dir, c.train_step.model,
                   c.train_step.shards} - {None}
-        return inputs, {c.out, c.chart}
+        return inputs, {c.out, c.setup, c.chart}
     raise AssertionError(f"no rule for stage {name}")
 
 
