@@ -42,6 +42,7 @@ for section in ("train_voc", "train_ir_base", "train_ir_ssdlite", "train_ir_lstm
         f"{section}.checkpoint_every": 2,
         f"{section}.log_every": 1,
         f"{section}.optim.warmup_steps": 1,
+        f"{section}.validation.num_workers": 0,  # every: 200 > steps: validated once, at the end
     })
 TINY["train_ir_lstm.data.batch_size"] = 1
 for section in ("evaluate", "evaluate_ir_ssdlite", "evaluate_ir_lstm", "evaluate_ir_lstm_per_frame", "evaluate_pruned"):
@@ -128,7 +129,8 @@ def test_dvc_repro_runs_every_stage(repo):
                  "eval-lstm_ir", "eval-lstm_ir_per_frame", "prune-ssdlite_voc", "eval-ssdlite_voc-pruned", "benchmark"):
         data = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert data, name
-    for model in ("ssdlite_voc", "ssdlite_ir_base", "ssdlite_ir", "lstm_ir", "ssdlite_voc-pruned"):
+    for model in ("ssdlite_voc", "ssdlite_ir_base", "ssdlite_ir", "lstm_ir", "ssdlite_voc-pruned",
+                  "ssdlite_voc-best", "ssdlite_ir_base-best", "ssdlite_ir-best", "lstm_ir-best"):
         assert (repo / "models" / f"{model}.pt").is_file()
     assert json.loads((repo / "reports" / "lstm_ir" / "evaluation.json").read_text())["mode"] == "video"
     assert (repo / "reports" / "benchmark.png").is_file()
@@ -148,6 +150,9 @@ def test_plots_people_read(repo):
     assert {v["field"] for v in loss["data"]["values"]} == {"loss", "box_loss", "class_loss"}
     lr = charts["train_ir_lstm learning rate"]["content"]
     assert lr["title"]["text"] == "Learning rate (lstm_ir)" and '"title": "learning rate"' in json.dumps(lr)
+    val = charts["train_ir_lstm validation mAP"]["content"]
+    assert val["title"]["text"] == "Validation mAP while training (lstm_ir, voc07)"
+    assert {v["field"] for v in val["data"]["values"]} == {"map", "map_per_frame"}  # memory on and off
     models = charts["mAP per model"]["content"]["data"]["values"]
     assert sorted(v["model"] for v in models) == sorted(
         ["ssdlite_voc", "ssdlite_ir", "lstm_ir", "lstm_ir_per_frame", "ssdlite_voc-pruned"])
@@ -167,6 +172,14 @@ def test_plots_people_read(repo):
             if name.startswith(("metrics/eval-", "metrics/prune-")):
                 flat = json.dumps(content["data"])
                 assert '"model"' not in flat and '"postprocess"' not in flat and '"mode"' not in flat, name
+            assert not strings(content["data"]), (name, strings(content["data"]))
+
+
+def strings(tree) -> list[str]:
+    """The string values anywhere in a JSON tree."""
+    if isinstance(tree, dict):
+        return [s for v in tree.values() for s in strings(v)]
+    return [tree] if isinstance(tree, str) else []
 
 
 def test_second_repro_does_nothing(repo):
