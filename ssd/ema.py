@@ -24,8 +24,11 @@ from ssd.bounds import Fraction
 
 @dataclass(frozen=True)
 class EmaConfig:
-    enabled: bool = True
-    """Keep an exponential moving average of the weights; validation and the model file use it."""
+    enabled: bool = False
+    """Keep an exponential moving average of the weights; validation and the model file use it.
+    Off by default: with a cosine schedule that ends near zero the last weights are already an
+    average, and on the sample the EMA's final mAP equalled theirs while lagging ~150 steps behind
+    mid-run (docs/training.md). Worth it with a constant or step schedule, or a run cut short."""
     decay: Fraction = 0.998
     """Weight of the average at each update, once warmed up (see :func:`ema_decay`)."""
 

@@ -249,6 +249,12 @@ def test_preempted_training_stage_keeps_its_rows_and_only_its_imports_rerun_it(t
     assert [int(r[0]) for r in rows] == [10, 20, 30, 40]
     assert summary["val"]["best_map"] == max(float(r[1]) for r in rows)
     assert (project / "models" / "tiny-best.pt").is_file()
+    # Without EMA (the default) the model file holds the last step's weights (the trace's checksum).
+    from ssd.model_file import load_model_file
+
+    model, _ = load_model_file(project / "models" / "tiny.pt")
+    last = json.loads(trace.read_text().splitlines()[-1])["checksum"]
+    assert sum(float(p.detach().double().sum()) for p in model.parameters()) == pytest.approx(last, abs=1e-9)
 
     # A comment in a module training never imports changes nothing; one in the loss reruns it.
     with open(project / "ssd" / "export.py", "a") as f:

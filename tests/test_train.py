@@ -36,6 +36,7 @@ TRAIN = {
     "log_every": 2,
     "trace": True,
     "validation": {"every": 4, "num_workers": 0, "batch_size": 8},
+    "ema": {"enabled": True, "decay": 0.9},
 }
 
 
@@ -113,6 +114,10 @@ def test_two_processes_read_different_samples_and_keep_identical_weights(referen
     assert all(a["keys"] != b["keys"] for a, b in zip(r0, r1))
     assert set(sum((a["keys"] for a in r0), [])) != set(sum((b["keys"] for b in r1), []))
     assert sorted(p.name for p in (cwd / "models").iterdir()) == ["tiny-best.pt", "tiny.pt"]
+    # With ema.enabled the model file holds the average, not the last step's weights (the trace's checksum).
+    model, info = load_model_file(cwd / "models/tiny.pt")
+    assert info["meta"]["ran"]["ema"] is True
+    assert abs(sum(float(p.detach().double().sum()) for p in model.parameters()) - r0[-1]["checksum"]) > 1e-3
     metrics = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
     assert metrics["steps"] == TRAIN["steps"] and metrics["world_size"] == 2
     assert metrics["images_per_s"] > 0 and metrics["final_loss"] > 0
