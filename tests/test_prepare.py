@@ -828,7 +828,7 @@ import pipeline.prepare as prepare
 original = prepare.load_image
 def load_image(path, *args, **kw):
     Path(sys.argv[1]).touch()  # a pool worker is converting
-    time.sleep(0.1)
+    time.sleep(0.5)  # 60 images: 15 s, long enough that a loaded machine still interrupts it
     return original(path, *args, **kw)
 prepare.load_image = load_image
 sys.exit(prepare.main(sys.argv[2:]))
