@@ -8,7 +8,7 @@ Usage, in a project where `dvc repro` has run::
 Each chart is the Vega-Lite spec DVC builds from dvc.yaml (`dvc plots show --json`),
 rendered as DVC's HTML page would show it (vl-convert runs the Vega renderer without a
 browser). Without arguments: the PR chart and the confusion matrix of the VOC evaluation,
-the mAP of every model, and the VOC model's training loss.
+the mAP of every model, and the VOC model's training loss and validation mAP.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT = ["plots/pr-ssdlite_voc.csv", "plots/confusion-ssdlite_voc.csv", "mAP per model", "train_voc loss"]
+DEFAULT = ["plots/pr-ssdlite_voc.csv", "plots/confusion-ssdlite_voc.csv", "mAP per model", "train_voc loss",
+           "train_voc validation mAP"]
 
 
 def main(argv: list[str]) -> int:
