@@ -828,11 +828,15 @@ import pipeline.prepare as prepare
 original = prepare.load_image
 def load_image(path, *args, **kw):
     Path(sys.argv[1]).touch()  # a pool worker is converting
-    time.sleep(0.5)  # 60 images: 15 s, long enough that a loaded machine still interrupts it
+    time.sleep(0.1)
     return original(path, *args, **kw)
 prepare.load_image = load_image
 sys.exit(prepare.main(sys.argv[2:]))
 """
+
+
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def test_ctrl_c_stops_a_pool_of_workers_at_once_and_keeps_the_previous_output(tmp_path, monkeypatch):
@@ -851,6 +855,9 @@ def test_ctrl_c_stops_a_pool_of_workers_at_once_and_keeps_the_previous_output(tm
         proc = subprocess.Popen(
             [sys.executable, "-c", _SLOW_POOL, str(marker), "--set", "workers=2", *args], cwd=tmp_path,
             env=dict(os.environ, PYTHONPATH=str(REPO)), stderr=subprocess.PIPE, text=True, start_new_session=True,
+            # As in a terminal: a suite started in the background (`nohup ... &`) hands its children
+            # SIGINT ignored, and Python then never raises KeyboardInterrupt.
+            preexec_fn=_sigint_default,
         )
         try:
             deadline = time.monotonic() + 60
