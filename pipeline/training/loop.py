@@ -65,8 +65,6 @@ def loop(r: Run) -> int:
             r.history["train_seconds"] += time.perf_counter() - t_start
             # A stop signal saves first (a spot notice is short); the resumed run validates this step.
             early = not res.stop and r.validator is not None and r.validator.due(r.step, cfg.steps) and validate(r)
-            if early:
-                r.history["stopped_early"] = r.step
             if res.stop or (r.step % cfg.checkpoint_every == 0 and r.step < cfg.steps and not early):
                 save_checkpoint(r)
                 if res.stop:
@@ -84,10 +82,7 @@ def _catch_up_validation(r: Run) -> bool:
         return False
     if r.history.get("validation", {}).get("last", {}).get("step") == r.step:
         return False
-    if validate(r):
-        r.history["stopped_early"] = r.step
-        return True
-    return False
+    return validate(r)
 
 
 def _log_row(r: Run, res: StepResult, lr: float, images_per_s: float, progress: Progress) -> None:

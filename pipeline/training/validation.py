@@ -118,7 +118,8 @@ def same_on_every_process(model: nn.Module, accelerator: Any) -> None:
 
 
 def validate(r: Any) -> bool:
-    """Validate ``r.final`` at ``r.step``: log it, book it, keep it if best; returns whether to stop early."""
+    """Validate ``r.final`` at ``r.step``: log it, book it, keep it if best; returns whether to stop early
+    (then booked as ``history["stopped_early"]``, so a resumed run stops too)."""
     t0 = time.perf_counter()
     same_on_every_process(r.final, r.accelerator)
     maps = r.validator.evaluate(r.final, r.accelerator)
@@ -133,6 +134,8 @@ def validate(r: Any) -> bool:
         log.info("step %d: validation %s mAP %.4f%s%s (%.1f s)", r.step, r.validator.cfg.metric.upper(), maps["map"],
                  others, best, time.perf_counter() - t0)
     stop = r.validator.should_stop(r.history)
+    if stop:
+        r.history["stopped_early"] = r.step
     if stop and r.step < r.cfg.steps:
         log.warning("step %d: no better validation mAP in %d validations: stopping early (best %.4f at step %d)",
                     r.step, r.validator.cfg.patience, v["best_map"], v["best_step"])
