@@ -13,13 +13,13 @@ average is not dominated by the random initial weights in a run of a few hundred
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from ssd.bounds import Fraction
+from ssd.bounds import AtLeast, Below
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class EmaConfig:
     Off by default: with a cosine schedule that ends near zero the last weights are already an
     average, and on the sample the EMA's final mAP equalled theirs while lagging ~150 steps behind
     mid-run (docs/training.md). Worth it with a constant or step schedule, or a run cut short."""
-    decay: Fraction = 0.998
-    """Weight of the average at each update, once warmed up (see :func:`ema_decay`)."""
+    decay: Annotated[float, AtLeast(0), Below(1)] = 0.998
+    """Weight of the average at each update, once warmed up (see :func:`ema_decay`); below 1 (at 1
+    the average would never leave its first copy, the weights after step 1)."""
 
 
 def ema_decay(decay: float, n: int) -> float:

@@ -329,6 +329,7 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         (["name=..", "steps=2", "checkpoint_every=1"], "train: name '..' is not a valid run name"),
         (["name=../../escape"], "train: name '../../escape' is not a valid run name"),
         (["name=''"], "train.name: must not be empty"),
+        (["ema.decay=1.0"], "train.ema.decay: must be less than 1, got 1.0"),
         (["validation.split=test"], "shards/manifest.json: no split 'test' (splits: train, val)"),
         (["validation.modes=[video]"], "mode 'video' needs clip shards, these are frames"),
     ],
