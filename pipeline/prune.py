@@ -12,7 +12,10 @@ parsed into a frozen :class:`PruneStageConfig`. Steps, on the model file ``model
    channels, their batch norms and every consumer of them), measure and evaluate it;
 3. fine-tune it through the training stage's own code (:func:`pipeline.train.train`
    with ``model.from_file`` set to the pruned model file) for ``finetune.steps``
-   steps, and evaluate it again.
+   steps, and evaluate it again;
+4. the control (``finetune.control``, on by default): fine-tune the *unpruned* model the same
+   way (steps, data, optimiser, seed) and evaluate it, so that the pruned model is compared
+   with a model that got the same extra training, not with one that got none.
 
 Outputs (``{name}``: the config's ``name``, by default the input file's stem):
 
@@ -22,13 +25,14 @@ Outputs (``{name}``: the config's ``name``, by default the input file's stem):
 - ``metrics/prune-{name}.json``: numbers only: parameters, multiply-adds and CPU forward
   times (``cpu_forward``: medians of ``latency.runs`` forwards at batch 1 and at
   ``latency.batch``, the unpruned and the pruned model timed alternately) before and
-  after, and mAP (``evaluate.voc_metric``) before pruning, after pruning and after
-  fine-tuning. The settings behind them (source model, ratio, mode, device, threads) are
+  after, and mAP (``evaluate.voc_metric``) before pruning, after pruning, after
+  fine-tuning, of the control and ``finetuned_minus_control`` (what pruning cost). The settings behind them (source model, ratio, mode, device, threads) are
   in the model file's ``meta["prune_run"]``.
 
 Scratch, not outputs: ``runs/{name}-pruned/prune/`` (the pruned model before
-fine-tuning, the evaluations' own files), the fine-tuning's TensorBoard logs in
-``runs/{name}-pruned/`` and its checkpoints in ``checkpoints/{name}-pruned/``.
+fine-tuning, the control's model file, the evaluations' own files), the fine-tunings'
+TensorBoard logs in ``runs/{name}-pruned/`` and ``runs/{name}-control/``, their checkpoints
+in ``checkpoints/`` under the same names.
 
 Preemption: fine-tuning stops like training does (exit code 75); running the
 stage again prunes again (deterministic: the same model) and resumes the
@@ -50,12 +54,13 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from ssd import atomic
+from pipeline.bench.latency import cpu_latency_ms
 from pipeline.config import check_run_name, choose_section, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from pipeline.train_config import DataConfig
@@ -87,6 +92,11 @@ class FinetuneConfig:
     """Steps between fine-tuning checkpoints (what a preempted run resumes from)."""
     log_every: int = 10
     """Steps between log lines and plot rows."""
+    control: bool = True
+    """Also fine-tune the *unpruned* model for the same steps with the same data, optimiser and
+    seed, and report its mAP (``map_voc.control``): a model that has not plateaued gains from
+    extra steps whether it was pruned or not, so only this comparison shows what pruning cost.
+    false: half the fine-tuning time, and no fair baseline."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -148,45 +158,6 @@ class PruneStageConfig:
             check_run_name(self.name, "name")
 
 
-def cpu_latency_ms(
-    models: Sequence[nn.Module], image_size: int, batch: int = 1, runs: int = 30, warmup: int = 5, threads: int = 0
-) -> list[float]:
-    """Median wall time of one forward of each model on the CPU, in milliseconds.
-
-    The models run alternately, one forward each per round (the benchmark's
-    :func:`pipeline.bench.models.time_steps`), so a change in the machine's load hits all
-    of them alike and their ratio stays meaningful on a shared machine. Copies of the
-    models are timed in eval mode (the caller's are left where they are). A temporal
-    model carries its state from call to call, as when streaming a video.
-    """
-    from pipeline.bench.models import time_steps
-
-    x = torch.rand(batch, 3, image_size, image_size)
-    steps = [(str(i), _forward_step(copy.deepcopy(m).cpu().eval(), x)) for i, m in enumerate(models)]
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        seconds, _ = time_steps(steps, runs, warmup, torch.device("cpu"))
-    finally:
-        torch.set_num_threads(previous_threads)
-    return [seconds[str(i)] * 1000.0 for i in range(len(models))]
-
-
-def _forward_step(model: nn.Module, x: torch.Tensor) -> Callable[[Any], None]:
-    """One forward of ``model`` on ``x`` per call; a temporal model's state goes from call to call."""
-    state = None
-
-    def step(_: Any) -> None:
-        nonlocal state
-        if getattr(model, "is_temporal", False):
-            _, _, state = model(x, state=state)
-        else:
-            model(x)
-
-    return step
-
-
 def _cost(model: nn.Module, image_size: int) -> dict[str, int]:
     macs, params = count_macs_params(model, image_size)
     return {"params": params, "macs": macs}
@@ -230,8 +201,8 @@ def _evaluate(cfg: PruneStageConfig, model_path: Path, name: str, work: Path) ->
     return evaluate(ecfg)
 
 
-def _finetune(cfg: PruneStageConfig, pruned_path: Path, image_size: int, train_name: str, work: Path, restart: bool) -> int:
-    """Fine-tune the pruned model file with the training stage's code; its model file goes to ``work``."""
+def _finetune(cfg: PruneStageConfig, model_path: Path, image_size: int, train_name: str, work: Path, restart: bool) -> int:
+    """Fine-tune a model file with the training stage's code; the result goes to ``work/{train_name}.pt``."""
     from pipeline.train import train
     from pipeline.train_config import ModelConfig, TrainConfig
 
@@ -240,7 +211,7 @@ def _finetune(cfg: PruneStageConfig, pruned_path: Path, image_size: int, train_n
         name=train_name,
         # The architecture, pruned widths included, and the weights come from the file; the
         # image size is the file's (the loader reads it from here).
-        model=ModelConfig(from_file=str(pruned_path), image_size=image_size),
+        model=ModelConfig(from_file=str(model_path), image_size=image_size),
         data=f.data, optim=f.optim, loss=f.loss, steps=f.steps, seed=f.seed,
         mixed_precision=f.mixed_precision, checkpoint_every=f.checkpoint_every, log_every=f.log_every,
         models_dir=str(work), metrics_dir=str(work), plots_dir=str(work),
@@ -262,6 +233,57 @@ def _change(before: float, after: float) -> float:
     return round(1.0 - after / before, 4) if before else 0.0
 
 
+def _log_cut(result: Any, before: dict[str, int], after: dict[str, int], speed: dict[str, Any], batch: int) -> None:
+    big = speed[f"batch_{batch}"]
+    log.info(
+        "pruned %d of %d channels: %d parameters (-%.0f%%), %d multiply-adds (-%.0f%%); CPU forward "
+        "%.2f -> %.2f ms at batch 1 (%.2fx), %.1f -> %.1f ms at batch %d (%.2fx)",
+        result.channels_before - result.channels_after, result.channels_before,
+        after["params"], 100 * _change(before["params"], after["params"]),
+        after["macs"], 100 * _change(before["macs"], after["macs"]),
+        speed["batch_1"]["before_ms"], speed["batch_1"]["after_ms"], speed["batch_1"]["speedup"],
+        big["before_ms"], big["after_ms"], batch, big["speedup"],
+    )
+
+
+def _tuned(
+    cfg: PruneStageConfig, source: Path, size: int, train_name: str, work: Path, restart: bool
+) -> tuple[int, nn.Module | None, dict[str, Any] | None, dict[str, Any] | None]:
+    """Fine-tune ``source`` as ``train_name`` and evaluate it: (exit code, model, its file info,
+    its evaluation); the exit code is 75 when a signal stopped the fine-tuning (a rerun resumes)."""
+    code = _finetune(cfg, source, size, train_name, work, restart)
+    if code:
+        return code, None, None, None
+    path = work / f"{train_name}.pt"
+    try:
+        model, info = load_model_file(path)
+    except ModelFileError as e:
+        raise StageError(str(e)) from None
+    return 0, model, info, _evaluate(cfg, path, train_name, work)
+
+
+def _metrics(
+    result: Any, costs: tuple[dict[str, int], dict[str, int]], speed: dict[str, Any],
+    evals: dict[str, dict[str, Any] | None], seconds: float,
+) -> dict[str, Any]:
+    """The metrics file: numbers only. ``evals``: before, pruned, finetuned, control."""
+    before, after = costs
+    out: dict[str, Any] = {
+        "channels": {"before": result.channels_before, "after": result.channels_after},
+        **{key: {"before": before[key], "after": after[key], "reduction": _change(before[key], after[key])}
+           for key in ("params", "macs")},
+        "cpu_forward": {k: v for k, v in speed.items() if k.startswith("batch_")},
+    }
+    for out_key, keys in (("map_voc", ("map_voc",)), ("coco_map_50", ("coco", "map_50"))):
+        out[out_key] = {stage: _map(e, *keys) for stage, e in evals.items()}
+        tuned, control = out[out_key]["finetuned"], out[out_key]["control"]
+        # pruned and fine-tuned minus unpruned and fine-tuned alike: what pruning cost (negative: lost)
+        out[out_key]["finetuned_minus_control"] = (
+            None if tuned is None or control is None else round(tuned - control, 6))
+    out["wall_time_s"] = round(seconds, 2)
+    return out
+
+
 def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     """Run the stage as ``cfg`` says; returns the exit code."""
     t_start = time.perf_counter()
@@ -278,7 +300,7 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     cost_before = _cost(model, size)
     log.info("%s: %d parameters, %d multiply-adds", cfg.model, cost_before["params"], cost_before["macs"])
     unpruned = copy.deepcopy(model)
-    eval_before = _evaluate(cfg, Path(cfg.model), f"{name}-unpruned", work)
+    evals = {"before": _evaluate(cfg, Path(cfg.model), f"{name}-unpruned", work)}
 
     try:
         result = prune_model(model, cfg.pruning)
@@ -287,16 +309,7 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     cost_after = _cost(model, size)
     speed = _speed(unpruned, model, size, cfg.latency)
     del unpruned
-    big = speed[f"batch_{cfg.latency.batch}"]
-    log.info(
-        "pruned %d of %d channels: %d parameters (-%.0f%%), %d multiply-adds (-%.0f%%); CPU forward "
-        "%.2f -> %.2f ms at batch 1 (%.2fx), %.1f -> %.1f ms at batch %d (%.2fx)",
-        result.channels_before - result.channels_after, result.channels_before,
-        cost_after["params"], 100 * _change(cost_before["params"], cost_after["params"]),
-        cost_after["macs"], 100 * _change(cost_before["macs"], cost_after["macs"]),
-        speed["batch_1"]["before_ms"], speed["batch_1"]["after_ms"], speed["batch_1"]["speedup"],
-        big["before_ms"], big["after_ms"], cfg.latency.batch, big["speedup"],
-    )
+    _log_cut(result, cost_before, cost_after, speed, cfg.latency.batch)
     meta: dict[str, Any] = {
         "source_model": cfg.model,
         "pruning": {
@@ -308,54 +321,36 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     }
     pruned_path = work / f"{name}-pruned-only.pt"
     save_model_file(pruned_path, model, classes, meta=meta)
-    eval_pruned = _evaluate(cfg, pruned_path, f"{name}-pruned-only", work)
-
-    eval_finetuned = None
+    evals["pruned"] = _evaluate(cfg, pruned_path, f"{name}-pruned-only", work)
+    evals["finetuned"] = evals["control"] = None
     if cfg.finetune.steps > 0:
-        code = _finetune(cfg, pruned_path, size, train_name, work, restart)
+        code, tuned_model, tuned, evals["finetuned"] = _tuned(cfg, pruned_path, size, train_name, work, restart)
         if code:
             return code  # preempted: the checkpoint is saved, a rerun resumes
-        finetuned_path = work / f"{train_name}.pt"
-        try:
-            model, tuned = load_model_file(finetuned_path)
-        except ModelFileError as e:
-            raise StageError(str(e)) from None
-        meta["finetune"] = tuned["meta"]
-        eval_finetuned = _evaluate(cfg, finetuned_path, f"{name}-finetuned", work)
+        model, meta["finetune"] = tuned_model, tuned["meta"]
+        if cfg.finetune.control:
+            # A rerun after a preemption here fine-tunes the pruned model again (the same result:
+            # its checkpoints are gone once it finished) and resumes the control.
+            code, _, _, evals["control"] = _tuned(cfg, Path(cfg.model), size, f"{name}-control", work, restart)
+            if code:
+                return code
 
     # Numbers that compare runs go to the metrics file; the settings that produced them (the
     # ratio, the mode, which mAP, the device) to the model file's meta, not to `dvc metrics`.
     meta["prune_run"] = {
         "model": cfg.model, "ratio": cfg.pruning.ratio, "mode": cfg.pruning.mode,
         "map_voc_metric": cfg.evaluate.voc_metric, "finetune_steps": cfg.finetune.steps, "image_size": size,
+        "control": cfg.finetune.control and cfg.finetune.steps > 0,
         "device": f"cpu ({platform.processor() or platform.machine()})",
         "latency": {"threads": speed.get("threads"), "runs": speed.get("runs")},
     }
     save_model_file(out_model, model, classes, meta=meta)
-    metrics = {
-        "channels": {"before": result.channels_before, "after": result.channels_after},
-        "params": {
-            "before": cost_before["params"], "after": cost_after["params"],
-            "reduction": _change(cost_before["params"], cost_after["params"]),
-        },
-        "macs": {
-            "before": cost_before["macs"], "after": cost_after["macs"],
-            "reduction": _change(cost_before["macs"], cost_after["macs"]),
-        },
-        "cpu_forward": {k: v for k, v in speed.items() if k.startswith("batch_")},
-        "map_voc": {
-            "before": _map(eval_before, "map_voc"),
-            "pruned": _map(eval_pruned, "map_voc"),
-            "finetuned": _map(eval_finetuned, "map_voc"),
-        },
-        "coco_map_50": {
-            "before": _map(eval_before, "coco", "map_50"),
-            "pruned": _map(eval_pruned, "coco", "map_50"),
-            "finetuned": _map(eval_finetuned, "coco", "map_50"),
-        },
-        "wall_time_s": round(time.perf_counter() - t_start, 2),
-    }
+    metrics = _metrics(result, (cost_before, cost_after), speed, evals, time.perf_counter() - t_start)
     atomic.write_json(out_metrics, metrics)
+    if metrics["map_voc"]["finetuned_minus_control"] is not None:
+        log.info("VOC mAP: unpruned %.4f; fine-tuned %d steps: pruned %.4f, unpruned (control) %.4f",
+                 metrics["map_voc"]["before"], cfg.finetune.steps, metrics["map_voc"]["finetuned"],
+                 metrics["map_voc"]["control"])
     log.info("wrote %s and %s", out_model, out_metrics)
     return 0
 

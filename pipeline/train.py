@@ -12,7 +12,7 @@ overrides it; unknown or mistyped keys are an error that lists the valid ones. O
 (``{name}`` is the config's ``name``):
 
 - ``models/{name}.pt``: the model file (:mod:`ssd.model_file`) of the last step, written once,
-  atomically; with ``ema.enabled`` (the default) it holds the EMA's averaged weights;
+  atomically; with ``ema.enabled`` it holds the EMA's averaged weights;
 - ``models/{name}-best.pt``: with ``validation.every``, the model of the best validation step;
   later stages use whichever of the two their ``model`` / ``init_weights`` key names;
 - ``metrics/train-{name}.json``: final loss, steps, images/s, wall time, skipped steps (the

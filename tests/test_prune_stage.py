@@ -95,9 +95,32 @@ def test_stage_writes_the_pruned_model_and_its_metrics(project, pruned):
     assert not (project / "checkpoints" / "tiny-pruned").exists()  # removed once fine-tuning finished
 
 
+def test_the_control_is_the_unpruned_model_fine_tuned_alike(project, pruned):
+    # The fair comparison: the unpruned model gets the same fine-tuning steps, data, optimiser and
+    # seed as the pruned one, and the metrics compare the two fine-tuned models.
+    metrics = json.loads((project / "metrics" / "prune-tiny.json").read_text())
+    work = project / "runs" / "tiny-pruned" / "prune"
+    control, info = load_model_file(work / "tiny-control.pt")
+    _, pruned_info = load_model_file(project / "models" / "tiny-pruned.pt")
+    original, _ = load_model_file(project / "models" / "tiny.pt")
+    assert sum(p.numel() for p in control.parameters()) == metrics["params"]["before"]
+    assert info["meta"]["summary"]["steps"] == 2
+    assert any(not torch.equal(a, b) for a, b in zip(control.state_dict().values(), original.state_dict().values()))
+    same = ("data", "optim", "loss", "seed", "steps")
+    tuned_config = pruned_info["meta"]["finetune"]["train_config"]
+    assert {k: info["meta"]["train_config"][k] for k in same} == {k: tuned_config[k] for k in same}
+    for key, read in (("map_voc", lambda m: m["map_voc"]), ("coco_map_50", lambda m: m["coco"]["map_50"])):
+        assert metrics[key]["control"] == read(json.loads((work / "eval-tiny-control.json").read_text()))
+        assert metrics[key]["finetuned"] == read(json.loads((work / "eval-tiny-pruned.json").read_text()))
+        assert metrics[key]["finetuned_minus_control"] == pytest.approx(
+            metrics[key]["finetuned"] - metrics[key]["control"], abs=1e-6)
+    assert pruned_info["meta"]["prune_run"]["control"] is True
+    assert not (project / "checkpoints" / "tiny-control").exists()
+
+
 def test_pruned_file_loads_and_times_in_a_fresh_process(project, pruned):
     code = (
-        "import sys, torch; from ssd.model_file import load_model_file; from pipeline.prune import cpu_latency_ms; "
+        "import sys, torch; from ssd.model_file import load_model_file; from pipeline.bench.latency import cpu_latency_ms; "
         "m, info = load_model_file(sys.argv[1]); x = torch.rand(1, 3, 64, 64); l, d = m(x); "
         "print(l.shape[1], l.shape[2], d.shape[2], cpu_latency_ms([m], info['image_size'], runs=3, warmup=1)[0])"
     )
@@ -117,6 +140,7 @@ def test_without_finetuning_or_evaluation_the_pruned_weights_are_the_output(proj
     metrics = json.loads((tmp_path / "prune-quick.json").read_text())
     model, info = load_model_file(tmp_path / "quick-pruned.pt")
     assert metrics["map_voc"]["before"] is None and info["meta"]["prune_run"]["finetune_steps"] == 0
+    assert metrics["map_voc"]["control"] is None and metrics["map_voc"]["finetuned_minus_control"] is None
     original, _ = load_model_file(project / "models" / "tiny.pt")
     assert "finetune" not in info["meta"]
     x = torch.rand(1, 3, 64, 64)
