@@ -129,3 +129,34 @@ def test_frozen_batchnorm_uses_and_keeps_the_running_statistics():
     assert all(torch.all(m.running_mean == 0.3) and torch.all(m.running_var == 2.0) for m in bn)
     (logits.sum() + deltas.sum()).backward()
     assert all(m.weight.grad is not None for m in bn)  # the affine parameters still learn
+
+
+@pytest.mark.parametrize("build", [
+    lambda: ssdlite_mobilenet_v2(7, width_mult=0.5, image_size=160),
+    lambda: ssd300_vgg16(5),
+], ids=["ssdlite", "ssd300"])
+def test_class_layers_start_at_the_background_prior(build):
+    # Almost every prior is background; a head starting at 1/C per class spends its first
+    # hundreds of steps learning only that (docs/training.md: seed 2 at step 300, 0.34 -> 0.69).
+    from ssd.models.heads import BACKGROUND_PRIOR
+
+    torch.manual_seed(0)
+    model = build().eval()
+    num_classes = model.head.num_classes
+    for branch in model.head.cls_layers:
+        conv = branch[-1] if isinstance(branch, torch.nn.Sequential) else branch
+        probs = torch.softmax(conv.bias.view(-1, num_classes), dim=1)
+        assert_close(probs[:, 0], torch.full_like(probs[:, 0], BACKGROUND_PRIOR))
+        assert_close(probs[:, 1:], torch.full_like(probs[:, 1:], (1 - BACKGROUND_PRIOR) / (num_classes - 1)))
+    for branch in model.head.box_layers:  # the box layers are left at zero bias
+        conv = branch[-1] if isinstance(branch, torch.nn.Sequential) else branch
+        assert not conv.bias.any()
+    with torch.no_grad():
+        logits, _ = model(torch.rand(1, 3, model.image_size, model.image_size))
+    assert torch.softmax(logits, dim=-1)[..., 0].mean() > 0.9
+
+
+def test_background_prior_must_be_a_probability():
+    model = ssdlite_mobilenet_v2(3, width_mult=0.5, image_size=96)
+    with pytest.raises(ValueError, match=r"background prior must be in \(0, 1\), got 1.0"):
+        model.head.init_background_prior(1.0)

@@ -7,10 +7,19 @@ predictions in the priors' order (row, column, prior), concatenated over maps:
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 from torch import Tensor, nn
 import torch
+
+#: Background probability the class layers predict at initialisation. Almost every prior is
+#: background (a few dozen of about 3,000 are matched in an image), so a start at 1/C per class
+#: spends the first few hundred steps learning only that; RetinaNet (Lin et al. 2017, section
+#: 4.1) starts its classifier at the foreground rate for the same reason. Measured on the
+#: sample's SSDLite from scratch (lr 6e-3, 600 steps, seed 2): VOC07 mAP at step 300, 0.34 with
+#: zero biases, 0.69 with this prior (docs/training.md).
+BACKGROUND_PRIOR = 0.99
 
 
 def _flatten(x: Tensor, width: int) -> Tensor:
@@ -25,6 +34,19 @@ class _Head(nn.Module):
         self.cls_layers = cls_layers
         self.box_layers = box_layers
         self.num_classes = num_classes
+
+    def init_background_prior(self, prior: float = BACKGROUND_PRIOR) -> None:
+        """Set the class layers' biases so that softmax gives the background (class 0) ``prior``
+        and the other classes equal shares, whatever the weights (which start near zero)."""
+        if not 0.0 < prior < 1.0:
+            raise ValueError(f"background prior must be in (0, 1), got {prior}")
+        background = math.log(prior * (self.num_classes - 1) / (1.0 - prior))
+        with torch.no_grad():
+            for branch in self.cls_layers:
+                conv = branch[-1] if isinstance(branch, nn.Sequential) else branch
+                bias = conv.bias.view(-1, self.num_classes)  # [A, C]: the layer's outputs per prior
+                bias.zero_()
+                bias[:, 0] = background
 
     def forward(self, maps: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         if len(maps) != len(self.cls_layers):
@@ -51,6 +73,7 @@ class SSDHead(_Head):
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
+        self.init_background_prior()
 
 
 def separable_predictor(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -81,3 +104,4 @@ class SSDLiteHead(_Head):
                 nn.init.normal_(m.weight, std=0.03)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        self.init_background_prior()
