@@ -40,7 +40,9 @@ def photo(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("predict")
     torch.manual_seed(0)
-    save_model_file(root / "model.pt", ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64), CLASSES)
+    model = ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64)
+    model.head.init_background_prior(1 / 3)  # uniform: the random model's scores near 1/3, not at the prior
+    save_model_file(root / "model.pt", model, CLASSES)
     rng = np.random.default_rng(0)
     photos = root / "photos"
     photos.mkdir()
