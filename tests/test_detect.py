@@ -79,7 +79,7 @@ def train_tiny_model(steps: int = 80) -> torch.nn.Module:
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     model = ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25, image_size=64)
-    model.head.init_background_prior(1 / (len(CLASSES) + 1))  # uniform start: 80 steps learn the square faster
+    model.head.init_background_prior(1 / (len(CLASSES) + 1))  # uniform start: the model the drawing checks were set on
     criterion = MultiBoxLoss(model.priors)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(steps):

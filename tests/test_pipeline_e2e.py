@@ -50,7 +50,7 @@ for section in ("evaluate", "evaluate_ir_ssdlite", "evaluate_ir_lstm", "evaluate
     TINY[f"{section}.batch_size"] = 4
     TINY[f"{section}.examples"] = 2
     # 3 steps from the background prior (0.99) leave every class score near 0.01 / 6: keep them,
-    # so the PR curves and the confusion matrix have detections to draw
+    # so that the PR curves have detections to draw
     TINY[f"{section}.postprocess.score_threshold"] = 0.0002
 TINY.update({
     "prune.finetune.steps": 2,
