@@ -10,12 +10,13 @@ parsed into a frozen :class:`PruneStageConfig`. Steps, on the model file ``model
 1. measure it (parameters, multiply-adds, CPU latency) and evaluate it;
 2. prune it (:func:`ssd.pruning.prune_model`: L1-norm filter pruning that removes
    channels, their batch norms and every consumer of them), measure and evaluate it;
-3. fine-tune it through the training stage's own code (:func:`pipeline.train.train`
-   with ``model.from_file`` set to the pruned model file) for ``finetune.steps``
-   steps, and evaluate it again;
-4. the control (``finetune.control``, on by default): fine-tune the *unpruned* model the same
-   way (steps, data, optimiser, seed) and evaluate it, so that the pruned model is compared
-   with a model that got the same extra training, not with one that got none.
+3. the control (``finetune.control``, on by default): fine-tune the *unpruned* model through
+   the training stage's own code (:func:`pipeline.train.train`) for ``finetune.steps`` steps
+   and evaluate it, so that the pruned model is compared with a model that got the same extra
+   training, not with one that got none;
+4. fine-tune the pruned model the same way (steps, data, optimiser, seed; ``model.from_file``
+   set to the pruned model file) and evaluate it again. With ``finetune.distill`` it also
+   learns from a teacher's outputs (:mod:`ssd.distill`): the fine-tuned control by default.
 
 Outputs (``{name}``: the config's ``name``, by default the input file's stem):
 
@@ -60,6 +61,7 @@ import torch
 from torch import nn
 
 from ssd import atomic
+from ssd.distill import DistillWeights
 from pipeline.bench.latency import cpu_latency_ms
 from pipeline.config import check_run_name, choose_section, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, check_writable, run
@@ -71,6 +73,13 @@ from ssd.postprocess import PostprocessConfig
 from ssd.pruning import PruneConfig, count_macs_params, prune_model
 
 log = logging.getLogger("pipeline.prune")
+
+
+@dataclass(frozen=True)
+class PruneDistill(DistillWeights):
+    teacher: Literal["control", "source"] = "control"
+    """control: the control once fine-tuned (needs ``control: true``; it is fine-tuned first, from
+    the labels only); source: the model file that was pruned (the control learns from it too)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,9 @@ class FinetuneConfig:
     """Steps between fine-tuning checkpoints (what a preempted run resumes from)."""
     log_every: int = 10
     """Steps between log lines and plot rows."""
+    distill: PruneDistill | None = None
+    """Fine-tune the pruned model on the labels and on an unpruned teacher's outputs
+    (:mod:`ssd.distill`: class distributions and boxes, prior for prior); null: labels only."""
     control: bool = True
     """Also fine-tune the *unpruned* model for the same steps with the same data, optimiser and
     seed, and report its mAP (``map_voc.control``): a model that has not plateaued gains from
@@ -101,6 +113,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ValueError(f"finetune.steps must not be negative, got {self.steps}")
+        if self.distill and self.distill.teacher == "control" and not self.control:
+            raise ValueError("finetune.distill.teacher 'control' needs finetune.control: true (or teacher: source)")
 
 
 @dataclass(frozen=True)
@@ -201,10 +215,14 @@ def _evaluate(cfg: PruneStageConfig, model_path: Path, name: str, work: Path) ->
     return evaluate(ecfg)
 
 
-def _finetune(cfg: PruneStageConfig, model_path: Path, image_size: int, train_name: str, work: Path, restart: bool) -> int:
-    """Fine-tune a model file with the training stage's code; the result goes to ``work/{train_name}.pt``."""
+def _finetune(
+    cfg: PruneStageConfig, model_path: Path, image_size: int, train_name: str, work: Path, restart: bool,
+    teacher: str | None,
+) -> int:
+    """Fine-tune a model file with the training stage's code (distilling ``teacher`` if given); the
+    result goes to ``work/{train_name}.pt``."""
     from pipeline.train import train
-    from pipeline.train_config import ModelConfig, TrainConfig
+    from pipeline.train_config import DistillConfig, ModelConfig, TrainConfig
 
     f = cfg.finetune
     tcfg = TrainConfig(
@@ -213,12 +231,17 @@ def _finetune(cfg: PruneStageConfig, model_path: Path, image_size: int, train_na
         # image size is the file's (the loader reads it from here).
         model=ModelConfig(from_file=str(model_path), image_size=image_size),
         data=f.data, optim=f.optim, loss=f.loss, steps=f.steps, seed=f.seed,
+        distill=DistillConfig(teacher=teacher, **_weights(f.distill)) if teacher and f.distill else DistillConfig(),
         mixed_precision=f.mixed_precision, checkpoint_every=f.checkpoint_every, log_every=f.log_every,
         models_dir=str(work), metrics_dir=str(work), plots_dir=str(work),
         runs_dir=cfg.runs_dir, checkpoints_dir=cfg.checkpoints_dir,
     )
     _fresh_accelerate()
     return train(tcfg, restart=restart)
+
+
+def _weights(distill: PruneDistill) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(distill).items() if k != "teacher"}
 
 
 def _map(metrics: dict[str, Any] | None, *keys: str) -> float | None:
@@ -247,11 +270,12 @@ def _log_cut(result: Any, before: dict[str, int], after: dict[str, int], speed: 
 
 
 def _tuned(
-    cfg: PruneStageConfig, source: Path, size: int, train_name: str, work: Path, restart: bool
+    cfg: PruneStageConfig, source: Path, size: int, train_name: str, work: Path, restart: bool,
+    teacher: str | None = None,
 ) -> tuple[int, nn.Module | None, dict[str, Any] | None, dict[str, Any] | None]:
     """Fine-tune ``source`` as ``train_name`` and evaluate it: (exit code, model, its file info,
     its evaluation); the exit code is 75 when a signal stopped the fine-tuning (a rerun resumes)."""
-    code = _finetune(cfg, source, size, train_name, work, restart)
+    code = _finetune(cfg, source, size, train_name, work, restart, teacher)
     if code:
         return code, None, None, None
     path = work / f"{train_name}.pt"
@@ -324,16 +348,21 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     evals["pruned"] = _evaluate(cfg, pruned_path, f"{name}-pruned-only", work)
     evals["finetuned"] = evals["control"] = None
     if cfg.finetune.steps > 0:
-        code, tuned_model, tuned, evals["finetuned"] = _tuned(cfg, pruned_path, size, train_name, work, restart)
+        distill = cfg.finetune.distill
+        teacher = cfg.model if distill and distill.teacher == "source" else None
+        if cfg.finetune.control:
+            # The control first: it may be the teacher. A rerun after a preemption of the pruned
+            # model's fine-tuning fine-tunes the control again (the same file: deterministic).
+            control = f"{name}-control"
+            code, _, _, evals["control"] = _tuned(cfg, Path(cfg.model), size, control, work, restart, teacher)
+            if code:
+                return code
+            if distill and distill.teacher == "control":
+                teacher = str(work / f"{control}.pt")
+        code, tuned_model, tuned, evals["finetuned"] = _tuned(cfg, pruned_path, size, train_name, work, restart, teacher)
         if code:
             return code  # preempted: the checkpoint is saved, a rerun resumes
         model, meta["finetune"] = tuned_model, tuned["meta"]
-        if cfg.finetune.control:
-            # A rerun after a preemption here fine-tunes the pruned model again (the same result:
-            # its checkpoints are gone once it finished) and resumes the control.
-            code, _, _, evals["control"] = _tuned(cfg, Path(cfg.model), size, f"{name}-control", work, restart)
-            if code:
-                return code
 
     # Numbers that compare runs go to the metrics file; the settings that produced them (the
     # ratio, the mode, which mAP, the device) to the model file's meta, not to `dvc metrics`.

@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pipeline.config import check_run_name, to_dict
 from ssd.bounds import AtLeast, Count, NonEmpty, PositiveFloat, PositiveInt, Unique
 from ssd.data.transforms import AugmentConfig
+from ssd.distill import DistillWeights
 from ssd.ema import EmaConfig
 from ssd.loss import LossConfig
 from ssd.optim import OptimConfig
@@ -145,6 +146,14 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig(DistillWeights):
+    teacher: str | None = None
+    """A model file to learn from besides the labels (:mod:`ssd.distill`): same classes and priors
+    as the model trained, a frame model; null: no distillation. The prune stage sets it to the
+    model it pruned."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     name: str = "ssdlite"
     """Run name: names the model file, metrics, plots, logs and checkpoints."""
@@ -155,6 +164,7 @@ class TrainConfig:
     ema: EmaConfig = field(default_factory=EmaConfig)
     """Exponential moving average of the weights: validation and the model file use it."""
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     steps: PositiveInt = 1000
     """Optimiser steps in the whole run."""
     seed: Count = 0

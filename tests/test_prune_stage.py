@@ -27,6 +27,7 @@ PRUNE = {
         "data": {"shards": "shards", "batch_size": 4, "num_workers": 0, "streams": 2, "shuffle_buffer": 8},
         "optim": {"lr": 0.001, "warmup_steps": 1},
         "log_every": 1,
+        "distill": {"weight": 1.0, "teacher": "control"},
     },
     "evaluate": {"shards": "shards", "batch_size": 6, "num_workers": 0},
     "latency": {"runs": 3, "warmup": 1, "batch": 2},
@@ -118,6 +119,19 @@ def test_the_control_is_the_unpruned_model_fine_tuned_alike(project, pruned):
     assert not (project / "checkpoints" / "tiny-control").exists()
 
 
+def test_the_pruned_model_learns_from_the_fine_tuned_control(project, pruned):
+    # finetune.distill.teacher: control: the control is fine-tuned first, from the labels only,
+    # and the pruned model's fine-tuning distils it.
+    work = project / "runs" / "tiny-pruned" / "prune"
+    _, control = load_model_file(work / "tiny-control.pt")
+    _, tuned = load_model_file(project / "models" / "tiny-pruned.pt")
+    assert control["meta"]["train_config"]["distill"]["teacher"] is None
+    taught = tuned["meta"]["finetune"]["train_config"]["distill"]
+    assert taught == {"weight": 1.0, "temperature": 1.0, "box_weight": 1.0, "teacher": "runs/tiny-pruned/prune/tiny-control.pt"}
+    assert "distill_loss" in (work / "train-tiny-pruned.csv").read_text().splitlines()[0]
+    assert "distill_loss" not in (work / "train-tiny-control.csv").read_text().splitlines()[0]
+
+
 def test_pruned_file_loads_and_times_in_a_fresh_process(project, pruned):
     code = (
         "import sys, torch; from ssd.model_file import load_model_file; from pipeline.bench.latency import cpu_latency_ms; "
@@ -156,6 +170,7 @@ def test_without_finetuning_or_evaluation_the_pruned_weights_are_the_output(proj
         ("finetune.step=3", "prune.finetune.step: unknown key"),
         ("model=models/none.pt", "model file not found"),
         ("pruning.ignore=[nothing]", "matches no module"),
+        ("finetune.control=false", "teacher 'control' needs finetune.control: true"),
     ],
 )
 def test_bad_config_is_a_one_line_error(project, monkeypatch, capsys, override, message):

@@ -652,3 +652,50 @@ def test_ctrl_c_on_pipeline_launch_saves_a_checkpoint_and_exits_75(tmp_path):
     assert proc.returncode == 75, output[-3000:]
     stopped = len(trace(cwd, 0))
     assert (cwd / "checkpoints" / "tiny" / f"step-{stopped:08d}" / "meta.json").is_file(), output[-3000:]
+
+
+def teacher_file(path: Path, classes: list[str] | None = None, image_size: int = 64) -> None:
+    from shardgen import CLASSES
+    from ssd.model_file import save_model_file
+    from ssd.models import ssdlite_mobilenet_v2
+
+    classes = classes or CLASSES
+    torch.manual_seed(7)
+    save_model_file(path, ssdlite_mobilenet_v2(len(classes) + 1, width_mult=0.5, image_size=image_size), classes)
+
+
+def test_distillation_learns_from_the_teacher_and_logs_its_loss(tmp_path):
+    distilled = workdir(tmp_path / "distilled", steps=4, trace=False, **{"validation.every": 0, "ema.enabled": False,
+                                                                       "distill": {"teacher": "teacher.pt", "weight": 2.0}})
+    plain = workdir(tmp_path / "plain", steps=4, trace=False, **{"validation.every": 0, "ema.enabled": False})
+    teacher_file(distilled / "teacher.pt")  # a wider model than the student (width 0.5 against 0.25)
+    for cwd in (distilled, plain):
+        result = run_train(cwd, 1)
+        assert result.returncode == 0, result.stderr[-3000:]
+    with open(distilled / "plots" / "train-tiny.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert [int(r["step"]) for r in rows] == [2, 4]
+    for row in rows:  # the logged loss is the MultiBox loss plus the distillation loss
+        assert row["distill_loss"] > 0
+        assert row["loss"] == pytest.approx(row["box_loss"] + row["class_loss"] + row["distill_loss"], rel=1e-4)
+    with open(plain / "plots" / "train-tiny.csv", newline="") as f:
+        assert "distill_loss" not in next(csv.DictReader(f))
+    # the same seed, data and initial weights: the teacher alone changed what was learnt
+    assert max_difference(weights(distilled / "models/tiny.pt"), weights(plain / "models/tiny.pt")) > 1e-4
+    _, info = load_model_file(distilled / "models/tiny.pt")
+    assert info["meta"]["train_config"]["distill"] == {"weight": 2.0, "temperature": 1.0, "box_weight": 1.0,
+                                                       "teacher": "teacher.pt"}
+
+
+@pytest.mark.parametrize("classes, image_size, message", [
+    (["cat", "dog", "bird"], 64, "classes ['cat', 'dog', 'bird'] differ from the data's"),
+    (None, 96, "priors differ from the model's"),
+])
+def test_a_teacher_that_does_not_fit_is_a_one_line_error(tmp_path, classes, image_size, message):
+    cwd = workdir(tmp_path, steps=2, **{"distill": {"teacher": "teacher.pt"}})
+    teacher_file(cwd / "teacher.pt", classes, image_size)
+    result = run_train(cwd, 1, timeout=60)
+    assert result.returncode == 2
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: distill.teacher teacher.pt: ") and message in line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

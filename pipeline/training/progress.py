@@ -52,8 +52,9 @@ class Progress:
         done = step - self._first
         elapsed = time.perf_counter() - self._start
         eta = _duration(elapsed / done * (self.total - step)) if done > 0 else "?"
+        kd = f", distill {row['distill_loss']:.4f}" if "distill_loss" in row else ""
         return (f"{self.name} step {step}/{self.total} loss {row['loss']:.4f} (box {row['box_loss']:.4f}, "
-                f"class {row['class_loss']:.4f}) lr {row['lr']:.2e} {row['images_per_s']:.1f} images/s ETA {eta}")
+                f"class {row['class_loss']:.4f}{kd}) lr {row['lr']:.2e} {row['images_per_s']:.1f} images/s ETA {eta}")
 
     def close(self) -> None:
         if self._bar is not None:

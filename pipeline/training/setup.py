@@ -33,7 +33,11 @@ from ssd.weights.loading import load_matching
 log = logging.getLogger("pipeline.train")
 
 #: Columns of plots/train-{name}.csv (and TensorBoard's train/* scalars).
-PLOT_FIELDS = ("step", "loss", "box_loss", "class_loss", "lr", "grad_norm", "images_per_s")
+def plot_fields(cfg: TrainConfig) -> tuple[str, ...]:
+    """The columns of the training plots CSV."""
+    from pipeline.training.step import loss_parts  # step imports this module
+
+    return ("step", *loss_parts(cfg), "lr", "grad_norm", "images_per_s")
 
 
 def _new_history() -> dict[str, Any]:
@@ -63,6 +67,8 @@ class Run:
     carry: StateCarry | None = None
     ema: torch.optim.swa_utils.AveragedModel | None = None
     validator: Validator | None = None
+    teacher: Any = None
+    """The distillation teacher (``cfg.distill.teacher``), frozen, in eval mode."""
 
     @property
     def unwrapped(self):
@@ -136,6 +142,25 @@ def build(cfg: ModelConfig, classes: list[str]):
         raise StageError(f"model: {e}") from None
 
 
+def load_teacher(path: str, student: Any, classes: list[str]) -> Any:
+    """The distillation teacher: a frame model file with the student's classes and priors, frozen."""
+    try:
+        teacher, info = load_model_file(path)
+    except ModelFileError as e:
+        raise StageError(f"distill.teacher: {e}") from None
+    if info["class_names"] != classes:
+        raise StageError(f"distill.teacher {path}: classes {info['class_names']} differ from the data's {classes}")
+    if getattr(teacher, "is_temporal", False) or getattr(student, "is_temporal", False):
+        raise StageError(f"distill.teacher {path}: distillation is for frame models, not LSTM-SSD")
+    if teacher.priors.shape != student.priors.shape or not torch.allclose(teacher.priors, student.priors):
+        raise StageError(
+            f"distill.teacher {path}: its {teacher.priors.shape[0]} priors differ from the model's "
+            f"{student.priors.shape[0]}: the outputs must be prior for prior the same"
+        )
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
 def setup(cfg: TrainConfig, restart: bool) -> Run:
     """Check the inputs, build the accelerator, model, optimiser, EMA and validation, and resume
     if there is a checkpoint."""
@@ -146,7 +171,8 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     manifest, shards, num_samples = check_data(cfg)
     accelerator = make_accelerator(cfg)
     files = {"data.shards": manifest.path, "model.init_weights": cfg.model.init_weights,
-             "model.from_file": cfg.model.from_file, "model.backbone_weights": cfg.model.backbone_weights}
+             "model.from_file": cfg.model.from_file, "model.backbone_weights": cfg.model.backbone_weights,
+             "distill.teacher": cfg.distill.teacher}
     fp = resume.fingerprint(to_dict(cfg), manifest.classes, files, accelerator.mixed_precision)
 
     set_seed(cfg.seed)
@@ -167,7 +193,7 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     # (Accelerate would pickle it, and unpickling a checkpoint someone else wrote runs code).
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
-    tables = {"train": Table(paths.plots, PLOT_FIELDS)}
+    tables = {"train": Table(paths.plots, plot_fields(cfg))}
     if validator is not None:
         tables["val"] = Table(paths.val_plots, validator.fields)
     r = Run(
@@ -176,6 +202,8 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
         batches_per_epoch=max(1, math.ceil(num_samples / (cfg.data.batch_size * world))),
         log=RunLog(paths.logs, tables, enabled=accelerator.is_main_process), validator=validator,
     )
+    if cfg.distill.teacher:
+        r.teacher = load_teacher(cfg.distill.teacher, model, manifest.classes).to(accelerator.device)
     if cfg.ema.enabled:
         r.ema = averaged(r.unwrapped, cfg.ema.decay)
     if temporal and cfg.data.sequence_clips:

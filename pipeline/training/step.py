@@ -14,14 +14,19 @@ from pipeline.stage import StageError
 from pipeline.training.setup import Run
 from pipeline.training.signals import StopFlag
 from ssd.clip_loss import clip_loss
+from ssd.distill import distillation_loss
 from ssd.state_carry import clip_keys
 
 log = logging.getLogger("pipeline.train")
 
 
+LOSS_PARTS = ("loss", "box_loss", "class_loss")
+"""The parts of the loss that are logged; ``distill_loss`` too when distilling (``loss`` holds it)."""
+
+
 @dataclass
 class StepResult:
-    parts: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "box_loss": 0.0, "class_loss": 0.0})
+    parts: dict[str, float] = field(default_factory=lambda: dict.fromkeys(LOSS_PARTS, 0.0))
     grad_norm: float = float("nan")
     skipped: bool = False
     """A loss was not finite on some process: no update on any."""
@@ -29,6 +34,11 @@ class StepResult:
     """A stop signal arrived on some process."""
     frames: int = 0
     keys: list[str] = field(default_factory=list)
+
+
+def loss_parts(cfg: Any) -> tuple[str, ...]:
+    """The loss parts a run logs (``cfg``: its TrainConfig)."""
+    return LOSS_PARTS + (("distill_loss",) if cfg.distill.teacher else ())
 
 
 def forward_loss(r: Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
@@ -40,7 +50,13 @@ def forward_loss(r: Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """
     if not r.temporal:
         logits, deltas = r.model(batch.images)
-        return r.criterion(logits, deltas, batch.targets), None
+        out = r.criterion(logits, deltas, batch.targets)
+        if r.teacher is not None:
+            with torch.no_grad():
+                taught = r.teacher(batch.images)
+            kd = distillation_loss((logits, deltas), taught, r.cfg.distill)
+            out = {**out, **kd, "loss": out["loss"] + kd["distill_loss"]}
+        return out, None
     state, next_keys = None, None
     if r.carry is not None:  # the state the previous clip of each run ended with
         start_keys, next_keys = clip_keys(batch.video, batch.frames, batch.runs)
@@ -56,7 +72,7 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
     """One optimiser step over ``grad_accum`` micro-batches; skipped (no update) if any loss is not
     finite on any process. The EMA follows every update."""
     accum, acc = r.cfg.optim.grad_accum, r.accelerator
-    res = StepResult()
+    res = StepResult(parts=dict.fromkeys(loss_parts(r.cfg), 0.0))
     for i in range(accum):
         t0 = time.perf_counter()
         batch = next(stream).to(acc.device)
