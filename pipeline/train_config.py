@@ -149,8 +149,8 @@ class ValidationConfig:
 class DistillConfig(DistillWeights):
     teacher: str | None = None
     """A model file to learn from besides the labels (:mod:`ssd.distill`): same classes and priors
-    as the model trained, a frame model; null: no distillation. The prune stage sets it to the
-    model it pruned."""
+    as the model trained, a frame model; null: no distillation. The prune stage sets it to its
+    fine-tuned control (or to the model it pruned)."""
 
 
 @dataclass(frozen=True)

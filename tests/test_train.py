@@ -669,8 +669,8 @@ def test_distillation_learns_from_the_teacher_and_logs_its_loss(tmp_path):
                                                                        "distill": {"teacher": "teacher.pt", "weight": 2.0}})
     plain = workdir(tmp_path / "plain", steps=4, trace=False, **{"validation.every": 0, "ema.enabled": False})
     teacher_file(distilled / "teacher.pt")  # a wider model than the student (width 0.5 against 0.25)
-    for cwd in (distilled, plain):
-        result = run_train(cwd, 1)
+    for cwd in (distilled, plain):  # two processes: the student is wrapped by DDP, the teacher not
+        result = run_train(cwd, 2)
         assert result.returncode == 0, result.stderr[-3000:]
     with open(distilled / "plots" / "train-tiny.csv", newline="") as f:
         rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

@@ -32,11 +32,17 @@ from ssd.weights.loading import load_matching
 
 log = logging.getLogger("pipeline.train")
 
-#: Columns of plots/train-{name}.csv (and TensorBoard's train/* scalars).
-def plot_fields(cfg: TrainConfig) -> tuple[str, ...]:
-    """The columns of the training plots CSV."""
-    from pipeline.training.step import loss_parts  # step imports this module
+LOSS_PARTS = ("loss", "box_loss", "class_loss")
+"""The parts of the loss that are logged; ``distill_loss`` too when distilling (``loss`` holds it)."""
 
+
+def loss_parts(cfg: TrainConfig) -> tuple[str, ...]:
+    """The loss parts a run logs."""
+    return LOSS_PARTS + (("distill_loss",) if cfg.distill.teacher else ())
+
+
+def plot_fields(cfg: TrainConfig) -> tuple[str, ...]:
+    """Columns of plots/train-{name}.csv (and TensorBoard's train/* scalars)."""
     return ("step", *loss_parts(cfg), "lr", "grad_norm", "images_per_s")
 
 
@@ -184,6 +190,7 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
             "(lstm_ssd_*) trains on clips, the others on frames or frames_from_clips"
         )
     validator = Validator.of(cfg.validation, manifest, temporal) if cfg.validation.every else None
+    teacher = load_teacher(cfg.distill.teacher, model, manifest.classes) if cfg.distill.teacher else None
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, group_factors(optimizer, cfg.optim, cfg.steps, cfg.freeze_backbone_steps)
@@ -201,9 +208,8 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
         criterion=criterion, classes=manifest.classes, fingerprint=fp, temporal=temporal, shards=shards,
         batches_per_epoch=max(1, math.ceil(num_samples / (cfg.data.batch_size * world))),
         log=RunLog(paths.logs, tables, enabled=accelerator.is_main_process), validator=validator,
+        teacher=None if teacher is None else teacher.to(accelerator.device),
     )
-    if cfg.distill.teacher:
-        r.teacher = load_teacher(cfg.distill.teacher, model, manifest.classes).to(accelerator.device)
     if cfg.ema.enabled:
         r.ema = averaged(r.unwrapped, cfg.ema.decay)
     if temporal and cfg.data.sequence_clips:

@@ -11,17 +11,13 @@ from typing import Any, Iterator
 import torch
 
 from pipeline.stage import StageError
-from pipeline.training.setup import Run
+from pipeline.training.setup import LOSS_PARTS, Run, loss_parts
 from pipeline.training.signals import StopFlag
 from ssd.clip_loss import clip_loss
 from ssd.distill import distillation_loss
 from ssd.state_carry import clip_keys
 
 log = logging.getLogger("pipeline.train")
-
-
-LOSS_PARTS = ("loss", "box_loss", "class_loss")
-"""The parts of the loss that are logged; ``distill_loss`` too when distilling (``loss`` holds it)."""
 
 
 @dataclass
@@ -34,11 +30,6 @@ class StepResult:
     """A stop signal arrived on some process."""
     frames: int = 0
     keys: list[str] = field(default_factory=list)
-
-
-def loss_parts(cfg: Any) -> tuple[str, ...]:
-    """The loss parts a run logs (``cfg``: its TrainConfig)."""
-    return LOSS_PARTS + (("distill_loss",) if cfg.distill.teacher else ())
 
 
 def forward_loss(r: Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
