@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from pipeline import prepare as stage
+from ssd.data.sources import report as reasons
 from pipeline.prepare import main
 from ssd.data import annotations as ann
 from ssd.data.shards import SHARD_NAME, iter_samples
@@ -253,14 +254,14 @@ KEEP_NO_B = {"a", "c", "d"}
 
 # (mutation, bucket, file, reason, ids kept, a defect that --strict stops at, extra overrides)
 BAD_INPUTS = {
-    "corrupt image": (_garbage, "skipped", "b.jpg", stage.CORRUPT_IMAGE, KEEP_NO_B, True, ()),
-    "truncated image": (_truncate, "skipped", "b.jpg", stage.CORRUPT_IMAGE, KEEP_NO_B, True, ()),
+    "corrupt image": (_garbage, "skipped", "b.jpg", reasons.CORRUPT_IMAGE, KEEP_NO_B, True, ()),
+    "truncated image": (_truncate, "skipped", "b.jpg", reasons.CORRUPT_IMAGE, KEEP_NO_B, True, ()),
     "annotation without image": (
-        lambda r: (r / "JPEGImages" / "b.jpg").unlink(), "skipped", "b.xml", stage.ANNOTATION_WITHOUT_IMAGE,
+        lambda r: (r / "JPEGImages" / "b.jpg").unlink(), "skipped", "b.xml", reasons.ANNOTATION_WITHOUT_IMAGE,
         KEEP_NO_B, True, (),
     ),
     "image without annotation": (
-        lambda r: (r / "Annotations" / "b.xml").unlink(), "skipped", "b.jpg", stage.IMAGE_WITHOUT_ANNOTATION,
+        lambda r: (r / "Annotations" / "b.xml").unlink(), "skipped", "b.jpg", reasons.IMAGE_WITHOUT_ANNOTATION,
         KEEP_NO_B, True, (),
     ),
     "malformed XML": (_write_xml("<annotation><object>"), "skipped", "b.xml", ann.MALFORMED_XML, KEEP_NO_B, True, ()),
@@ -288,25 +289,25 @@ BAD_INPUTS = {
         KEEP_ALL, True, (),
     ),
     "size disagrees with the image": (
-        _set_objects([("cat", (3, 3, 20, 20))], size=(2 * W, 2 * H)), "fixed", "b.xml", stage.SIZE_MISMATCH,
+        _set_objects([("cat", (3, 3, 20, 20))], size=(2 * W, 2 * H)), "fixed", "b.xml", reasons.SIZE_MISMATCH,
         KEEP_ALL, True, (),
     ),
     "unknown class": (
-        _set_objects([("cow", (3, 3, 20, 20)), ("dog", (2, 2, 8, 8))]), "skipped", "b.xml", stage.UNKNOWN_CLASS,
+        _set_objects([("cow", (3, 3, 20, 20)), ("dog", (2, 2, 8, 8))]), "skipped", "b.xml", reasons.UNKNOWN_CLASS,
         KEEP_ALL, True, ("voc.classes=[cat, dog]",),
     ),
     "empty annotation": (_set_objects([]), None, "b.xml", None, KEEP_ALL, False, ()),
     "grey-scale PNG": (
-        _png_b(_pixels(1, channels=1)), "converted", "b.png", stage.IMAGE_CONVERTED, KEEP_ALL, False, (),
+        _png_b(_pixels(1, channels=1)), "converted", "b.png", reasons.IMAGE_CONVERTED, KEEP_ALL, False, (),
     ),
-    "RGBA PNG": (_png_b(_pixels(1, channels=4)), "converted", "b.png", stage.IMAGE_CONVERTED, KEEP_ALL, False, ()),
-    "palette PNG": (_png_b(_palette_png(1)), "converted", "b.png", stage.IMAGE_CONVERTED, KEEP_ALL, False, ()),
+    "RGBA PNG": (_png_b(_pixels(1, channels=4)), "converted", "b.png", reasons.IMAGE_CONVERTED, KEEP_ALL, False, ()),
+    "palette PNG": (_png_b(_palette_png(1)), "converted", "b.png", reasons.IMAGE_CONVERTED, KEEP_ALL, False, ()),
     "16-bit PNG": (
-        _png_b(_pixels(1).astype(np.uint16) * 257), "converted", "b.png", stage.IMAGE_CONVERTED, KEEP_ALL, False, (),
+        _png_b(_pixels(1).astype(np.uint16) * 257), "converted", "b.png", reasons.IMAGE_CONVERTED, KEEP_ALL, False, (),
     ),
-    "id in two split lists": (_list_twice, "fixed", "b.xml", stage.IN_TWO_SPLITS, KEEP_ALL, True, ()),
-    "listed id without files": (_list_missing, "skipped", "val.txt", stage.LISTED_BUT_MISSING, KEEP_ALL, True, ()),
-    "id in no split list": (_unlisted, "skipped", "b.xml", stage.NOT_IN_SPLIT, KEEP_NO_B, False, ()),
+    "id in two split lists": (_list_twice, "fixed", "b.xml", reasons.IN_TWO_SPLITS, KEEP_ALL, True, ()),
+    "listed id without files": (_list_missing, "skipped", "val.txt", reasons.LISTED_BUT_MISSING, KEEP_ALL, True, ()),
+    "id in no split list": (_unlisted, "skipped", "b.xml", reasons.NOT_IN_SPLIT, KEEP_NO_B, False, ()),
     # Split lists as editors and other systems write them: every id still found.
     "byte-order mark in a split list": (_bom_list, None, "", None, KEEP_ALL, False, ()),
     "Windows line ends and a per-class flag": (_crlf_flag_list, None, "", None, KEEP_ALL, False, ()),
@@ -501,7 +502,7 @@ def test_ir_frames_clips(tmp_path):
     assert m["splits"]["val"]["segments"] == 2
     assert m["splits"]["train"]["frames"] == 11 and m["splits"]["train"]["samples"] == 3
     # The short video is reported, not silently dropped.
-    assert entries(m, "skipped") == {("jog_f1.xml", stage.SHORT_VIDEO)}
+    assert entries(m, "skipped") == {("jog_f1.xml", reasons.SHORT_VIDEO)}
 
 
 def test_ir_frames_max_gap_and_stride(tmp_path):
@@ -520,7 +521,7 @@ def test_ir_frames_video_in_two_splits_goes_to_one(tmp_path):
     assert ir_frames_run(tmp_path) == 0
     assert {s["split"] for s in samples(tmp_path, "ir")} == {"train"}
     m = manifest(tmp_path, "ir")
-    assert entries(m, "fixed") == {("walk_f1.xml", stage.VIDEO_IN_TWO_SPLITS)}
+    assert entries(m, "fixed") == {("walk_f1.xml", reasons.VIDEO_IN_TWO_SPLITS)}
     assert "goes to train" in m["fixed"][0]["detail"]
     assert m["splits"]["val"]["samples"] == 0
 
@@ -532,8 +533,8 @@ def test_ir_frames_corrupt_frame_splits_the_video(tmp_path, capsys):
     assert ir_frames_run(tmp_path) == 0
     m = manifest(tmp_path, "ir")
     # Frames 1-3 are too short for a clip once frame 4 is gone; 5-9 give two clips.
-    assert entries(m, "skipped") == {("walk_f4.jpg", stage.CORRUPT_IMAGE), ("walk_f1.xml", stage.SHORT_VIDEO)}
-    assert "frames 1..3" in next(e["detail"] for e in m["skipped"] if e["reason"] == stage.SHORT_VIDEO)
+    assert entries(m, "skipped") == {("walk_f4.jpg", reasons.CORRUPT_IMAGE), ("walk_f1.xml", reasons.SHORT_VIDEO)}
+    assert "frames 1..3" in next(e["detail"] for e in m["skipped"] if e["reason"] == reasons.SHORT_VIDEO)
     assert [s["meta"]["frames"] for s in samples(tmp_path, "ir")] == [[5, 6, 7, 8], [6, 7, 8, 9]]
     assert ir_frames_run(tmp_path, strict=True) == 2
     assert "walk_f4.jpg: corrupt or truncated image" in capsys.readouterr().err
@@ -621,7 +622,7 @@ def test_ir_video_files_folders_box_lists_and_mot(tmp_path):
     assert np.abs(decoded.astype(int) - _frame_image(2)).mean() < 4  # frame 2 really is frame 2
     assert m["frames_covered_twice"] == 2 + 3
     assert m["has_track_ids"] is True
-    assert {e["reason"] for e in m["converted"]} == {stage.IMAGE_CONVERTED}  # the PNG frames
+    assert {e["reason"] for e in m["converted"]} == {reasons.IMAGE_CONVERTED}  # the PNG frames
 
 
 def test_ir_video_splits_without_splits_file_are_whole_and_deterministic(tmp_path):
@@ -640,11 +641,11 @@ BOTH = {"clipA", "clipB"}
 IR_VIDEO_BAD = {
     "box list with a missing line": (
         lambda r: (r / "annotations" / "clipA.txt").write_text("1 1 5 5\n" * 9),
-        "clipA.txt", stage.BOX_LIST_LENGTH, {"clipB"}, True,
+        "clipA.txt", reasons.BOX_LIST_LENGTH, {"clipB"}, True,
     ),
     "box list with an extra line": (
         lambda r: (r / "annotations" / "clipA.txt").write_text("1 1 5 5\n" * 11),
-        "clipA.txt", stage.BOX_LIST_LENGTH, {"clipB"}, True,
+        "clipA.txt", reasons.BOX_LIST_LENGTH, {"clipB"}, True,
     ),
     "malformed box list": (
         lambda r: (r / "annotations" / "clipA.txt").write_text("1 1 5\n" * 10),
@@ -652,35 +653,35 @@ IR_VIDEO_BAD = {
     ),
     "unreadable video": (
         lambda r: (r / "videos" / "clipA.avi").write_bytes(b"RIFF garbage" * 50),
-        "clipA.avi", stage.UNREADABLE_VIDEO, {"clipB"}, True,
+        "clipA.avi", reasons.UNREADABLE_VIDEO, {"clipB"}, True,
     ),
     "annotation without video": (
         lambda r: (r / "videos" / "clipA.avi").unlink(),
-        "clipA.txt", stage.ANNOTATION_WITHOUT_VIDEO, {"clipB"}, True,
+        "clipA.txt", reasons.ANNOTATION_WITHOUT_VIDEO, {"clipB"}, True,
     ),
     "video without annotation": (
         lambda r: (r / "annotations" / "clipA.txt").unlink(),
-        "clipA.avi", stage.VIDEO_WITHOUT_ANNOTATION, {"clipB"}, True,
+        "clipA.avi", reasons.VIDEO_WITHOUT_ANNOTATION, {"clipB"}, True,
     ),
     "corrupt frame in a folder": (
         lambda r: (r / "frames" / "clipB" / "000005.png").write_bytes(b"\x89PNG broken"),
-        "000005.png", stage.CORRUPT_IMAGE, BOTH, True,  # clipB keeps its frames 1-4 and 6-9
+        "000005.png", reasons.CORRUPT_IMAGE, BOTH, True,  # clipB keeps its frames 1-4 and 6-9
     ),
     "gt.txt beyond the video": (
         lambda r: (r / "annotations" / "clipB" / "gt.txt").write_text("12,1,1,1,4,4,1,1,1\n"),
-        "gt.txt", stage.MOT_FRAMES, {"clipA"}, True,
+        "gt.txt", reasons.MOT_FRAMES, {"clipA"}, True,
     ),
     "unknown MOT class id": (
         lambda r: (r / "annotations" / "clipB" / "gt.txt").write_text("1,1,1,1,4,4,1,7,1\n"),
-        "gt.txt", stage.UNKNOWN_CLASS, BOTH, True,
+        "gt.txt", reasons.UNKNOWN_CLASS, BOTH, True,
     ),
     "video shorter than clip_length": (
         lambda r: _write_avi(r / "videos" / "clipA.avi", 3) or (r / "annotations" / "clipA.txt").write_text("\n" * 3),
-        "clipA.avi", stage.SHORT_VIDEO, {"clipB"}, False,
+        "clipA.avi", reasons.SHORT_VIDEO, {"clipB"}, False,
     ),
     "blank line after the last frame of a box list": (
         lambda r: (r / "annotations" / "clipA.txt").write_text((r / "annotations" / "clipA.txt").read_text() + "\n"),
-        "clipA.txt", stage.BOX_LIST_TAIL, BOTH, False,
+        "clipA.txt", reasons.BOX_LIST_TAIL, BOTH, False,
     ),
     "byte-order mark in a box list and the splits file": (
         lambda r: [(r / f).write_bytes(b"\xef\xbb\xbf" + (r / f).read_bytes())
@@ -697,7 +698,7 @@ IR_VIDEO_BAD = {
     ),
     "video in two split lists": (
         lambda r: (r / "splits.json").write_text('{"train": ["clipA", "clipB"], "val": ["clipB"]}'),
-        "splits.json", stage.VIDEO_IN_TWO_SPLITS, BOTH, True,
+        "splits.json", reasons.VIDEO_IN_TWO_SPLITS, BOTH, True,
     ),
 }
 
@@ -825,12 +826,13 @@ _SLOW_POOL = """
 import sys, time
 from pathlib import Path
 import pipeline.prepare as prepare
-original = prepare.load_image
+from ssd.data.sources import decode
+original = decode.load_image
 def load_image(path, *args, **kw):
     Path(sys.argv[1]).touch()  # a pool worker is converting
     time.sleep(0.1)
     return original(path, *args, **kw)
-prepare.load_image = load_image
+decode.load_image = load_image
 sys.exit(prepare.main(sys.argv[2:]))
 """
 
@@ -980,7 +982,7 @@ def test_real_ir_sirst_as_frames(tmp_path):
         if (int(xml.findtext("size/width")), int(xml.findtext("size/height"))) != (width, height):
             wrong_size.add(f"{p.stem}.xml")
     assert {Path(e["file"]).name for e in m["converted"]} == not_rgb and len(not_rgb) > 0
-    assert entries(m, "fixed") == {(n, stage.SIZE_MISMATCH) for n in wrong_size} and wrong_size
+    assert entries(m, "fixed") == {(n, reasons.SIZE_MISMATCH) for n in wrong_size} and wrong_size
     assert sorted(Path(e["file"]).name for e in m["skipped"]) == sorted(degenerate)
     for s in got:
         png = s["png"]

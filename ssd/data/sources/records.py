@@ -1,0 +1,102 @@
+"""The common records every source yields and every writer reads.
+
+A source reads its format's annotations (never the pixels) and returns a
+:class:`Listing`: the splits and, per split, either :class:`Frame` records (a frame
+dataset, one sample per image) or :class:`Video` records (a clip dataset, videos
+whose frames are cut into clips). The writers (:mod:`.frame_writer`,
+:mod:`.clip_writer`) read the images, validate the boxes against the real image
+size and write the shards, so every format gets the same checks and reports.
+
+Boxes here are as the source states them: ``corners`` ``(x1, y1, x2, y2)`` in pixels
+of the annotation's own coordinate frame (``voc=True``: Pascal VOC's 1-based
+inclusive corners, converted by :func:`ssd.data.annotations.clean_box`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Literal, Sequence
+
+from ssd.data.sources.report import Report
+
+
+@dataclass(frozen=True)
+class Obj:
+    """One annotated object before validation against the real image size."""
+
+    name: str | None  # None: a class id the source can't name (reported with `unknown`)
+    corners: tuple[float, ...]
+    difficult: bool = False  # VOC difficult, COCO iscrowd, MOT ignore: kept, excluded from mAP
+    track_id: int | None = None
+    unknown: str = ""  # description of an unmapped class id
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One image and its objects."""
+
+    id: str  # the source's id of the image (the sample key is made from it)
+    image: str  # path of the image file
+    objects: tuple[Obj, ...]
+    file: str  # the annotation file, named in reports
+    split: str = ""  # frame datasets: the split it goes to (videos carry theirs)
+    number: int = 0  # frame number within its video (clip datasets)
+    where: str = ""  # prefix for reports, e.g. "frame 12, "
+    voc: bool = False  # corners are VOC 1-based inclusive
+    declared_size: tuple[float, float] | None = None  # (W, H) the annotation states, checked against the image
+
+
+Labeller = Callable[[Sequence[int], Report], "dict[int, tuple[Obj, ...]] | None"]
+"""For a video decoded whole: objects by frame number, given the frame numbers the
+decoder found; None when the annotations don't fit the video (reported)."""
+
+
+@dataclass(frozen=True)
+class Video:
+    """One video of a clip dataset: frames with their own image files, or a container.
+
+    A container (a video file, or a folder of numbered frames whose numbers come from
+    the file names) is decoded whole in a worker; its objects come from ``label`` once
+    its frame numbers are known.
+    """
+
+    name: str
+    split: str
+    file: str  # named in reports about the whole video
+    frames: tuple[Frame, ...] = ()  # in frame order, when each frame is an image file
+    container: tuple[Literal["file", "folder"], str] | None = None
+    label: Labeller | None = None  # with a container
+    annotation: str = ""  # with a container: the annotation file, named in reports
+    names: tuple[str, ...] = ()  # with a container: the class names its annotations use
+
+
+@dataclass
+class Listing:
+    """What a source found: the split names, in order, and the records."""
+
+    kind: Literal["frames", "clips"]
+    source: str  # the dataset root, for the manifest and reports
+    format: str
+    splits: list[str]
+    items: list  # list[Frame] for frames, list[Video] for clips
+
+    def class_names(self) -> Iterator[str]:
+        """Every class name the annotations use (with repeats)."""
+        for item in self.items:
+            if isinstance(item, Video):
+                yield from item.names
+                frames = item.frames
+            else:
+                frames = (item,)
+            for f in frames:
+                yield from (o.name for o in f.objects if o.name is not None)
+
+
+def classes(configured: Sequence[str] | None, seen: Iterator[str]) -> list[str]:
+    """The configured class list, or the names seen in the data, sorted."""
+    return list(configured) if configured is not None else sorted(set(seen))
+
+
+def sample_key(text: str) -> str:
+    """A WebDataset key: no dots (WebDataset splits at the first), no slashes, no spaces."""
+    return "".join("_" if c in "./\\" or c.isspace() else c for c in text)

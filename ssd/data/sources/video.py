@@ -1,0 +1,224 @@
+"""Videos with box lists or MOT ``gt.txt``: ``videos/<name>.mp4|avi`` or ``frames/<name>/``,
+``annotations/<name>.txt`` (one line of ``x y w h`` boxes per frame) or
+``annotations/<name>/gt.txt``; splits from ``splits.json`` or a hash of the name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Sequence
+
+from ssd.bounds import AtLeast, Below, Between, Names
+from ssd.data import annotations as ann
+from ssd.data.sources.decode import VIDEO_SUFFIXES
+from ssd.data.sources.records import Listing, Obj, Video
+from ssd.data.sources.report import (
+    ANNOTATION_WITHOUT_VIDEO,
+    BOX_LIST_LENGTH,
+    BOX_LIST_TAIL,
+    DUPLICATE_ANNOTATION,
+    DUPLICATE_VIDEO,
+    LISTED_VIDEO_MISSING,
+    MOT_FRAMES,
+    NOT_IN_SPLIT,
+    UNREADABLE_FILE,
+    VIDEO_IN_TWO_SPLITS,
+    VIDEO_WITHOUT_ANNOTATION,
+    Report,
+    ranges,
+)
+from ssd.data.sources.voc import check_split_names
+from ssd.errors import InputError
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """Video files or frame folders with box lists or MOT gt.txt, no split lists."""
+
+    videos_dir: str = "videos"  # <name>.mp4|avi
+    frames_dir: str = "frames"  # <name>/<anything with a number>.jpg|png, ordered by that number
+    annotations_dir: str = "annotations"  # <name>.txt box list, or <name>/gt.txt (MOT)
+    box_list_class: str = "target"  # class name of every box in a box list
+    mot_classes: Names = ("target",)  # gt.txt class id k -> mot_classes[k - 1]
+    splits_file: str = "splits.json"  # {"train": [names], "val": [names]} in root; used when present
+    # without a splits file: share of videos (by hash of name) put in val
+    val_fraction: Annotated[float, AtLeast(0), Below(1)] = 0.2
+    # quality of frames decoded from videos and re-encoded (JPEG frames are kept)
+    jpeg_quality: Annotated[int, Between(1, 100)] = 95
+
+
+@dataclass(frozen=True)
+class _Found:
+    name: str
+    kind: str  # "file" or "folder"
+    path: Path
+    annotation: Path
+    mot: bool
+
+
+def _discover(root: Path, layout: VideoLayout, report: Report) -> list[_Found]:
+    if not root.is_dir():
+        raise InputError(f"{root}: directory not found")
+    videos_dir, frames_dir = root / layout.videos_dir, root / layout.frames_dir
+    if not videos_dir.is_dir() and not frames_dir.is_dir():
+        raise InputError(f"{root}: neither {layout.videos_dir}/ nor {layout.frames_dir}/ found")
+    found: dict[str, tuple[str, Path]] = {}
+    if frames_dir.is_dir():
+        found.update((p.name, ("folder", p)) for p in sorted(frames_dir.iterdir()) if p.is_dir())
+    if videos_dir.is_dir():
+        for p in sorted(videos_dir.iterdir(), key=lambda p: p.name):
+            if p.suffix.lower() not in VIDEO_SUFFIXES or not p.is_file():
+                continue
+            if p.stem in found:
+                report.skip(p, DUPLICATE_VIDEO, f"{found[p.stem][1]} is used")
+            else:
+                found[p.stem] = ("file", p)
+    annotations = _annotation_files(root / layout.annotations_dir, report)
+    out = []
+    for name in sorted(set(found) | set(annotations), key=ann.natural_key):
+        if name not in annotations:
+            report.skip(found[name][1], VIDEO_WITHOUT_ANNOTATION)
+        elif name not in found:
+            report.skip(annotations[name][0], ANNOTATION_WITHOUT_VIDEO)
+        else:
+            out.append(_Found(name, *found[name], *annotations[name]))
+    return out
+
+
+def _annotation_files(ann_dir: Path, report: Report) -> dict[str, tuple[Path, bool]]:
+    """name -> (file, is MOT): ``<name>/gt.txt`` first, then ``<name>.txt`` box lists."""
+    annotations: dict[str, tuple[Path, bool]] = {}
+    if not ann_dir.is_dir():
+        return annotations
+    for p in sorted(ann_dir.iterdir()):
+        if p.is_dir() and (p / "gt.txt").is_file():
+            annotations[p.name] = (p / "gt.txt", True)
+    for p in sorted(ann_dir.iterdir()):
+        if p.suffix.lower() == ".txt" and p.is_file():
+            if p.stem in annotations:
+                report.skip(p, DUPLICATE_ANNOTATION, f"{annotations[p.stem][0]} is used")
+            else:
+                annotations[p.stem] = (p, False)
+    return annotations
+
+
+def read_splits_file(path: Path, names: Sequence[str], report: Report) -> tuple[list[str], dict[str, str]]:
+    """Split names and video -> split from ``{"train": [names], "val": [names]}``."""
+    try:
+        listing = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read splits file ({e})") from None
+    if not isinstance(listing, dict) or not all(
+        isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v) for k, v in listing.items()
+    ):
+        raise InputError(f'{path}: expected {{"train": [names], "val": [names]}}')
+    try:
+        check_split_names(list(listing))
+    except ValueError as e:
+        raise InputError(f"{path} split names: {e}") from None
+    assignment: dict[str, str] = {}
+    available = set(names)
+    for split, listed in listing.items():
+        for name in listed:
+            if name not in available:
+                report.skip(path, LISTED_VIDEO_MISSING, f"{name!r} in {split}")
+            elif name in assignment:
+                if assignment[name] != split:
+                    kept = assignment[name]
+                    report.fix(path, VIDEO_IN_TWO_SPLITS, f"{name!r} in {kept} and {split}; kept in {kept}")
+            else:
+                assignment[name] = split
+    return list(listing), assignment
+
+
+def _parse(found: _Found, report: Report) -> dict | list | None:
+    """The parsed box list (per line) or gt.txt (by frame number); None when unusable."""
+    try:
+        text = found.annotation.read_text(encoding="utf-8-sig", errors="replace")
+        return ann.parse_mot(text) if found.mot else ann.parse_box_list(text)
+    except OSError as e:
+        report.skip(found.annotation, UNREADABLE_FILE, e.strerror or str(e))
+    except ann.AnnotationError as e:
+        report.skip(found.annotation, e.reason, e.detail)
+    return None
+
+
+def fit_box_list(labels: list, frames: int, file: Path, report: Report) -> list | None:
+    """The box list's lines for a video of ``frames`` frames; None (skipped) if they don't fit.
+
+    Lines without boxes after the last frame (the blank lines an editor leaves at the end
+    of a file) are dropped and reported; any other difference in length skips the video.
+    """
+    extra = len(labels) - frames
+    if extra > 0 and not any(labels[frames:]):
+        report.fix(file, BOX_LIST_TAIL, f"{extra} line(s) without boxes after frame {frames} ignored", defect=False)
+        return labels[:frames]
+    if extra:
+        report.skip(file, BOX_LIST_LENGTH, f"{len(labels)} lines, {frames} frames; video skipped")
+        return None
+    return labels
+
+
+def mot_objects(rows: Sequence[ann.TrackBox], mot_classes: Sequence[str]) -> tuple[Obj, ...]:
+    objs = []
+    for r in rows:
+        if 1 <= r.class_id <= len(mot_classes):
+            objs.append(Obj(mot_classes[r.class_id - 1], r.box, r.difficult, r.track_id))
+        else:
+            objs.append(Obj(None, r.box, r.difficult, r.track_id, f"class id {r.class_id} (mot_classes has {len(mot_classes)})"))
+    return tuple(objs)
+
+
+class _MotLabels:
+    """Labeller of a video with a gt.txt: every frame it names must exist."""
+
+    def __init__(self, rows: dict, file: Path, classes: Sequence[str]):
+        self.rows, self.file, self.classes = rows, file, classes
+
+    def __call__(self, numbers: Sequence[int], report: Report) -> dict | None:
+        extra = sorted(set(self.rows) - set(numbers))
+        if extra:
+            report.skip(self.file, MOT_FRAMES, f"frames {ranges(extra)}; video has {ranges(numbers)}")
+            return None
+        return {n: mot_objects(self.rows.get(n, ()), self.classes) for n in numbers}
+
+
+class _BoxListLabels:
+    """Labeller of a video with a box list: line i is the i-th frame."""
+
+    def __init__(self, lines: list, file: Path, name: str):
+        self.lines, self.file, self.name = lines, file, name
+
+    def __call__(self, numbers: Sequence[int], report: Report) -> dict | None:
+        lines = fit_box_list(self.lines, len(numbers), self.file, report)
+        if lines is None:
+            return None
+        return {n: tuple(Obj(self.name, b) for b in boxes) for n, boxes in zip(numbers, lines)}
+
+
+def read(root: Path, layout: VideoLayout, report: Report) -> Listing:
+    found = _discover(root, layout, report)
+    names = [f.name for f in found]
+    if (root / layout.splits_file).is_file():
+        splits, assignment = read_splits_file(root / layout.splits_file, names, report)
+    else:
+        splits, assignment = ["train", "val"], ann.split_videos(names, layout.val_fraction)
+    videos = []
+    for f in found:
+        if f.name not in assignment:
+            report.skip(f.path, NOT_IN_SPLIT, f"not in {layout.splits_file}", defect=False)
+            continue
+        labels = _parse(f, report)
+        if labels is None:
+            continue
+        if f.mot:
+            label = _MotLabels(labels, f.annotation, layout.mot_classes)
+            seen = tuple(o.name for rows in labels.values() for o in mot_objects(rows, layout.mot_classes) if o.name)
+        else:
+            label = _BoxListLabels(labels, f.annotation, layout.box_list_class)
+            seen = (layout.box_list_class,) if any(labels) else ()
+        container = (f.kind, str(f.path))
+        videos.append(Video(f.name, assignment[f.name], str(f.path), (), container, label, str(f.annotation), seen))
+    return Listing("clips", str(root), "video", splits, videos)
