@@ -42,12 +42,14 @@ from pipeline.config import ConfigError, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from ssd.bounds import Count, Names, PositiveInt
-from ssd.data.sources import video, voc, voc_frames
+from ssd.data.sources import coco, video, voc, voc_frames, yolo
 from ssd.data.sources.clean import SizeMismatch
 from ssd.data.sources.clip_writer import ClipOptions, write_clips
+from ssd.data.sources.coco import CocoLayout
 from ssd.data.sources.frame_writer import WriteOptions, write_frames
-from ssd.data.sources.records import Listing, classes
+from ssd.data.sources.records import Listing, check_split_names, classes
 from ssd.data.sources.report import Report
+from ssd.data.sources.yolo import YoloLayout
 
 log = logging.getLogger("pipeline.prepare")
 
@@ -58,15 +60,18 @@ log = logging.getLogger("pipeline.prepare")
 
 @dataclass(frozen=True)
 class VocConfig(voc.VocLayout):
-    """A frame dataset, converted to one sample per image."""
+    """A frame dataset, converted to one sample per image (the VOC layout's keys are this section's own)."""
 
     enabled: bool = True  # false: write an empty output with a manifest that says so
+    format: Literal["voc", "coco", "yolo"] = "voc"  # which reader; coco and yolo read their sub-sections
     root: str = "data/sample/voc"  # dataset root (what the sample stage writes)
     out: str = "data/shards/voc"  # output directory; must match the stage's outs in dvc.yaml
     classes: Names | None = None  # null: discovered from the data (sorted); else others are skipped
     size_mismatch: SizeMismatch = "scale"  # XML size != image size: see ssd.data.sources.clean.SizeMismatch
     shard_size: PositiveInt = 500  # max samples per shard
     shard_max_bytes: PositiveInt = 256 * 1024 * 1024  # max bytes per shard (a bigger single sample gets its own)
+    coco: CocoLayout = field(default_factory=CocoLayout)  # format coco: JSON per split
+    yolo: YoloLayout = field(default_factory=YoloLayout)  # format yolo: images/ + labels/ + data.yaml
 
     def __post_init__(self) -> None:
         _check_splits(self.splits, "prepare.voc.splits")
@@ -87,7 +92,8 @@ class IrConfig:
     """IR videos, converted to one sample per clip of consecutive frames of one video."""
 
     enabled: bool = True  # false: write an empty output with a manifest that says so
-    source: Literal["frames", "video"] = "frames"  # which reader: format 1 (frames) or format 2 (video)
+    # which reader: frames (VOC-layout frame sequences), video (videos + box lists or gt.txt), coco (COCO-VID JSON)
+    source: Literal["frames", "video", "coco"] = "frames"
     root: str = "data/sample/ir/frames"  # the dataset, in the layout `source` reads (dvc.yaml's deps read this key)
     out: str = "data/shards/ir"  # output directory; must match the stage's outs in dvc.yaml
     classes: Names | None = None  # null: discovered from the data (sorted); else others are skipped
@@ -98,6 +104,7 @@ class IrConfig:
     shard_max_bytes: PositiveInt = 256 * 1024 * 1024  # max bytes per shard
     frames: IrFramesConfig = field(default_factory=IrFramesConfig)  # format 1 reader
     video: IrVideoConfig = field(default_factory=IrVideoConfig)  # format 2 reader
+    coco: CocoLayout = field(default_factory=CocoLayout)  # COCO JSON whose images have video_id, frame_id
 
     def __post_init__(self) -> None:
         if self.clip_stride is not None and not 1 <= self.clip_stride <= self.clip_length:
@@ -126,7 +133,7 @@ class PrepareConfig:
 
 def _check_splits(splits: Sequence[str], key: str) -> None:
     try:
-        voc.check_split_names(splits)
+        check_split_names(splits)
     except ValueError as e:
         raise ConfigError(f"{key}: {e}") from None
 
@@ -135,33 +142,35 @@ def _check_splits(splits: Sequence[str], key: str) -> None:
 # Sources: params section -> listing of records
 
 
-def _voc_listing(cfg: VocConfig, report: Report) -> Listing:
-    return voc.read(Path(cfg.root), cfg, report)
-
-
-def _ir_listing(cfg: IrConfig, report: Report) -> Listing:
-    if cfg.source == "frames":
-        return voc_frames.read(Path(cfg.root), cfg.frames, report)
-    return video.read(Path(cfg.root), cfg.video, report)
+FRAME_SOURCES: dict[str, Callable[[VocConfig, Report], Listing]] = {
+    "voc": lambda c, r: voc.read(Path(c.root), c, r),
+    "coco": lambda c, r: coco.read(Path(c.root), c.coco, r),
+    "yolo": lambda c, r: yolo.read(Path(c.root), c.yolo, r),
+}
+CLIP_SOURCES: dict[str, Callable[[IrConfig, Report], Listing]] = {
+    "frames": lambda c, r: voc_frames.read(Path(c.root), c.frames, r),
+    "video": lambda c, r: video.read(Path(c.root), c.video, r),
+    "coco": lambda c, r: coco.read_videos(Path(c.root), c.coco, r),
+}
 
 
 def convert_voc(cfg: PrepareConfig, report: Report, out: Path) -> dict:
     """The frame dataset -> frame shards in ``out``; returns the manifest (without the report)."""
     v = cfg.voc
-    listing = _voc_listing(v, report)
+    listing = FRAME_SOURCES[v.format](v, report)
     opts = WriteOptions(v.shard_size, v.shard_max_bytes, cfg.workers, cfg.max_pixels, v.size_mismatch)
-    return write_frames(listing, classes(v.classes, listing.class_names()), out, opts, report)
+    return write_frames(listing, classes(v.classes, listing), out, opts, report)
 
 
 def convert_ir(cfg: PrepareConfig, report: Report, out: Path) -> dict:
     """The clip dataset -> clip shards in ``out``; returns the manifest (without the report)."""
     ir = cfg.ir
-    listing = _ir_listing(ir, report)
+    listing = CLIP_SOURCES[ir.source](ir, report)
     opts = WriteOptions(
         ir.shard_size, ir.shard_max_bytes, cfg.workers, cfg.max_pixels, ir.frames.size_mismatch, ir.video.jpeg_quality
     )
     clips = ClipOptions(ir.clip_length, ir.stride, ir.max_gap)
-    return write_clips(listing, classes(ir.classes, listing.class_names()), out, opts, clips, report)
+    return write_clips(listing, classes(ir.classes, listing), out, opts, clips, report)
 
 
 # ---------------------------------------------------------------------------

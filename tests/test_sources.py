@@ -37,8 +37,8 @@ def test_listing_class_names_cover_frames_videos_and_containers():
     v1 = Video("v1", "train", "v1.mp4", frames=(f,))
     v2 = Video("v2", "val", "v2.mp4", container=("file", "v2.mp4"), names=("person", "car"))
     clips = Listing("clips", "root", "video", ["train", "val"], [v1, v2])
-    assert classes(None, clips.class_names()) == ["car", "person"]
-    assert classes(["bike"], clips.class_names()) == ["bike"]
+    assert classes(None, clips) == ["car", "person"]
+    assert classes(["bike"], clips) == ["bike"]
 
 
 def test_sample_key_has_no_dots_slashes_or_spaces():

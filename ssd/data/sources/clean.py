@@ -90,7 +90,10 @@ def clean_frame(
     frame: Frame, image: LoadedImage, mode: SizeMismatch, class_index: dict[str, int], report: Report
 ) -> dict[str, list] | None:
     """A frame's objects checked against its loaded image; None when the frame is skipped."""
-    coords = box_frame(frame.declared_size, image, mode, frame.file, report)
+    if frame.normalized:  # validated as fractions, then scaled to the image's pixels
+        coords: BoxFrame | None = BoxFrame(1.0, 1.0, image.width, image.height)
+    else:
+        coords = box_frame(frame.declared_size, image, mode, frame.file, report)
     if coords is None:
         return None
     return clean_objects(frame.objects, coords, frame.voc, class_index, frame.file, frame.where, report)

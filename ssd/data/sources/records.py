@@ -44,6 +44,7 @@ class Frame:
     where: str = ""  # prefix for reports, e.g. "frame 12, "
     voc: bool = False  # corners are VOC 1-based inclusive
     declared_size: tuple[float, float] | None = None  # (W, H) the annotation states, checked against the image
+    normalized: bool = False  # corners are fractions of the image's width and height (YOLO)
 
 
 Labeller = Callable[[Sequence[int], Report], "dict[int, tuple[Obj, ...]] | None"]
@@ -79,6 +80,7 @@ class Listing:
     format: str
     splits: list[str]
     items: list  # list[Frame] for frames, list[Video] for clips
+    declared: list[str] | None = None  # the class list the format itself declares (COCO, YOLO), in its order
 
     def class_names(self) -> Iterator[str]:
         """Every class name the annotations use (with repeats)."""
@@ -92,11 +94,22 @@ class Listing:
                 yield from (o.name for o in f.objects if o.name is not None)
 
 
-def classes(configured: Sequence[str] | None, seen: Iterator[str]) -> list[str]:
-    """The configured class list, or the names seen in the data, sorted."""
-    return list(configured) if configured is not None else sorted(set(seen))
+def classes(configured: Sequence[str] | None, listing: Listing) -> list[str]:
+    """The configured class list, else the one the format declares, else the names used, sorted."""
+    if configured is not None:
+        return list(configured)
+    if listing.declared is not None:
+        return list(listing.declared)
+    return sorted(set(listing.class_names()))
 
 
 def sample_key(text: str) -> str:
     """A WebDataset key: no dots (WebDataset splits at the first), no slashes, no spaces."""
     return "".join("_" if c in "./\\" or c.isspace() else c for c in text)
+
+
+def check_split_names(splits: Sequence[str]) -> None:
+    """ValueError unless every split name is letters, digits, '_' or '-' (they name shard files)."""
+    for s in splits:
+        if not s or not all(c.isalnum() or c in "_-" for c in s):
+            raise ValueError(f"split name {s!r} must be letters, digits, '_' or '-'")

@@ -13,7 +13,7 @@ from typing import Annotated, Sequence
 from ssd.bounds import AtLeast, Below, Between, Names
 from ssd.data import annotations as ann
 from ssd.data.sources.decode import VIDEO_SUFFIXES
-from ssd.data.sources.records import Listing, Obj, Video
+from ssd.data.sources.records import Listing, Obj, Video, check_split_names
 from ssd.data.sources.report import (
     ANNOTATION_WITHOUT_VIDEO,
     BOX_LIST_LENGTH,
@@ -29,7 +29,6 @@ from ssd.data.sources.report import (
     Report,
     ranges,
 )
-from ssd.data.sources.voc import check_split_names
 from ssd.errors import InputError
 
 

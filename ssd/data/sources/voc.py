@@ -29,13 +29,6 @@ from ssd.data.sources.report import (
 from ssd.errors import InputError
 
 
-def check_split_names(splits: Sequence[str]) -> None:
-    """ValueError unless every split name is letters, digits, '_' or '-' (they name shard files)."""
-    for s in splits:
-        if not s or not all(c.isalnum() or c in "_-" for c in s):
-            raise ValueError(f"split name {s!r} must be letters, digits, '_' or '-'")
-
-
 @dataclass(frozen=True)
 class Pair:
     """One id of a VOC-layout dataset with both files present."""

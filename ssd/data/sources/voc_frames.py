@@ -12,7 +12,7 @@ from pathlib import Path
 from ssd.bounds import Names
 from ssd.data import annotations as ann
 from ssd.data.sources import voc
-from ssd.data.sources.records import Listing, Video
+from ssd.data.sources.records import Listing, Video, check_split_names
 from ssd.data.sources.report import VIDEO_IN_TWO_SPLITS, Report
 
 
@@ -27,7 +27,7 @@ class VocFramesLayout:
     frame_id_pattern: str = ann.DEFAULT_FRAME_ID_PATTERN  # groups `video` and `frame`; default: <video>_<digits>
 
     def __post_init__(self) -> None:
-        voc.check_split_names(self.splits)
+        check_split_names(self.splits)
         try:
             ann.compile_frame_pattern(self.frame_id_pattern)
         except ValueError as e:
