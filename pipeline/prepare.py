@@ -42,13 +42,15 @@ from pipeline.config import ConfigError, load_config, load_params, to_dict
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from ssd.bounds import Count, Names, PositiveInt
-from ssd.data.sources import coco, video, voc, voc_frames, yolo
+from ssd.data.sources import coco, sot, vid, video, voc, voc_frames, yolo
 from ssd.data.sources.clean import SizeMismatch
 from ssd.data.sources.clip_writer import ClipOptions, write_clips
 from ssd.data.sources.coco import CocoLayout
 from ssd.data.sources.frame_writer import WriteOptions, write_frames
 from ssd.data.sources.records import Listing, check_split_names, classes
 from ssd.data.sources.report import Report
+from ssd.data.sources.sot import AntiUavLayout, LasotLayout, OtbLayout
+from ssd.data.sources.vid import VidLayout
 from ssd.data.sources.yolo import YoloLayout
 
 log = logging.getLogger("pipeline.prepare")
@@ -92,8 +94,9 @@ class IrConfig:
     """IR videos, converted to one sample per clip of consecutive frames of one video."""
 
     enabled: bool = True  # false: write an empty output with a manifest that says so
-    # which reader: frames (VOC-layout frame sequences), video (videos + box lists or gt.txt), coco (COCO-VID JSON)
-    source: Literal["frames", "video", "coco"] = "frames"
+    # which reader: frames (VOC-layout frame sequences), video (videos + box lists or gt.txt), coco (COCO-VID
+    # JSON), vid (ImageNet VID), otb, lasot, antiuav (tracking sequences); each reads its own sub-section
+    source: Literal["frames", "video", "coco", "vid", "otb", "lasot", "antiuav"] = "frames"
     root: str = "data/sample/ir/frames"  # the dataset, in the layout `source` reads (dvc.yaml's deps read this key)
     out: str = "data/shards/ir"  # output directory; must match the stage's outs in dvc.yaml
     classes: Names | None = None  # null: discovered from the data (sorted); else others are skipped
@@ -105,6 +108,10 @@ class IrConfig:
     frames: IrFramesConfig = field(default_factory=IrFramesConfig)  # format 1 reader
     video: IrVideoConfig = field(default_factory=IrVideoConfig)  # format 2 reader
     coco: CocoLayout = field(default_factory=CocoLayout)  # COCO JSON whose images have video_id, frame_id
+    vid: VidLayout = field(default_factory=VidLayout)  # ImageNet VID: Annotations/VID, Data/VID
+    otb: OtbLayout = field(default_factory=OtbLayout)  # <seq>/img/ + groundtruth_rect.txt
+    lasot: LasotLayout = field(default_factory=LasotLayout)  # <cat>/<cat>-<n>/img/ + groundtruth.txt + flags
+    antiuav: AntiUavLayout = field(default_factory=AntiUavLayout)  # <seq>/IR_label.json + IR.mp4 or images
 
     def __post_init__(self) -> None:
         if self.clip_stride is not None and not 1 <= self.clip_stride <= self.clip_length:
@@ -151,6 +158,10 @@ CLIP_SOURCES: dict[str, Callable[[IrConfig, Report], Listing]] = {
     "frames": lambda c, r: voc_frames.read(Path(c.root), c.frames, r),
     "video": lambda c, r: video.read(Path(c.root), c.video, r),
     "coco": lambda c, r: coco.read_videos(Path(c.root), c.coco, r),
+    "vid": lambda c, r: vid.read(Path(c.root), c.vid, r),
+    "otb": lambda c, r: sot.read(Path(c.root), c.otb, r, "otb"),
+    "lasot": lambda c, r: sot.read(Path(c.root), c.lasot, r, "lasot"),
+    "antiuav": lambda c, r: sot.read(Path(c.root), c.antiuav, r, "antiuav"),
 }
 
 

@@ -58,29 +58,83 @@ def test_yolo_round_trip(tmp_path):
     assert m["fixed_counts"] == {yolo.BACKGROUND_IMAGE: len(backgrounds)} and m["skipped"] == []
 
 
-def test_coco_videos_round_trip(tmp_path):
-    truth = ex.videos({"walk": ("train", 9), "road": ("train", 8), "sea": ("val", 8)})
-    ex.write_coco(tmp_path / "vid", truth, with_videos=True)
-    assert run_stage(tmp_path, "voc.enabled=false", f"ir.root={tmp_path / 'vid'}", "ir.source=coco",
-                     "ir.clip_length=4", allow_empty=False) == 0
+def _check_clips(tmp_path: Path, truth: list[ex.Truth], length: int, images: bool = True) -> dict:
+    """Every truth frame is in some clip of its own video and split, with its boxes, labels, flags and tracks."""
     m = manifest(tmp_path, "ir")
-    assert m["has_track_ids"] and m["classes"] == ex.CLASSES
-    by_id = {t.id: t for t in truth}
+    by_video = {(t.video, t.number): t for t in truth}
     seen = set()
     for s in samples(tmp_path, "ir"):
         meta = s["meta"]
-        ts = [by_id[i] for i in meta["ids"]]
-        assert {t.video for t in ts} == {meta["video"]} and s["split"] == ts[0].split  # never across videos
-        assert meta["frames"] == [t.number for t in ts] == list(range(ts[0].number, ts[0].number + 4))
+        ts = [by_video[meta["video"], n] for n in meta["frames"]]  # never across videos
+        assert s["split"] == ts[0].split
+        assert meta["frames"] == list(range(ts[0].number, ts[0].number + length))  # consecutive, in order
         for j, t in enumerate(ts):
-            assert s[f"{j:03d}.jpg"] == t.image
+            if images:
+                assert s[f"{j:03d}.jpg"] == t.image
             assert _flat(meta["boxes"][j]) == pytest.approx(_flat(b.corners for b in t.boxes), abs=1e-6)
             assert [m["classes"][i] for i in meta["labels"][j]] == [b.name for b in t.boxes]
             assert meta["difficult"][j] == [b.difficult for b in t.boxes]
             assert meta["track_ids"][j] == [b.track for b in t.boxes]
-            seen.add(t.id)
-    assert seen == set(by_id)  # every frame in some clip (the tail clip overlaps)
-    assert m["splits"]["train"]["video_names"] == ["road", "walk"] and m["splits"]["val"]["video_names"] == ["sea"]
+            seen.add((t.video, t.number))
+    assert seen == set(by_video)  # every frame in some clip (the tail clip overlaps)
+    for split in {t.split for t in truth}:
+        assert m["splits"][split]["video_names"] == sorted({t.video for t in truth if t.split == split})
+    return m
+
+
+def _run_ir(tmp_path: Path, root: Path, source: str, *overrides: str, length: int = 4) -> dict:
+    assert run_stage(tmp_path, "voc.enabled=false", f"ir.root={root}", f"ir.source={source}",
+                     f"ir.clip_length={length}", *overrides, allow_empty=False) == 0
+    return manifest(tmp_path, "ir")
+
+
+def test_coco_videos_round_trip(tmp_path):
+    truth = ex.videos({"walk": ("train", 9), "road": ("train", 8), "sea": ("val", 8)})
+    ex.write_coco(tmp_path / "vid", truth, with_videos=True)
+    m = _run_ir(tmp_path, tmp_path / "vid", "coco")
+    assert _check_clips(tmp_path, truth, 4) == m and m["has_track_ids"] and m["classes"] == ex.CLASSES
+
+
+def test_imagenet_vid_round_trip(tmp_path):
+    classes = ["airplane", "zebra"]
+    truth = ex.videos({"ILSVRC2015_train_00000000": ("train", 9), "ILSVRC2015_train_00001000": ("train", 5),
+                       "ILSVRC2015_val_00000000": ("val", 6)}, classes=classes, flags=False)
+    ex.write_vid(tmp_path / "ILSVRC2015", truth, {"airplane": "n02691156", "zebra": "n02391049"})
+    m = _run_ir(tmp_path, tmp_path / "ILSVRC2015", "vid")
+    _check_clips(tmp_path, truth, 4)
+    assert len(m["classes"]) == 30 and {"airplane", "zebra"} <= set(m["classes"])  # VID's 30, named
+    assert m["skipped"] == []
+
+
+def test_otb_round_trip_any_separator(tmp_path):
+    truth = ex.videos({"Basketball": ("train", 7), "Car4": ("val", 6)}, first=1, classes=["target"], most=1, flags=False)
+    for sep in (",", "\t", " "):
+        root = tmp_path / f"otb{len(sep)}{sep == ','}"
+        ex.write_otb(root, truth, sep)
+        _run_ir(tmp_path, root, "otb")
+        _check_clips(tmp_path, truth, 4)
+
+
+def test_lasot_round_trip_hidden_frames_have_no_box(tmp_path):
+    truth = ex.videos({"airplane-1": ("train", 8), "airplane-2": ("val", 5), "zebra-3": ("train", 6)}, first=1,
+                      classes=["?"], most=1, flags=False)
+    truth = [ex.Truth(t.id, t.split, t.image, tuple(ex.Box(t.video.rsplit("-", 1)[0], b.corners, False, b.track)
+                      for b in t.boxes), t.video, t.number) for t in truth]  # the class is the category
+    assert any(not t.boxes for t in truth)  # some frames are flagged occluded or out of view
+    ex.write_lasot(tmp_path / "LaSOT", truth)
+    m = _run_ir(tmp_path, tmp_path / "LaSOT", "lasot")
+    _check_clips(tmp_path, truth, 4)
+    assert m["classes"] == ["airplane", "zebra"]
+
+
+@pytest.mark.parametrize("as_video", [False, True])
+def test_antiuav_round_trip_frames_and_video(tmp_path, as_video):
+    truth = ex.videos({"20190925_101846_1_1": ("train", 6), "20190925_111757_1_2": ("val", 5)}, first=1,
+                      classes=["uav"], most=1, flags=False)
+    ex.write_antiuav(tmp_path / "antiuav", truth, as_video)
+    m = _run_ir(tmp_path, tmp_path / "antiuav", "antiuav")
+    _check_clips(tmp_path, truth, 4, images=not as_video)  # a video's frames are decoded and re-encoded
+    assert m["classes"] == ["uav"]
 
 
 def test_coco_bad_entries_are_skipped_and_counted(tmp_path):
@@ -141,3 +195,25 @@ def test_coco_file_problems_are_one_line_errors(tmp_path, capsys):
     assert "instances_train.json: not valid JSON" in line and "Traceback" not in err
     with pytest.raises(Exception, match="COCO annotation file not found"):
         coco.read(root, coco.CocoLayout(splits=("val",)), reasons.Report())
+
+
+def test_tracking_sequences_bad_input_is_skipped_and_counted(tmp_path):
+    truth = ex.videos({"Boy": ("train", 6), "Car4": ("train", 6), "Dog": ("val", 6)}, first=1, classes=["target"],
+                      most=1, flags=False)
+    root = tmp_path / "otb"
+    ex.write_otb(root, truth)
+    with open(root / "Car4" / "groundtruth_rect.txt", "a") as f:
+        f.write("1,2,3,4\n")  # one box more than frames
+    (root / "Lone" / "img").mkdir(parents=True)  # frames without a box list
+    (root / "Lone" / "img" / "0001.jpg").write_bytes(ex.jpeg(99))
+    m = _run_ir(tmp_path, root, "otb")
+    assert m["skipped_counts"] == {reasons.BOX_LIST_LENGTH: 1, reasons.VIDEO_WITHOUT_ANNOTATION: 1}
+    assert m["splits"]["train"]["video_names"] == ["Boy"]  # the good sequences still converted
+    uav = ex.videos({"a": ("train", 5), "b": ("val", 5)}, first=1, classes=["uav"], most=1, flags=False)
+    root = tmp_path / "antiuav"
+    ex.write_antiuav(root, uav)
+    (root / "b" / "IR_label.json").write_text('{"exist": [1, 0], "gt_rect": [[1, 2, 3, 4]]}')
+    assert run_stage(tmp_path, "voc.enabled=false", f"ir.root={root}", "ir.source=antiuav", "ir.clip_length=4") == 0
+    assert manifest(tmp_path, "ir")["skipped_counts"] == {"malformed Anti-UAV label file": 1}
+    (root / "a" / "IR_label.json").write_text("[]")  # now nothing converts: exit 2, not an empty success
+    assert run_stage(tmp_path, "voc.enabled=false", f"ir.root={root}", "ir.source=antiuav", "ir.clip_length=4") == 2

@@ -87,7 +87,7 @@ class AnnotationError(ValueError):
 class VocObject:
     """One ``<object>``: ``bndbox`` as written in the file (1-based ``xmin, ymin, xmax, ymax``).
 
-    ``track_id`` comes from an optional ``<track_id>`` element (video frames), None without one.
+    ``track_id`` comes from an optional ``<track_id>`` (or ImageNet VID's ``<trackid>``) element, None without one.
     """
 
     name: str
@@ -145,7 +145,7 @@ def parse_voc_xml(text: str | bytes) -> VocRecord:
                 )
             corners.append(value)
         difficult = (obj.findtext("difficult") or "0").strip().lower() in ("1", "true", "yes")
-        track = (obj.findtext("track_id") or "").strip()
+        track = (obj.findtext("track_id") or obj.findtext("trackid") or "").strip()  # trackid: ImageNet VID
         track_id = int(track) if track.lstrip("-").isdigit() else None
         objects.append(VocObject(name, tuple(corners), difficult, track_id))  # type: ignore[arg-type]
     filename = root.findtext("filename")

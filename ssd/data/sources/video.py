@@ -5,35 +5,33 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Sequence
 
-from ssd.bounds import AtLeast, Below, Between, Names
+from ssd.bounds import Between, Names
 from ssd.data import annotations as ann
 from ssd.data.sources.decode import VIDEO_SUFFIXES
-from ssd.data.sources.records import Listing, Obj, Video, check_split_names
+from ssd.data.sources.records import Listing, Obj, Video
 from ssd.data.sources.report import (
     ANNOTATION_WITHOUT_VIDEO,
     BOX_LIST_LENGTH,
     BOX_LIST_TAIL,
     DUPLICATE_ANNOTATION,
     DUPLICATE_VIDEO,
-    LISTED_VIDEO_MISSING,
     MOT_FRAMES,
     NOT_IN_SPLIT,
     UNREADABLE_FILE,
-    VIDEO_IN_TWO_SPLITS,
     VIDEO_WITHOUT_ANNOTATION,
     Report,
     ranges,
 )
+from ssd.data.sources.splits import VideoSplits, assign_splits
 from ssd.errors import InputError
 
 
 @dataclass(frozen=True)
-class VideoLayout:
+class VideoLayout(VideoSplits):
     """Video files or frame folders with box lists or MOT gt.txt, no split lists."""
 
     videos_dir: str = "videos"  # <name>.mp4|avi
@@ -41,9 +39,6 @@ class VideoLayout:
     annotations_dir: str = "annotations"  # <name>.txt box list, or <name>/gt.txt (MOT)
     box_list_class: str = "target"  # class name of every box in a box list
     mot_classes: Names = ("target",)  # gt.txt class id k -> mot_classes[k - 1]
-    splits_file: str = "splits.json"  # {"train": [names], "val": [names]} in root; used when present
-    # without a splits file: share of videos (by hash of name) put in val
-    val_fraction: Annotated[float, AtLeast(0), Below(1)] = 0.2
     # quality of frames decoded from videos and re-encoded (JPEG frames are kept)
     jpeg_quality: Annotated[int, Between(1, 100)] = 95
 
@@ -103,35 +98,6 @@ def _annotation_files(ann_dir: Path, report: Report) -> dict[str, tuple[Path, bo
     return annotations
 
 
-def read_splits_file(path: Path, names: Sequence[str], report: Report) -> tuple[list[str], dict[str, str]]:
-    """Split names and video -> split from ``{"train": [names], "val": [names]}``."""
-    try:
-        listing = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot read splits file ({e})") from None
-    if not isinstance(listing, dict) or not all(
-        isinstance(k, str) and isinstance(v, list) and all(isinstance(n, str) for n in v) for k, v in listing.items()
-    ):
-        raise InputError(f'{path}: expected {{"train": [names], "val": [names]}}')
-    try:
-        check_split_names(list(listing))
-    except ValueError as e:
-        raise InputError(f"{path} split names: {e}") from None
-    assignment: dict[str, str] = {}
-    available = set(names)
-    for split, listed in listing.items():
-        for name in listed:
-            if name not in available:
-                report.skip(path, LISTED_VIDEO_MISSING, f"{name!r} in {split}")
-            elif name in assignment:
-                if assignment[name] != split:
-                    kept = assignment[name]
-                    report.fix(path, VIDEO_IN_TWO_SPLITS, f"{name!r} in {kept} and {split}; kept in {kept}")
-            else:
-                assignment[name] = split
-    return list(listing), assignment
-
-
 def _parse(found: _Found, report: Report) -> dict | list | None:
     """The parsed box list (per line) or gt.txt (by frame number); None when unusable."""
     try:
@@ -184,26 +150,27 @@ class _MotLabels:
         return {n: mot_objects(self.rows.get(n, ()), self.classes) for n in numbers}
 
 
-class _BoxListLabels:
-    """Labeller of a video with a box list: line i is the i-th frame."""
+class BoxListLabels:
+    """Labeller of a video with a box list: line i is the i-th frame.
 
-    def __init__(self, lines: list, file: Path, name: str):
-        self.lines, self.file, self.name = lines, file, name
+    ``tracked``: the k-th box of a line is track k (the targets of tracking sequences)."""
+
+    def __init__(self, lines: list, file: Path, name: str, tracked: bool = False):
+        self.lines, self.file, self.name, self.tracked = lines, file, name, tracked
 
     def __call__(self, numbers: Sequence[int], report: Report) -> dict | None:
         lines = fit_box_list(self.lines, len(numbers), self.file, report)
         if lines is None:
             return None
-        return {n: tuple(Obj(self.name, b) for b in boxes) for n, boxes in zip(numbers, lines)}
+        return {
+            n: tuple(Obj(self.name, b, track_id=k if self.tracked else None) for k, b in enumerate(boxes))
+            for n, boxes in zip(numbers, lines)
+        }
 
 
 def read(root: Path, layout: VideoLayout, report: Report) -> Listing:
     found = _discover(root, layout, report)
-    names = [f.name for f in found]
-    if (root / layout.splits_file).is_file():
-        splits, assignment = read_splits_file(root / layout.splits_file, names, report)
-    else:
-        splits, assignment = ["train", "val"], ann.split_videos(names, layout.val_fraction)
+    splits, assignment = assign_splits(root, [f.name for f in found], layout, report)
     videos = []
     for f in found:
         if f.name not in assignment:
@@ -216,7 +183,7 @@ def read(root: Path, layout: VideoLayout, report: Report) -> Listing:
             label = _MotLabels(labels, f.annotation, layout.mot_classes)
             seen = tuple(o.name for rows in labels.values() for o in mot_objects(rows, layout.mot_classes) if o.name)
         else:
-            label = _BoxListLabels(labels, f.annotation, layout.box_list_class)
+            label = BoxListLabels(labels, f.annotation, layout.box_list_class)
             seen = (layout.box_list_class,) if any(labels) else ()
         container = (f.kind, str(f.path))
         videos.append(Video(f.name, assignment[f.name], str(f.path), (), container, label, str(f.annotation), seen))
