@@ -1001,10 +1001,12 @@ def test_params_section_and_dvc_stage_agree():
     params = load_params(REPO / "params.yaml")
     cfg = load_config(stage.PrepareConfig, params, "prepare")
     assert cfg.voc.out == "data/shards/voc" and cfg.ir.out == "data/shards/ir"
-    read = {f"prepare.{k}" for k in flatten(to_dict(cfg))}
+    maps = {"prepare.ir.video.pairs"}  # free-form mappings: tracked as one key, whatever they hold
+    read = {f"prepare.{k}" for k in flatten(to_dict(cfg))} | maps
     dvc_stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["prepare"]
     assert set(dvc_stage["params"]) == read
-    assert set(flatten(params["prepare"], "prepare.")) == read  # every key spelled out in params.yaml
+    assert set(flatten(params["prepare"], "prepare.")) | maps == read  # every key spelled out in params.yaml
+    assert params["prepare"]["ir"]["video"]["pairs"] == {}
     assert dvc_stage["outs"] == ["${prepare.voc.out}", "${prepare.ir.out}"]
     assert {"${prepare.voc.root}", "${prepare.ir.root}", "pipeline/prepare.py"} <= set(dvc_stage["deps"])
 

@@ -217,3 +217,23 @@ def test_tracking_sequences_bad_input_is_skipped_and_counted(tmp_path):
     assert manifest(tmp_path, "ir")["skipped_counts"] == {"malformed Anti-UAV label file": 1}
     (root / "a" / "IR_label.json").write_text("[]")  # now nothing converts: exit 2, not an empty success
     assert run_stage(tmp_path, "voc.enabled=false", f"ir.root={root}", "ir.source=antiuav", "ir.clip_length=4") == 2
+
+
+def test_video_and_box_list_of_other_stems_pair_only_through_the_option(tmp_path, capsys):
+    from test_prepare import ir_video_run, make_ir_video
+
+    root = tmp_path / "irv"
+    make_ir_video(root, {"train": ["clipA"], "val": ["clipB"]})
+    (root / "annotations" / "clipA.txt").rename(root / "annotations" / "clipA_gt.txt")
+    assert ir_video_run(tmp_path) == 0  # not guessed: reported with what each side has
+    m = manifest(tmp_path, "ir")
+    assert {(Path(e["file"]).name, e["reason"]) for e in m["skipped"]} == {
+        ("clipA.avi", reasons.VIDEO_WITHOUT_ANNOTATION), ("clipA_gt.txt", reasons.ANNOTATION_WITHOUT_VIDEO),
+        ("splits.json", reasons.LISTED_VIDEO_MISSING)}
+    assert m["splits"]["train"]["samples"] == 0
+    assert ir_video_run(tmp_path, "ir.video.pairs={clipA: clipA_gt}") == 0
+    m = manifest(tmp_path, "ir")
+    assert m["skipped"] == [] and m["splits"]["train"]["video_names"] == ["clipA"]
+    capsys.readouterr()
+    assert ir_video_run(tmp_path, "ir.video.pairs={clipA: nothing}") == 2
+    assert "pairs: no annotation 'nothing' for video 'clipA'" in capsys.readouterr().err

@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Sequence
 
@@ -41,6 +41,8 @@ class VideoLayout(VideoSplits):
     mot_classes: Names = ("target",)  # gt.txt class id k -> mot_classes[k - 1]
     # quality of frames decoded from videos and re-encoded (JPEG frames are kept)
     jpeg_quality: Annotated[int, Between(1, 100)] = 95
+    # video name -> annotation name, for annotations named otherwise than their video (never guessed)
+    pairs: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,15 +71,29 @@ def _discover(root: Path, layout: VideoLayout, report: Report) -> list[_Found]:
                 report.skip(p, DUPLICATE_VIDEO, f"{found[p.stem][1]} is used")
             else:
                 found[p.stem] = ("file", p)
-    annotations = _annotation_files(root / layout.annotations_dir, report)
+    annotations = _paired(_annotation_files(root / layout.annotations_dir, report), found, layout, root)
     out = []
     for name in sorted(set(found) | set(annotations), key=ann.natural_key):
+        # Each unpaired file is reported on its side; names that differ are paired only by `pairs`.
         if name not in annotations:
             report.skip(found[name][1], VIDEO_WITHOUT_ANNOTATION)
         elif name not in found:
             report.skip(annotations[name][0], ANNOTATION_WITHOUT_VIDEO)
         else:
             out.append(_Found(name, *found[name], *annotations[name]))
+    return out
+
+
+def _paired(annotations: dict, found: dict, layout: VideoLayout, root: Path) -> dict:
+    """Annotations renamed to their video's name as ``layout.pairs`` says; a pair naming nothing is an error."""
+    for video_name, ann_name in layout.pairs.items():
+        if video_name not in found:
+            raise InputError(f"{root}: pairs: no video or frame folder {video_name!r}")
+        if ann_name not in annotations:
+            raise InputError(f"{root}: pairs: no annotation {ann_name!r} for video {video_name!r}")
+    mapped = set(layout.pairs.values())
+    out = {n: a for n, a in annotations.items() if n not in mapped}  # a paired annotation goes by its video's name
+    out.update((v, annotations[a]) for v, a in layout.pairs.items())
     return out
 
 
