@@ -180,7 +180,13 @@ def convert_ir(cfg: PrepareConfig, report: Report, out: Path) -> dict:
     opts = WriteOptions(
         ir.shard_size, ir.shard_max_bytes, cfg.workers, cfg.max_pixels, ir.frames.size_mismatch, ir.video.jpeg_quality
     )
-    clips = ClipOptions(ir.clip_length, ir.stride, ir.max_gap)
+    clips = ClipOptions(ir.clip_length, ir.stride, ir.max_gap, listing.frame_split)
+    if listing.frame_split > 0:
+        log.warning(
+            "ir: frame_split %g: the last %.0f%% of every video's frames go to val. Neighbouring frames are "
+            "near-duplicates, so validation figures will be optimistic; split whole videos when there are several",
+            listing.frame_split, 100 * listing.frame_split,
+        )
     return write_clips(listing, classes(ir.classes, listing), out, opts, clips, report)
 
 

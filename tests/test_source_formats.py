@@ -237,3 +237,19 @@ def test_video_and_box_list_of_other_stems_pair_only_through_the_option(tmp_path
     capsys.readouterr()
     assert ir_video_run(tmp_path, "ir.video.pairs={clipA: nothing}") == 2
     assert "pairs: no annotation 'nothing' for video 'clipA'" in capsys.readouterr().err
+
+
+def test_one_video_split_by_frame_range_only_when_asked(tmp_path, caplog):
+    truth = ex.videos({"only": ("train", 20)}, first=1, classes=["uav"], most=1, flags=False)
+    root = tmp_path / "antiuav"
+    ex.write_antiuav(root, truth)
+    (root / "splits.json").unlink()
+    # By name, one video goes to one split: val gets nothing, which is exit 2 unless allowed.
+    assert run_stage(tmp_path, "voc.enabled=false", f"ir.root={root}", "ir.source=antiuav", "ir.clip_length=4",
+                     allow_empty=False) == 2
+    m = _run_ir(tmp_path, root, "antiuav", "ir.antiuav.frame_split=0.25")
+    assert "near-duplicates" in caplog.text  # the leakage warning
+    frames = {split: sorted({n for s in samples(tmp_path, "ir") if s["split"] == split for n in s["meta"]["frames"]})
+              for split in ("train", "val")}
+    assert frames == {"train": list(range(1, 16)), "val": list(range(16, 21))}  # the last quarter, no overlap
+    assert m["splits"]["train"]["video_names"] == m["splits"]["val"]["video_names"] == ["only"]

@@ -29,6 +29,7 @@ class ClipOptions:
     clip_length: int = 8  # frames per clip (LSTM-SSD unroll length)
     stride: int = 8  # frames between clip starts (<= clip_length: no frame is dropped)
     max_gap: int = 0  # missing frame numbers tolerated inside a video; a bigger jump starts a new segment
+    frame_split: float = 0.0  # > 0: the last share of each video's readable frames goes to the val split
 
 
 class ClipWriter:
@@ -59,20 +60,25 @@ class ClipWriter:
         # one video's clips all look alike (an object without one gets null).
         tracked = any(o.track_id is not None for ref in frames for o in ref.objects)
         self.track_ids |= tracked
-        written = False
-        for index, seg in enumerate(self._segments(video.name, cleaned)):
-            written |= self._write_segment(video, index, seg, tracked)
-        if written:
-            self.videos[video.split].append(video.name)
+        parts = [(video.split, cleaned)]
+        if self.clips.frame_split > 0:  # by frame range: the head stays, the tail goes to val
+            cut = round(len(cleaned) * (1 - self.clips.frame_split))
+            parts = [(video.split, cleaned[:cut]), ("val", cleaned[cut:])]
+        for split, part in parts:
+            written = False
+            for index, seg in enumerate(self._segments(video.name, part)):
+                written |= self._write_segment(video, split, index, seg, tracked)
+            if written:
+                self.videos[split].append(video.name)
 
-    def _write_segment(self, video: Video, index: int, seg: list, tracked: bool) -> bool:
+    def _write_segment(self, video: Video, split: str, index: int, seg: list, tracked: bool) -> bool:
         L = self.clips.clip_length
         span = f"video {video.name!r} frames {seg[0][0].number}..{seg[-1][0].number}"
         if len(seg) < L:
             self.report.skip(video.file, SHORT_VIDEO, f"{span}: {len(seg)} frames < {L}", defect=False)
             return False
         starts = ann.clip_starts(len(seg), L, self.clips.stride)
-        st = self.stats[video.split]
+        st = self.stats[split]
         written = False
         for start in starts:
             clip = seg[start : start + L]
@@ -94,7 +100,7 @@ class ClipWriter:
             if tracked:
                 sample["track_ids"] = [o["track_ids"] for _, _, o in clip]
             members["json"] = sample_json(sample)
-            self.writers[video.split].write(key, members)
+            self.writers[split].write(key, members)
             st.update(samples=1, frame_slots=L)
             written = True
         st.update(
@@ -116,7 +122,8 @@ class ClipWriter:
                     out.append(current)
                     current = []
                 current.append(f)
-            out.append(current)
+            if current:
+                out.append(current)
         return out
 
     def manifest(self) -> dict:

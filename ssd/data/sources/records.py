@@ -81,6 +81,7 @@ class Listing:
     splits: list[str]
     items: list  # list[Frame] for frames, list[Video] for clips
     declared: list[str] | None = None  # the class list the format itself declares (COCO, YOLO), in its order
+    frame_split: float = 0.0  # clips: the share of each video's last frames that goes to val (see splits.py)
 
     def class_names(self) -> Iterator[str]:
         """Every class name the annotations use (with repeats)."""

@@ -221,4 +221,4 @@ def read(root: Path, layout: OtbLayout | LasotLayout | AntiUavLayout, report: Re
         v = reader(folder, assignment[folder.name], layout, report)
         if v is not None:
             videos.append(v)
-    return Listing("clips", str(root), fmt, splits, videos)
+    return Listing("clips", str(root), fmt, splits, videos, frame_split=layout.frame_split)

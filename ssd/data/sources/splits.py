@@ -25,12 +25,21 @@ class VideoSplits:
     splits_file: str = "splits.json"  # {"train": [names], "val": [names]} in root; used when present
     # without a splits file: share of videos (by hash of name) put in val
     val_fraction: Annotated[float, AtLeast(0), Below(1)] = 0.2
+    # > 0: instead, the last share of every video's frames goes to val. Neighbouring frames are
+    # near-duplicates, so validation then leaks into training: only for a dataset of one video.
+    frame_split: Annotated[float, AtLeast(0), Below(1)] = 0.0
 
 
 def assign_splits(
     root: Path, names: Sequence[str], cfg: VideoSplits, report: Report
 ) -> tuple[list[str], dict[str, str]]:
-    """Split names and video -> split: from ``root/splits_file`` when present, else by hash."""
+    """Split names and video -> split: from ``root/splits_file`` when present, else by hash.
+
+    With ``frame_split`` every video is assigned to train here; the clip writer moves the
+    tail of each to val (:class:`~.clip_writer.ClipOptions`).
+    """
+    if cfg.frame_split > 0:
+        return ["train", "val"], {n: "train" for n in names}
     if (root / cfg.splits_file).is_file():
         return read_splits_file(root / cfg.splits_file, names, report)
     return ["train", "val"], ann.split_videos(names, cfg.val_fraction)

@@ -203,4 +203,4 @@ def read(root: Path, layout: VideoLayout, report: Report) -> Listing:
             seen = (layout.box_list_class,) if any(labels) else ()
         container = (f.kind, str(f.path))
         videos.append(Video(f.name, assignment[f.name], str(f.path), (), container, label, str(f.annotation), seen))
-    return Listing("clips", str(root), "video", splits, videos)
+    return Listing("clips", str(root), "video", splits, videos, frame_split=layout.frame_split)
