@@ -13,14 +13,16 @@ Sections (``sections`` of the ``benchmark`` params, or ``--only``), each a modul
   torchvision SSDLite peer at the same input size; LSTM-SSD against SSDLite;
 - ``postprocess`` (:mod:`pipeline.bench.postprocess`): our post-processing against torchvision's;
 - ``loader`` (:mod:`pipeline.bench.loader`): training-loader throughput from the shards;
-- ``train_step`` (:mod:`pipeline.bench.train_step`): a full training step against forward + backward.
+- ``train_step`` (:mod:`pipeline.bench.train_step`): a full training step against forward + backward;
+- ``convert`` (:mod:`pipeline.bench.convert`): the ``prepare`` stage's throughput per worker (frames
+  and video) and its peak memory converting 1 and many videos.
 
 Outputs: ``out`` (``metrics/benchmark.json``, for ``dvc metrics diff``): measurements only
 (timings, ratios, sizes, counts): the headline figures (``postprocess_share.<model>``: post-processing over
 end-to-end latency at batch 1; ``lstm_vs_ssdlite_latency_ratio``: the first LSTM-SSD's
 streaming forward over its SSDLite's forward; ``peer_ratio``: our end-to-end latency over
 torchvision's SSDLite's), then ``models``, ``peer``, ``lstm_vs_ssdlite`` and one entry per
-other section (``postprocess``, ``loader``, ``train_step``); ``setup``
+other section (``postprocess``, ``loader``, ``train_step``, ``convert``); ``setup``
 (``reports/benchmark-setup.json``): how they were measured, in the same nesting: the device,
 torch version and threads, each model's file, architecture and mode, batch sizes, thresholds
 (:func:`split_setup`); ``chart``
@@ -148,8 +150,25 @@ class TrainStepBench:
 
 
 @dataclass(frozen=True)
+class ConvertBench:
+    voc_dir: str = "data/sample/voc"
+    """A VOC-layout dataset converted to frame shards (images per second, one worker)."""
+    videos: int = 8
+    """Synthetic videos converted to clip shards, after one alone: throughput and peak memory of both."""
+    frames: int = 150
+    """Frames per synthetic video."""
+    size: tuple[int, int] = (320, 240)
+    """Width and height of the synthetic videos."""
+
+    def __post_init__(self) -> None:
+        _positive("convert", videos=self.videos, width=self.size[0], height=self.size[1])
+        if self.frames < 4:
+            raise ConfigError(f"benchmark.convert.frames: at least 4 (one clip), got {self.frames}")
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
-    sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step")
+    sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step", "convert")
     """Which benchmarks to run, in order."""
     out: str = "metrics/benchmark.json"
     """Where the JSON goes."""
@@ -165,6 +184,7 @@ class BenchmarkConfig:
     postprocess: PostprocessBench = field(default_factory=PostprocessBench)
     loader: LoaderBench = field(default_factory=LoaderBench)
     train_step: TrainStepBench = field(default_factory=TrainStepBench)
+    convert: ConvertBench = field(default_factory=ConvertBench)
 
 
 Section = Callable[[BenchmarkConfig, str], dict[str, Any]]
@@ -211,11 +231,19 @@ def _train_step(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
     return {"train_step": {"model": Path(c.model).stem, **figures}}
 
 
+def _convert(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
+    from pipeline.bench import convert
+
+    c = cfg.convert
+    return {"convert": convert.run(c.voc_dir, c.videos, c.frames, c.size)}
+
+
 SECTIONS: dict[str, Section] = {
     "models": _models,
     "postprocess": _postprocess,
     "loader": _loader,
     "train_step": _train_step,
+    "convert": _convert,
 }
 
 
@@ -242,6 +270,8 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
             raise StageError(f"{cfg.train_step.model}: model file not found (benchmark.train_step.model)")
         if not Path(cfg.train_step.shards).is_dir() or not list_shards(cfg.train_step.shards, cfg.train_step.split):
             raise StageError(f"{cfg.train_step.shards}: no {cfg.train_step.split} shards (benchmark.train_step.shards)")
+    if "convert" in names and not (Path(cfg.convert.voc_dir) / "Annotations").is_dir():
+        raise StageError(f"{cfg.convert.voc_dir}: no VOC-layout dataset (benchmark.convert.voc_dir)")
 
 
 def benchmark(cfg: BenchmarkConfig, names: list[str]) -> dict[str, Any]:

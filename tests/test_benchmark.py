@@ -20,6 +20,7 @@ import yaml
 from pipeline import benchmark
 from pipeline.bench import models as bench_models
 from shardgen import CLASSES, write_frame_dataset
+from test_prepare import BASE_ITEMS, BASE_SPLITS, make_voc
 from ssd.model_file import save_model_file
 from ssd.models import lstm_ssd_mobilenet_v2, ssdlite_mobilenet_v2
 from ssd.pruning import PruneConfig, prune_model
@@ -34,6 +35,7 @@ BENCHMARK = {
     "postprocess": {"batch": 1, "repeat": 1},
     "loader": {"shards": "shards", "image_size": 64, "batch_size": 2, "num_workers": 0, "num_batches": 1},
     "train_step": {"model": "models/tiny.pt", "shards": "shards", "batch_size": 2, "num_workers": 0, "steps": 1, "warmup": 0},
+    "convert": {"voc_dir": "voc", "videos": 2, "frames": 6, "size": [48, 36]},
 }
 
 
@@ -58,6 +60,7 @@ def tiny_ssdlite(image_size: int = 64):
 def project(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("project")
     write_frame_dataset(root / "shards", {"train": [6], "val": [2]})
+    make_voc(root / "voc", BASE_ITEMS, BASE_SPLITS)
     torch.manual_seed(0)
     model = tiny_ssdlite()
     save_model_file(root / "models" / "tiny.pt", model, CLASSES)
@@ -145,6 +148,10 @@ def test_other_sections_are_collected(figures):
     assert set(figures["postprocess"]["flat"]) >= {"ours_ms", "torchvision_ms", "speedup"}
     assert figures["loader"]["shard_over_bare"] > 0
     assert figures["train_step"]["model"] == "tiny" and math.isfinite(figures["train_step"]["overhead"])
+    convert = figures["convert"]
+    assert convert["frames_images"] == sum(len(ids) for ids in BASE_SPLITS.values())  # every listed image converted
+    assert convert["frames_per_s_per_worker"] > 0 and convert["video_frames_per_s_per_worker"] > 0
+    assert convert["video_peak_rss_mb_many"] > 0 and convert["rss_ratio"] > 0 and convert["videos_many"] == 2
 
 
 def test_headline_figures_come_first(figures):
