@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ssd.bounds import Names
 from ssd.data import annotations as ann
-from ssd.data.sources.records import Frame, Listing, Obj, Video, check_split_names
+from ssd.data.sources.records import Frame, Listing, Obj, Video, check_split_names, read_required
 from ssd.data.sources.report import ANNOTATION_WITHOUT_IMAGE, DUPLICATE_IMAGE, Report
 from ssd.errors import InputError
 
@@ -51,12 +51,9 @@ class _Image:
 
 
 def _load(path: Path) -> dict:
+    raw = read_required(path, "COCO annotation file")
     try:
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        raise InputError(f"{path}: COCO annotation file not found") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+        data = json.loads(raw)
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations")):

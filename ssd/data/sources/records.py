@@ -15,9 +15,11 @@ inclusive corners, converted by :func:`ssd.data.annotations.clean_box`).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
 from ssd.data.sources.report import Report
+from ssd.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -114,3 +116,14 @@ def check_split_names(splits: Sequence[str]) -> None:
     for s in splits:
         if not s or not all(c.isalnum() or c in "_-" for c in s):
             raise ValueError(f"split name {s!r} must be letters, digits, '_' or '-'")
+
+
+def read_required(path: Path, what: str) -> bytes:
+    """The bytes of a file the conversion cannot do without (a split list, a COCO JSON, a dataset
+    YAML): a one-line :class:`InputError` naming it and ``what`` it is when missing or unreadable."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"{path}: {what} not found") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the {what} ({e.strerror})") from None

@@ -15,7 +15,7 @@ from typing import Sequence
 from ssd.bounds import Names
 from ssd.data import annotations as ann
 from ssd.data.sources.decode import IMAGE_SUFFIXES
-from ssd.data.sources.records import Frame, Listing, Obj
+from ssd.data.sources.records import Frame, Listing, Obj, read_required
 from ssd.data.sources.report import (
     ANNOTATION_WITHOUT_IMAGE,
     DUPLICATE_IMAGE,
@@ -85,12 +85,7 @@ def _split_lists(folder: Path, splits: Sequence[str], known) -> tuple[dict[str, 
     list_file: dict[str, Path] = {}
     for split in splits:
         path = folder / f"{split}.txt"
-        try:
-            text = ann.decode_list_file(path.read_bytes())
-        except FileNotFoundError:
-            raise InputError(f"{path}: split list not found (split {split!r} is configured)") from None
-        except OSError as e:
-            raise InputError(f"{path}: cannot read split list ({e.strerror})") from None
+        text = ann.decode_list_file(read_required(path, f"split list (split {split!r} is configured)"))
         for line, first in ann.parse_id_list(text):
             id_ = line if known(line) else first
             named = listed.setdefault(id_, [])

@@ -18,7 +18,7 @@ import yaml
 from ssd.bounds import Names
 from ssd.data import annotations as ann
 from ssd.data.sources.decode import IMAGE_SUFFIXES
-from ssd.data.sources.records import Frame, Listing, Obj, check_split_names
+from ssd.data.sources.records import Frame, Listing, Obj, check_split_names, read_required
 from ssd.data.sources.report import ANNOTATION_WITHOUT_IMAGE, UNREADABLE_FILE, Report
 from ssd.errors import InputError
 
@@ -41,11 +41,10 @@ class YoloLayout:
 
 def class_names(path: Path) -> list[str]:
     """The ``names`` of a YOLO dataset YAML, by class id."""
+    raw = read_required(path, "dataset YAML (it names the classes)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: dataset YAML not found (it names the classes)") from None
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml.safe_load(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
         raise InputError(f"{path}: cannot read the dataset YAML ({e})") from None
     names = data.get("names") if isinstance(data, dict) else None
     if isinstance(names, dict) and all(isinstance(k, int) for k in names):
