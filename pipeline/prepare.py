@@ -1,4 +1,4 @@
-"""Stage ``prepare``: convert Pascal VOC datasets and IR videos once into WebDataset shards.
+"""Stage ``prepare``: convert frame datasets and video datasets, in their published formats, once into WebDataset shards.
 
 Usage:
     python -m pipeline.prepare [--params params.yaml] [--set KEY=VALUE ...] [--strict]
@@ -6,15 +6,21 @@ Usage:
     e.g. python -m pipeline.prepare --set voc.root=../shared/data/voc-bccd \\
              --set 'voc.splits=[train, val, test]' --set ir.enabled=false
 
-Reads the ``prepare`` section of ``params.yaml`` (:class:`PrepareConfig`) and writes
+Reads the ``prepare`` section of ``params.yaml`` (:class:`PrepareConfig`): for each
+dataset, params -> a source of :mod:`ssd.data.sources` (one module per format) -> the
+shared writer -> shards and manifest. It writes
 
-- ``prepare.voc.out`` (default ``data/shards/voc/``): frame shards, one sample per
-  image of a VOC-layout dataset (sub-directory names configurable, so that e.g.
-  ``images/`` + ``masks/`` + ``idx_427/`` converts too);
-- ``prepare.ir.out`` (default ``data/shards/ir/``): clip shards, one sample per
-  clip of ``clip_length`` consecutive frames of one video, from IR format 1
-  (VOC-layout frame sequences, ids like ``seq01_000123``) or IR format 2
-  (``videos/*.mp4|avi`` or ``frames/<name>/``, with box lists or MOT ``gt.txt``).
+- ``prepare.voc.out`` (default ``data/shards/voc/``): frame shards, one sample per image,
+  from the ``prepare.voc.format`` dataset at ``prepare.voc.root``: Pascal VOC (folder names
+  configurable, so ``images/`` + ``masks/`` + ``idx_427/`` converts too), COCO JSON or YOLO;
+- ``prepare.ir.out`` (default ``data/shards/ir/``): clip shards, one sample per clip of
+  ``clip_length`` consecutive frames of one video, from the ``prepare.ir.source`` dataset at
+  ``prepare.ir.root``: VOC-layout frame sequences (ids like ``seq01_000123``), videos or
+  frame folders with box lists or MOT ``gt.txt``, COCO-VID, ImageNet VID, OTB, LaSOT or
+  Anti-UAV.
+
+A new format is a new module of :mod:`ssd.data.sources` plus its entry in
+:data:`FRAME_SOURCES` or :data:`CLIP_SOURCES` and its params section.
 
 Each output directory is built under a temporary name and renamed when
 complete; each shard is written under a temporary name and renamed when
