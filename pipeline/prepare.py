@@ -1,4 +1,4 @@
-"""Stage ``prepare``: convert frame datasets and video datasets, in their published formats, once into WebDataset shards.
+"""Stage ``prepare``: convert frame and video datasets, as published, once into WebDataset shards.
 
 Usage:
     python -m pipeline.prepare [--params params.yaml] [--set KEY=VALUE ...] [--strict]
