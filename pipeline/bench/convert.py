@@ -9,7 +9,7 @@ Usage: python -m pipeline.bench.convert VOC_DIR [--videos 8] [--frames 150] [--s
   frame in a box list) to clip shards, 1 video and then ``--videos`` videos: frames per
   second with one worker, and the peak resident memory of each conversion. Each
   conversion runs in a fresh Python process that imports only the converter, so its
-  peak RSS is the conversion's own (:data:`resource.getrusage` ``ru_maxrss``).
+  peak RSS (``VmHWM``) is the conversion's own.
   ``rss_ratio`` (many over one) near 1 says memory does not grow with the number of
   videos: the writers stream, at most a few videos decoded at a time. Most of the peak is
   the imports (webdataset imports torch: about 0.5 GB); ``video_rss_growth_mb_*`` is the
@@ -58,8 +58,6 @@ def _write_videos(root: Path, count: int, frames: int, size: tuple[int, int]) ->
 
 def _convert(kind: str, root: str, out: str) -> dict[str, Any]:
     """One conversion in this process, one worker: the figures and this process's peak RSS."""
-    import resource
-
     from ssd.data.sources import video, voc
     from ssd.data.sources.clip_writer import ClipOptions, write_clips
     from ssd.data.sources.frame_writer import WriteOptions, write_frames
@@ -69,7 +67,7 @@ def _convert(kind: str, root: str, out: str) -> dict[str, Any]:
     import webdataset.writer  # noqa: F401 - the shard writer's import (it brings torch), counted apart
 
     report, opts = Report(), WriteOptions(workers=1)
-    before_kib = _rss_kib()  # the interpreter and the imports
+    before_kib = _status_kib("VmRSS")  # the interpreter and the imports
     t0 = time.perf_counter()
     if kind == "frames":
         listing = voc.read(Path(root), voc.VocLayout(), report)
@@ -79,17 +77,20 @@ def _convert(kind: str, root: str, out: str) -> dict[str, Any]:
         manifest = write_clips(listing, classes(None, listing), Path(out), opts, ClipOptions(CLIP, CLIP), report)
     seconds = time.perf_counter() - t0
     frames = sum(s["frames"] for s in manifest["splits"].values())
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak_kib = _status_kib("VmHWM")
     return {"frames": frames, "seconds": seconds, "peak_rss_mb": peak_kib / 1024,
             "growth_mb": (peak_kib - before_kib) / 1024, "skipped": len(report.skipped)}  # fmt: skip
 
 
-def _rss_kib() -> int:
-    """This process's resident memory now (Linux ``/proc``)."""
+def _status_kib(field: str) -> int:
+    """``VmRSS`` (resident memory now) or ``VmHWM`` (its peak) of this process, from Linux ``/proc``.
+
+    Not ``getrusage``'s ``ru_maxrss``: it survives ``exec``, so a child started from a large
+    process (the benchmark stage holds torch and the models) reports its parent's size."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def _measure(kind: str, root: Path, out: Path) -> dict[str, Any]:
