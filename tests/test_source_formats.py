@@ -177,7 +177,7 @@ def test_yolo_bad_labels_are_skipped_and_counted(tmp_path, capsys):
     capsys.readouterr()
     assert run_stage(tmp_path, f"voc.root={root}", "voc.format=yolo", "ir.enabled=false") == 2
     err = capsys.readouterr().err
-    assert "data.yaml: dataset YAML (it names the classes) not found" in err and "Traceback" not in err
+    assert "data.yaml: dataset YAML not found (it names the classes)" in err and "Traceback" not in err
 
 
 def test_yolo_polygon_lines_give_their_bounding_box():

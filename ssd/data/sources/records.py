@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal, Sequence
 
-from ssd.data.sources.report import Report
+from ssd.data.sources.report import UNREADABLE_FILE, Report
 from ssd.errors import InputError
 
 
@@ -118,12 +118,23 @@ def check_split_names(splits: Sequence[str]) -> None:
             raise ValueError(f"split name {s!r} must be letters, digits, '_' or '-'")
 
 
-def read_required(path: Path, what: str) -> bytes:
+def read_required(path: Path, what: str, why: str = "") -> bytes:
     """The bytes of a file the conversion cannot do without (a split list, a COCO JSON, a dataset
-    YAML): a one-line :class:`InputError` naming it and ``what`` it is when missing or unreadable."""
+    YAML): a one-line :class:`InputError` naming it, ``what`` it is and ``why`` it is needed, when
+    missing or unreadable."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise InputError(f"{path}: {what} not found") from None
+        raise InputError(f"{path}: {what} not found{why}") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read the {what} ({e.strerror})") from None
+
+
+def read_text(path: Path, report: Report) -> str | None:
+    """An annotation file's text (a byte-order mark dropped, undecodable bytes replaced), or
+    None when it can't be read (reported: the item it annotates is skipped)."""
+    try:
+        return path.read_text(encoding="utf-8-sig", errors="replace")
+    except OSError as e:
+        report.skip(path, UNREADABLE_FILE, e.strerror or str(e))
+        return None

@@ -27,12 +27,11 @@ from typing import Sequence
 
 from ssd.data import annotations as ann
 from ssd.data.sources.decode import IMAGE_SUFFIXES
-from ssd.data.sources.records import Frame, Listing, Obj, Video
+from ssd.data.sources.records import Frame, Listing, Obj, Video, read_text
 from ssd.data.sources.report import (
     BOX_LIST_LENGTH,
     FRAME_WITHOUT_NUMBER,
     NOT_IN_SPLIT,
-    UNREADABLE_FILE,
     UNREADABLE_VIDEO,
     VIDEO_WITHOUT_ANNOTATION,
     Report,
@@ -66,16 +65,8 @@ class AntiUavLayout(VideoSplits):
 Lines = list[list[tuple[float, ...]]]  # boxes per frame, in frame order
 
 
-def _read(path: Path, report: Report) -> str | None:
-    try:
-        return path.read_text(encoding="utf-8-sig", errors="replace")
-    except OSError as e:
-        report.skip(path, UNREADABLE_FILE, e.strerror or str(e))
-        return None
-
-
 def _box_list(path: Path, report: Report) -> Lines | None:
-    text = _read(path, report)
+    text = read_text(path, report)
     try:
         return None if text is None else ann.parse_box_list(text)
     except ann.AnnotationError as e:
@@ -137,7 +128,7 @@ def _flags(path: Path, report: Report) -> list[bool] | None:
     """A LaSOT flag file: 0/1 per frame, comma or line separated; a missing file flags nothing."""
     if not path.is_file():
         return []
-    text = _read(path, report)
+    text = read_text(path, report)
     if text is None:
         return None
     values = [v for v in re.split(r"[\s,]+", text.strip()) if v]
@@ -163,7 +154,7 @@ def _lasot(folder: Path, split: str, layout: LasotLayout, report: Report) -> Vid
 
 
 def _antiuav_lines(path: Path, report: Report) -> Lines | None:
-    text = _read(path, report)
+    text = read_text(path, report)
     if text is None:
         return None
     try:

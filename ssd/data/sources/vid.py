@@ -21,7 +21,7 @@ from ssd.bounds import Names
 from ssd.data import annotations as ann
 from ssd.data.sources import voc
 from ssd.data.sources.decode import IMAGE_SUFFIXES
-from ssd.data.sources.records import Frame, Listing, Obj, Video, check_split_names
+from ssd.data.sources.records import Frame, Listing, Video, check_split_names
 from ssd.data.sources.report import ANNOTATION_WITHOUT_IMAGE, IMAGE_WITHOUT_ANNOTATION, Report
 from ssd.errors import InputError
 
@@ -74,10 +74,8 @@ def _frames(xml_dir: Path, img_dir: Path, rename: dict[str, str], report: Report
         record = voc.parse_xml(xmls[stem], report)
         if record is None:
             continue
-        objects = tuple(Obj(rename.get(o.name, o.name), o.bndbox, o.difficult, o.track_id) for o in record.objects)
-        declared = None if record.width is None or record.height is None else (record.width, record.height)
-        id_ = f"{xml_dir.name}/{stem}"
-        frames.append(Frame(id_, str(images[stem]), objects, str(xmls[stem]), number=number, declared_size=declared))
+        pair = voc.Pair(f"{xml_dir.name}/{stem}", (), xmls[stem], images[stem])
+        frames.append(voc.frame(pair, record, number=number, voc=False, rename=rename))
     return frames
 
 

@@ -12,7 +12,7 @@ from typing import Annotated, Sequence
 from ssd.bounds import Between, Names
 from ssd.data import annotations as ann
 from ssd.data.sources.decode import VIDEO_SUFFIXES
-from ssd.data.sources.records import Listing, Obj, Video
+from ssd.data.sources.records import Listing, Obj, Video, read_text
 from ssd.data.sources.report import (
     ANNOTATION_WITHOUT_VIDEO,
     BOX_LIST_LENGTH,
@@ -21,7 +21,6 @@ from ssd.data.sources.report import (
     DUPLICATE_VIDEO,
     MOT_FRAMES,
     NOT_IN_SPLIT,
-    UNREADABLE_FILE,
     VIDEO_WITHOUT_ANNOTATION,
     Report,
     ranges,
@@ -116,11 +115,9 @@ def _annotation_files(ann_dir: Path, report: Report) -> dict[str, tuple[Path, bo
 
 def _parse(found: _Found, report: Report) -> dict | list | None:
     """The parsed box list (per line) or gt.txt (by frame number); None when unusable."""
+    text = read_text(found.annotation, report)
     try:
-        text = found.annotation.read_text(encoding="utf-8-sig", errors="replace")
-        return ann.parse_mot(text) if found.mot else ann.parse_box_list(text)
-    except OSError as e:
-        report.skip(found.annotation, UNREADABLE_FILE, e.strerror or str(e))
+        return None if text is None else ann.parse_mot(text) if found.mot else ann.parse_box_list(text)
     except ann.AnnotationError as e:
         report.skip(found.annotation, e.reason, e.detail)
     return None

@@ -85,7 +85,7 @@ def _split_lists(folder: Path, splits: Sequence[str], known) -> tuple[dict[str, 
     list_file: dict[str, Path] = {}
     for split in splits:
         path = folder / f"{split}.txt"
-        text = ann.decode_list_file(read_required(path, f"split list (split {split!r} is configured)"))
+        text = ann.decode_list_file(read_required(path, "split list", f" (split {split!r} is configured)"))
         for line, first in ann.parse_id_list(text):
             id_ = line if known(line) else first
             named = listed.setdefault(id_, [])
@@ -106,11 +106,16 @@ def parse_xml(path: Path, report: Report) -> ann.VocRecord | None:
     return None
 
 
-def frame(pair: Pair, record: ann.VocRecord, split: str = "", number: int = 0) -> Frame:
-    """The frame record of one VOC annotation (VOC corners; its stated size is checked)."""
-    objects = tuple(Obj(o.name, o.bndbox, o.difficult, o.track_id) for o in record.objects)
+def frame(
+    pair: Pair, record: ann.VocRecord, split: str = "", number: int = 0, voc: bool = True, rename: dict | None = None
+) -> Frame:
+    """The frame record of one VOC-style annotation; its stated size is checked against the image.
+
+    ``voc``: the corners are VOC's 1-based ones (ImageNet VID's are not); ``rename`` maps class names."""
+    rename = rename or {}
+    objects = tuple(Obj(rename.get(o.name, o.name), o.bndbox, o.difficult, o.track_id) for o in record.objects)
     declared = None if record.width is None or record.height is None else (record.width, record.height)
-    return Frame(pair.id, str(pair.image), objects, str(pair.xml), split, number, voc=True, declared_size=declared)
+    return Frame(pair.id, str(pair.image), objects, str(pair.xml), split, number, voc=voc, declared_size=declared)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class YoloLayout:
 
 def class_names(path: Path) -> list[str]:
     """The ``names`` of a YOLO dataset YAML, by class id."""
-    raw = read_required(path, "dataset YAML (it names the classes)")
+    raw = read_required(path, "dataset YAML", " (it names the classes)")
     try:
         data = yaml.safe_load(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, yaml.YAMLError) as e:
