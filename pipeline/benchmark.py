@@ -15,7 +15,10 @@ Sections (``sections`` of the ``benchmark`` params, or ``--only``), each a modul
 - ``loader`` (:mod:`pipeline.bench.loader`): training-loader throughput from the shards;
 - ``train_step`` (:mod:`pipeline.bench.train_step`): a full training step against forward + backward;
 - ``convert`` (:mod:`pipeline.bench.convert`): the ``prepare`` stage's throughput per worker (frames
-  and video) and its peak memory converting 1 and many videos.
+  and video) and its peak memory converting 1 and many videos;
+- ``deployed`` (:mod:`pipeline.bench.deployed`): each model in PyTorch eager, ONNX Runtime float
+  and int8 (the deploy stage's graphs), alternately: batch-1 latency parts, throughput, at 1 and 2
+  threads; pruned against unpruned, int8 against eager, LSTM-SSD against SSDLite.
 
 Outputs: ``out`` (``metrics/benchmark.json``, for ``dvc metrics diff``): measurements only
 (timings, ratios, sizes, counts): the headline figures (``postprocess_share.<model>``: post-processing over
@@ -167,6 +170,35 @@ class ConvertBench:
 
 
 @dataclass(frozen=True)
+class DeployedBench:
+    files: tuple[str, ...] = (
+        "models/ssdlite_voc.pt",
+        "models/ssdlite_voc-pruned.pt",
+        "models/ssdlite_ir.pt",
+        "models/lstm_ir.pt",
+    )
+    """Model files timed in PyTorch; their graphs are {onnx_dir}/{stem}.onnx and {stem}-int8.onnx."""
+    onnx_dir: str = "models/deploy"
+    """The deploy stage's out_dir."""
+    pruned: tuple[str, str] = ("ssdlite_voc", "ssdlite_voc-pruned")
+    """(unpruned, pruned) stems for the pruned_speedup ratios."""
+    lstm: tuple[str, str] = ("lstm_ir", "ssdlite_ir")
+    """(LSTM-SSD, the SSDLite it is built on) stems for lstm_vs_ssdlite."""
+    threads: tuple[int, ...] = (1, 2)
+    """Thread counts (torch and ONNX Runtime); the headline ratios are the first one's."""
+    batch: int = 16
+    repeats: int = 30
+    throughput_repeats: int = 5
+    warmup: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.files or not self.threads:
+            raise ConfigError("benchmark.deployed: list at least one model file and one thread count")
+        _positive("deployed", batch=self.batch, repeats=self.repeats, throughput_repeats=self.throughput_repeats,
+                  **{f"threads[{i}]": t for i, t in enumerate(self.threads)})
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step", "convert")
     """Which benchmarks to run, in order."""
@@ -185,6 +217,7 @@ class BenchmarkConfig:
     loader: LoaderBench = field(default_factory=LoaderBench)
     train_step: TrainStepBench = field(default_factory=TrainStepBench)
     convert: ConvertBench = field(default_factory=ConvertBench)
+    deployed: DeployedBench = field(default_factory=DeployedBench)
 
 
 Section = Callable[[BenchmarkConfig, str], dict[str, Any]]
@@ -238,12 +271,23 @@ def _convert(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
     return {"convert": convert.run(c.voc_dir, c.videos, c.frames, c.size)}
 
 
+def _deployed(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
+    from pipeline.bench import deployed
+
+    if device != "cpu":
+        raise StageError("benchmark.deployed times ONNX Runtime on the CPU: run it with benchmark.device cpu")
+    c = cfg.deployed
+    return {"deployed": deployed.run(**to_dict(c), source_image=cfg.models.source_image,
+                                     postprocess=cfg.models.postprocess)}
+
+
 SECTIONS: dict[str, Section] = {
     "models": _models,
     "postprocess": _postprocess,
     "loader": _loader,
     "train_step": _train_step,
     "convert": _convert,
+    "deployed": _deployed,
 }
 
 
@@ -270,6 +314,15 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
             raise StageError(f"{cfg.train_step.model}: model file not found (benchmark.train_step.model)")
         if not Path(cfg.train_step.shards).is_dir() or not list_shards(cfg.train_step.shards, cfg.train_step.split):
             raise StageError(f"{cfg.train_step.shards}: no {cfg.train_step.split} shards (benchmark.train_step.shards)")
+    if "deployed" in names:
+        for f in cfg.deployed.files:
+            stem = Path(f).stem
+            if not Path(f).is_file():
+                raise StageError(f"{f}: model file not found (listed in benchmark.deployed.files)")
+            for name, what in ((f"{stem}.onnx", "float"), (f"{stem}-int8.onnx", "int8")):
+                if not (Path(cfg.deployed.onnx_dir) / name).is_file():
+                    raise StageError(f"{Path(cfg.deployed.onnx_dir) / name}: {what} graph not found (benchmark.deployed."
+                                     "onnx_dir: the deploy stage writes it)")
     if "convert" in names and not (Path(cfg.convert.voc_dir) / "Annotations").is_dir():
         raise StageError(f"{cfg.convert.voc_dir}: no VOC-layout dataset (benchmark.convert.voc_dir)")
 

@@ -82,7 +82,7 @@ from pipeline.eval_outputs import EvalPaths, write_outputs
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.bounds import Count, Fraction, PositiveInt
 from ssd.metrics import DetectionAccumulator, ImageRecord
-from ssd.model_file import load_model_file
+from ssd.onnx_detector import load_detector
 from ssd.postprocess import PostprocessConfig, PostProcessor
 
 log = logging.getLogger("pipeline.evaluate")
@@ -93,7 +93,8 @@ Mode = Literal["auto", "frames", "video", "per_frame"]
 @dataclass(frozen=True)
 class EvaluateConfig:
     model: str = "models/ssdlite_voc.pt"
-    """The model file to evaluate (written by the train stage)."""
+    """The model file to evaluate (written by the train stage), or an exported ``.onnx`` file (the deploy
+    stage's, float or int8), run by ONNX Runtime with the same pre- and post-processing."""
     shards: str = "data/shards/voc"
     """Directory with manifest.json and the {split}-NNNNNN.tar shards."""
     split: str = "val"
@@ -247,7 +248,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     check_writable(cfg.metrics_dir, cfg.plots_dir, cfg.reports_dir, cfg.runs_dir)
     manifest = read_manifest(cfg.shards)
     shards = manifest.shard_paths(cfg.split)
-    model, info = load_model_file(cfg.model)  # a bad file: InputError, one line from stage.run
+    model, info = load_detector(cfg.model)  # a bad file: InputError, one line from stage.run
     model_classes = list(info.get("class_names", []))
     if model_classes != manifest.classes:
         raise StageError(

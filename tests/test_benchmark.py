@@ -238,3 +238,47 @@ def test_peer_steps_are_its_own_forward():
     assert len(split) == len(whole) == 1
     for key in ("boxes", "scores", "labels"):
         torch.testing.assert_close(split[0][key], whole[0][key])
+
+
+@pytest.fixture(scope="module")
+def deployed_figures(project) -> dict:
+    """The deployed section on the deploy stage's graphs of the three tiny models, 1 and 2 threads."""
+    deploy = {"models": [{"file": f, "shards": "shards"} for f in FILES], "int8": {"frames": 4, "run_length": 2}}
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump({**params, "deploy": deploy}))
+    result = subprocess.run([sys.executable, "-m", "pipeline.deploy"], cwd=project, env=env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    settings = ["--set", "deployed.files=[models/tiny.pt, models/tiny-pruned.pt, models/tiny_lstm.pt]",
+                "--set", "deployed.pruned=[tiny, tiny-pruned]", "--set", "deployed.lstm=[tiny_lstm, tiny]",
+                "--set", "deployed.repeats=2", "--set", "deployed.throughput_repeats=1", "--set", "deployed.warmup=1",
+                "--set", "deployed.batch=2"]
+    result = run(project, "--only", "deployed", "--out", "deployed.json", *settings)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((project / "deployed.json").read_text())["deployed"]
+
+
+def test_deployed_section_times_every_runtime_and_reports_the_ratios(deployed_figures):
+    d = deployed_figures
+    assert set(d["pruned_speedup"]) == {"eager", "eager_folded", "ort_fp32", "ort_int8"}
+    assert d["pruned_speedup_fastest"] in d["pruned_speedup"].values()
+    assert d["int8_vs_eager"] > 0 and d["int8_vs_eager_end_to_end"] > 0
+    assert set(d["lstm_vs_ssdlite"]) == {"ort_fp32", "ort_int8"}
+    assert set(d["post_share"]) == {"tiny", "tiny-pruned", "tiny_lstm"}
+    for threads in ("threads_1", "threads_2"):
+        for name, runtimes in d[threads]["models"].items():
+            assert set(runtimes) == {"eager", "eager_folded", "ort_fp32", "ort_int8"}
+            for fig in runtimes.values():
+                ms = fig["latency_ms"]
+                assert all(ms[k] > 0 for k in ("pre", "forward", "post"))
+                assert ms["total"] == pytest.approx(ms["pre"] + ms["forward"] + ms["post"], abs=2e-3)
+                assert 0 < fig["post_share"] < 1 and fig["images_per_s"] > 0
+        assert d[threads]["lstm_vs_ssdlite"]["ort_int8"]["ratio"] > 0
+
+
+def test_deployed_section_without_graphs_is_one_line(project, tmp_path):
+    result = run(project, "--only", "deployed", "--out", str(tmp_path / "x.json"), "--set",
+                 f"deployed.onnx_dir={tmp_path}", "--set", "deployed.files=[models/tiny.pt]")
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'tiny.onnx'}: float graph not found")
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()

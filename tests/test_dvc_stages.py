@@ -98,6 +98,7 @@ def test_what_a_stage_module_loads_is_in_its_computed_deps(module):
 def stage_paths(name: str) -> tuple[set[str], set[str]]:
     """(inputs, outputs) of a stage as its own code computes them from params.yaml."""
     from pipeline.benchmark import BenchmarkConfig
+    from pipeline.deploy import DeployConfig
     from pipeline.eval_outputs import EvalPaths
     from pipeline.evaluate import EvaluateConfig
     from pipeline.prepare import PrepareConfig
@@ -130,8 +131,11 @@ def stage_paths(name: str) -> tuple[set[str], set[str]]:
     if name == "benchmark":
         c = load_config(BenchmarkConfig, PARAMS, name)
         inputs = {*c.models.files, c.models.source_image, c.loader.shards, c.loader.voc_dir, c.train_step.model,
-                  c.train_step.shards} - {None}
+                  c.train_step.shards, *c.deployed.files, c.deployed.onnx_dir} - {None}
         return inputs, {c.out, c.setup, c.chart}
+    if name == "deploy":
+        c = load_config(DeployConfig, PARAMS, name)
+        return {p for m in c.models for p in (m.file, m.shards)}, {c.out_dir, c.metrics}
     raise AssertionError(f"no rule for stage {name}")
 
 
@@ -148,9 +152,13 @@ def test_every_input_and_output_is_the_one_params_yaml_names(name):
     missing = [p for p in inputs if not covered(p, deps)]
     assert not missing, f"{name} reads {missing} but dvc.yaml doesn't list them"
     assert outputs == outs
-    # Data deps are templated from params.yaml; only the benchmark's list of model files can't be.
+    # Data deps are templated from params.yaml; only lists can't be: the benchmark's model files, the
+    # deploy stage's models and their shards.
     fixed = [d for d in entries(stage, "deps") if "${" not in d and not d.startswith(stage_deps.CODE_PREFIXES)]
-    assert fixed == ([*PARAMS["benchmark"]["models"]["files"]] if name == "benchmark" else [])
+    models = PARAMS["deploy"]["models"]
+    lists = {"benchmark": [*PARAMS["benchmark"]["models"]["files"]],
+             "deploy": [m["file"] for m in models] + list(dict.fromkeys(m["shards"] for m in models))}
+    assert fixed == lists.get(name, [])
 
 
 # ---------------------------------------------------------------------------------------------

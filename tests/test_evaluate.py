@@ -417,7 +417,7 @@ def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch)
     model = CountingTemporalModel(tiny_model())
     path = tmp_path / "lstm.pt"
     path.write_bytes(b"stand-in")
-    monkeypatch.setattr(evaluate_mod, "load_model_file",
+    monkeypatch.setattr(evaluate_mod, "load_detector",
                         lambda p: (model, {"class_names": list(CLASSES), "image_size": 64}))
     monkeypatch.chdir(tmp_path)
     params = {"evaluate": {"model": str(path), "shards": str(clips), "num_workers": 0, "examples": 2}}
@@ -482,12 +482,13 @@ def test_modes_that_do_not_fit_the_shards_or_the_model_are_refused(clips, shards
 def test_a_misspelt_or_missing_section_is_refused_naming_the_evaluate_sections(tmp_path):
     """`--section evaluate_voc` ran the defaults and overwrote the tracked metrics."""
     params = str(ROOT / "params.yaml")
-    sections = "evaluate, evaluate_ir_ssdlite, evaluate_ir_lstm, evaluate_ir_lstm_per_frame, evaluate_pruned"
+    sections = ("evaluate, evaluate_ir_ssdlite, evaluate_ir_lstm, evaluate_ir_lstm_per_frame, evaluate_pruned, "
+                "evaluate_int8, evaluate_pruned_int8, evaluate_ir_lstm_int8")
     misspelt = run(stage("--params", params, "--section", "evaluate_voc"), tmp_path, timeout=120)
     assert misspelt.returncode == 2
     assert misspelt.stderr.strip().splitlines()[-1] == (
         f"error: {params}: no section 'evaluate_voc' (sections this stage can run: {sections})")
     missing = run(stage("--params", params), tmp_path, timeout=120)
     assert missing.returncode == 2
-    assert missing.stderr.strip().splitlines()[-1] == f"error: {params}: --section is required: 5 evaluate sections ({sections})"
+    assert missing.stderr.strip().splitlines()[-1] == f"error: {params}: --section is required: 8 evaluate sections ({sections})"
     assert not (tmp_path / "metrics").exists()

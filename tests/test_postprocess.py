@@ -5,6 +5,7 @@ from torchvision.ops import nms
 
 from ssd.boxes import clip_boxes, decode
 from ssd.postprocess import PostprocessConfig, PostProcessor
+from ssd.postprocess import class_probabilities as pp_probabilities
 from ssd.priors import PriorConfig, generate_priors
 from pipeline.bench.postprocess import make_inputs, same_detections, torchvision_postprocess
 from ssd.boxes import cxcywh_to_xyxy
@@ -55,6 +56,7 @@ def random_outputs(batch, num_classes, seed, flat):
         PostprocessConfig(score_threshold=0.05, top_k=50, nms_threshold=0.3, max_detections=30),
         PostprocessConfig(top_k=1000, max_detections=5),
         PostprocessConfig(max_detections=1000),  # the survivor window must grow
+        PostprocessConfig(score_threshold=0.3),  # peaked: the general path; flat: 60 candidates, the short one
     ],
 )
 def test_same_detections_as_per_class_reference(cfg, flat):
@@ -66,6 +68,32 @@ def test_same_detections_as_per_class_reference(cfg, flat):
         assert_close(a["scores"], r["scores"])
         assert_close(a["boxes"], r["boxes"])
     assert any(len(a["labels"]) for a in ours)
+
+
+def test_few_candidates_take_the_short_path(monkeypatch):
+    """A deployed detector's threshold leaves few candidates: no top-k, no survivor window, one NMS call;
+    the detections are the reference's, for one image and for a batch."""
+    import ssd.postprocess as pp
+
+    def general(*args, **kwargs):
+        raise AssertionError("the general path ran")
+
+    monkeypatch.setattr(pp, "_by_image_and_score", general)
+    cfg = PostprocessConfig(score_threshold=0.5)
+    logits, deltas = random_outputs(3, 6, seed=7, flat=False)
+    for n in (1, 3):
+        ours = PostProcessor(PRIORS, cfg)(logits[:n], deltas[:n])
+        for a, r in zip(ours, reference(logits[:n], deltas[:n], PRIORS, cfg), strict=True):
+            assert a["labels"].tolist() == r["labels"].tolist()
+            assert_close(a["boxes"], r["boxes"])
+            assert_close(a["scores"], r["scores"])
+        assert sum(len(a["labels"]) for a in ours) > 10
+
+
+def test_class_probabilities_equal_softmax():
+    logits = torch.randn(2, 300, 7) * 5
+    assert_close(pp_probabilities(logits), torch.softmax(logits, dim=-1)[..., 1:], atol=1e-6, rtol=1e-5)
+    assert_close(pp_probabilities(torch.full((1, 2, 3), 1000.0)), torch.full((1, 2, 2), 1 / 3))  # no overflow
 
 
 def test_no_candidates_gives_empty_detections():

@@ -1,0 +1,146 @@
+"""The deployed detectors: PyTorch eager against ONNX Runtime float and int8, in one run.
+
+For every listed model file ``models/{stem}.pt`` in PyTorch (``eager``, and ``eager_folded``: batch
+norm folded into the convolutions, :mod:`ssd.fold`) and its graphs ``{dir}/{stem}.onnx`` and
+``{dir}/{stem}-int8.onnx`` (the deploy stage's) in ONNX Runtime (``ort_fp32``, ``ort_int8``), at
+each thread count (torch and ONNX Runtime alike):
+
+- ``latency_ms`` at batch 1, split as the models section splits it: ``pre`` (JPEG decode,
+  resize, float), ``forward`` (the runtime; LSTM-SSD streaming, its state fed back), ``post``
+  (:class:`ssd.postprocess.PostProcessor` with a deployed detector's thresholds), ``total``;
+  ``post_share``: post over total;
+- ``images_per_s`` at ``batch`` frames per call (LSTM-SSD: ``batch`` streams).
+
+The four runtimes of a model run alternately in one loop (each run times one frame of each),
+so a change in the machine's load hits all of them alike; the medians are reported.
+
+Headline ratios (from the first thread count), forwards at batch 1:
+
+- ``pruned_speedup``: the unpruned model's forward over the pruned one's, per runtime, and
+  ``pruned_speedup_fastest`` in the runtime where the two together are fastest;
+- ``int8_vs_eager``: the unpruned model's float eager forward over its int8 forward;
+- ``lstm_vs_ssdlite``: LSTM-SSD's streaming forward over the SSDLite it is built on, per
+  ONNX Runtime variant (timed alternately, forwards only);
+- ``post_share``: post-processing's share of the int8 graph's end-to-end latency, per model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import torch
+from torch import nn
+
+from pipeline.bench.models import PARTS, _ms, decode_rgb, model_steps, synthetic_jpeg, time_steps
+from ssd.fold import fold_batchnorm
+from ssd.model_file import load_model_file
+from ssd.onnx_detector import load_onnx_detector
+from ssd.postprocess import PostprocessConfig, PostProcessor
+
+RUNTIMES = ("eager", "eager_folded", "ort_fp32", "ort_int8")
+CPU = torch.device("cpu")
+
+
+def runtimes(file: str, onnx_dir: str, threads: int) -> dict[str, nn.Module]:
+    """The model of ``file`` in each runtime (ONNX Runtime sessions with ``threads`` threads)."""
+    stem = Path(file).stem
+    eager = load_model_file(file)[0].eval()
+    return {
+        "eager": eager,
+        "eager_folded": fold_batchnorm(eager).model,
+        "ort_fp32": load_onnx_detector(Path(onnx_dir) / f"{stem}.onnx", threads)[0],
+        "ort_int8": load_onnx_detector(Path(onnx_dir) / f"{stem}-int8.onnx", threads)[0],
+    }
+
+
+def alternate(models: dict[str, nn.Module], jpeg: bytes, batch: int, repeats: int, warmup: int,
+              postprocess: PostprocessConfig) -> dict[str, dict[str, float]]:
+    """Milliseconds per part (``pre``, ``forward``, ``post``, ``total``) of every runtime, timed in one loop."""
+    chain = []
+    for name, model in models.items():
+        steps = model_steps(model, jpeg, batch, CPU, PostProcessor(model.priors, postprocess))
+        chain += [(f"{name}/{part}", fn) for part, fn in steps]
+    seconds, _ = time_steps(chain, repeats, warmup, CPU)
+    return {name: _ms({part: seconds[f"{name}/{part}"] for part in PARTS}) for name in models}
+
+
+def streaming_ratio(lstm: dict[str, nn.Module], ssdlite: dict[str, nn.Module], image_size: int,
+                    repeats: int, warmup: int) -> dict[str, Any]:
+    """LSTM-SSD's streaming forward over its SSDLite's, per ONNX Runtime variant, all timed in one loop."""
+    images = torch.rand(1, 3, image_size, image_size)
+    chain, state = [], {}
+    for variant in ("ort_fp32", "ort_int8"):
+        def stream(_: Any, model: nn.Module = lstm[variant], key: str = variant) -> None:
+            state[key] = model(images, state.get(key))[2]
+
+        chain += [(f"lstm/{variant}", stream), (f"ssdlite/{variant}", lambda _, m=ssdlite[variant]: m(images))]
+    seconds, _ = time_steps(chain, repeats, warmup, CPU)
+    return {variant: {"lstm_ms": round(seconds[f"lstm/{variant}"] * 1e3, 3),
+                      "ssdlite_ms": round(seconds[f"ssdlite/{variant}"] * 1e3, 3),
+                      "ratio": round(seconds[f"lstm/{variant}"] / seconds[f"ssdlite/{variant}"], 3)}
+            for variant in ("ort_fp32", "ort_int8")}
+
+
+def run(
+    files: Sequence[str],
+    onnx_dir: str = "models/deploy",
+    pruned: Sequence[str] = ("ssdlite_voc", "ssdlite_voc-pruned"),
+    lstm: Sequence[str] = ("lstm_ir", "ssdlite_ir"),
+    threads: Sequence[int] = (1, 2),
+    batch: int = 16,
+    repeats: int = 30,
+    throughput_repeats: int = 5,
+    warmup: int = 5,
+    source_image: str | None = None,
+    postprocess: PostprocessConfig = PostprocessConfig(score_threshold=0.3),
+) -> dict[str, Any]:
+    """The figures of the module docstring; ``pruned``: (unpruned, pruned) stems, ``lstm``: (LSTM-SSD,
+    its SSDLite) stems, each pair compared when both are among ``files``."""
+    jpeg = Path(source_image).read_bytes() if source_image else synthetic_jpeg(640, 480)
+    height, width = decode_rgb(jpeg).shape[:2]
+    torch_threads = torch.get_num_threads()
+    per_threads: dict[str, Any] = {}
+    try:
+        for t in threads:
+            torch.set_num_threads(t)
+            cv2.setNumThreads(t)
+            models = {Path(f).stem: runtimes(f, onnx_dir, t) for f in files}
+            figures: dict[str, Any] = {}
+            for stem, rts in models.items():
+                latency = alternate(rts, jpeg, 1, repeats, warmup, postprocess)
+                rate = alternate(rts, jpeg, batch, throughput_repeats, warmup, postprocess)
+                figures[stem] = {rt: {"latency_ms": latency[rt],
+                                      "post_share": round(latency[rt]["post"] / latency[rt]["total"], 4),
+                                      "images_per_s": round(batch / rate[rt]["total"] * 1e3, 2)} for rt in rts}
+            entry: dict[str, Any] = {"models": figures}
+            if lstm[0] in models and lstm[1] in models:
+                size = int(models[lstm[0]]["ort_fp32"].image_size)
+                entry["lstm_vs_ssdlite"] = streaming_ratio(models[lstm[0]], models[lstm[1]], size, repeats, warmup)
+            per_threads[f"threads_{t}"] = entry
+    finally:
+        torch.set_num_threads(torch_threads)
+    return {**headline(per_threads[f"threads_{threads[0]}"], pruned, lstm), "source_size": f"{width}x{height}",
+            "batch": batch, **per_threads}
+
+
+def headline(entry: dict[str, Any], pruned: Sequence[str], lstm: Sequence[str]) -> dict[str, Any]:
+    """The ratios of the module docstring from one thread count's figures."""
+    figures = entry["models"]
+    out: dict[str, Any] = {}
+    forward = {stem: {rt: f["latency_ms"]["forward"] for rt, f in rts.items()} for stem, rts in figures.items()}
+    if pruned[0] in forward and pruned[1] in forward:
+        big, small = forward[pruned[0]], forward[pruned[1]]
+        out["pruned_speedup"] = {rt: round(big[rt] / small[rt], 3) for rt in RUNTIMES}
+        fastest = min(RUNTIMES, key=lambda rt: big[rt] + small[rt])
+        out["pruned_speedup_fastest"] = out["pruned_speedup"][fastest]
+        out["fastest_runtime"] = fastest
+    first = pruned[0] if pruned[0] in forward else next(iter(forward))
+    out["int8_vs_eager"] = round(forward[first]["eager"] / forward[first]["ort_int8"], 3)
+    out["int8_vs_eager_end_to_end"] = round(figures[first]["eager"]["latency_ms"]["total"]
+                                            / figures[first]["ort_int8"]["latency_ms"]["total"], 3)
+    if "lstm_vs_ssdlite" in entry:
+        out["lstm_vs_ssdlite"] = {v: r["ratio"] for v, r in entry["lstm_vs_ssdlite"].items()}
+    out["post_share"] = {stem: rts["ort_int8"]["post_share"] for stem, rts in figures.items()}
+    return out

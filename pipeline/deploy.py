@@ -1,0 +1,114 @@
+"""The deployed detectors: every listed model file as a float and an int8 ONNX graph.
+
+Usage::
+
+    python -m pipeline.deploy [--set int8.frames=256 ...]
+
+For each entry of ``models`` (a model file and the shards it was trained on), writes to
+``out_dir``
+
+- ``{stem}.onnx``: batch norm folded, graph simplified, checked in onnxruntime against the
+  PyTorch model (``tolerance``) before it is written (:func:`pipeline.export.export_float`);
+- ``{stem}-int8.onnx`` (``int8.enabled``): static int8 quantization with ONNX Runtime,
+  calibrated on ``int8.frames`` frames of the shards' ``int8.split``
+  (:func:`pipeline.export.export_int8`; LSTM-SSD keeps its state inputs and outputs);
+
+and ``metrics``: per graph its size, operator count, time to make it and (float) its largest
+difference from PyTorch, (int8) how it was calibrated. The evaluation stage runs either graph
+(``model: models/deploy/ssdlite_voc-int8.onnx``), so ``dvc metrics diff`` shows what int8 costs;
+the benchmark stage times them against PyTorch.
+
+The output folder is replaced whole, atomically: a failure leaves the previous one.
+
+Exit codes: 0 written, 2 bad configuration or input.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import choose_section, load_config, load_params
+from pipeline.export import Int8Config, check_onnx_installed, export_float, export_int8
+from pipeline.stage import StageError, arg_parser, check_writable, run
+from ssd import atomic
+
+log = logging.getLogger("pipeline.deploy")
+
+
+@dataclass(frozen=True)
+class DeployModel:
+    file: str
+    """A model file (models/*.pt)."""
+    shards: str
+    """The shards it was trained on: their classes are checked, the int8 graph calibrates on them."""
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    models: tuple[DeployModel, ...] = ()
+    """What to deploy; the graphs are named after the files' stems, which must differ."""
+    out_dir: str = "models/deploy"
+    """{stem}.onnx and {stem}-int8.onnx (dvc.yaml's outs read this key)."""
+    metrics: str = "metrics/deploy.json"
+    opset: int = 17
+    fold_batchnorm: bool = True
+    """Batch norm written into the convolutions before export (ssd.fold)."""
+    simplify: bool = True
+    """onnx-simplifier on the exported graph."""
+    tolerance: float = 1e-4
+    """Largest difference from PyTorch a float graph may have (random input; LSTM-SSD: 4 streamed frames)."""
+    int8: Int8Config = field(default_factory=Int8Config)
+
+
+def deploy(cfg: DeployConfig) -> dict[str, Any]:
+    """Write the graphs of ``cfg.models`` and the metrics; returns the metrics."""
+    check_onnx_installed()
+    from ssd.model_file import load_model_file
+
+    if not cfg.models:
+        raise StageError("deploy.models is empty: list the model files to deploy")
+    stems = [Path(m.file).stem for m in cfg.models]
+    if len(set(stems)) != len(stems):
+        raise StageError(f"deploy.models: the files' names (stems) must differ: {stems}")
+    out = Path(cfg.out_dir)
+    check_writable(out.parent, Path(cfg.metrics).parent)
+    figures: dict[str, Any] = {}
+    with atomic.atomic_dir(out) as tmp:
+        for entry, stem in zip(cfg.models, stems):
+            model, info = load_model_file(entry.file)  # a bad file: InputError, one line from stage.run
+            data, report = export_float(model, info, entry.file, tmp / f"{stem}.onnx", opset=cfg.opset,
+                                        fold=cfg.fold_batchnorm, simplify=cfg.simplify, tolerance=cfg.tolerance)
+            report["file"] = str(out / f"{stem}.onnx")
+            figures[stem] = {"float": report}
+            log.info("%s: float graph, %d nodes, %.2f MB, %.2g from PyTorch", stem, report["nodes"], report["mb"],
+                     report["max_difference"])
+            if cfg.int8.enabled:
+                q = export_int8(model, info, data, tmp / f"{stem}-int8.onnx", entry.shards, cfg.int8)
+                q["file"] = str(out / f"{stem}-int8.onnx")
+                figures[stem]["int8"] = q
+                log.info("%s: int8 graph, %d nodes, %.2f MB, %d calibration frames in %.1f s", stem, q["nodes"],
+                         q["mb"], q["calibration"]["calibration_frames"], q["seconds"])
+        metrics = {"models": figures}
+        atomic.write_json(cfg.metrics, metrics)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = arg_parser(__doc__)
+    parser.add_argument("--section", help="params section to run (needed when the file has several deploy sections)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        params = load_params(args.params)
+        section = choose_section(DeployConfig, params, args.section, "deploy", args.params)
+        deploy(load_config(DeployConfig, params, section, args.overrides, args.params))
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
