@@ -1,0 +1,173 @@
+"""The benchmark stage's configuration: one frozen dataclass per section, and the whole.
+
+:mod:`pipeline.benchmark` parses the ``benchmark`` section of params.yaml into
+:class:`BenchmarkConfig`; the sections are described there and in :mod:`pipeline.bench`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import ConfigError
+from ssd.postprocess import PostprocessConfig
+
+
+def _positive(where: str, **values: int) -> None:
+    for key, value in values.items():
+        if value < 1:
+            raise ConfigError(f"benchmark.{where}.{key}: must be at least 1, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelsBench:
+    files: tuple[str, ...] = (
+        "models/ssdlite_voc.pt",
+        "models/ssdlite_voc-pruned.pt",
+        "models/ssdlite_ir.pt",
+        "models/lstm_ir.pt",
+    )
+    """Model files to time (every one must exist); named in the JSON by their stems."""
+    batch: int = 16
+    """Frames per call for the throughput figure (a temporal model: parallel streams)."""
+    repeats: int = 20
+    """Timed batch-1 runs; medians are reported."""
+    throughput_repeats: int = 5
+    """Timed runs at ``batch``: a batch takes 10-20x a frame's time, so fewer."""
+    warmup: int = 3
+    """Untimed runs first (allocator, kernel selection, CUDA start-up)."""
+    source_size: tuple[int, int] = (640, 480)
+    """Width and height of the JPEG frame that pre-processing decodes (a typical camera frame)."""
+    jpeg_quality: int = 90
+    """Quality of the synthetic frame."""
+    source_image: str | None = None
+    """A JPEG file to decode instead of the synthetic frame (e.g. a frame of the data set: a
+    trained model's post-processing has less to sift on frames like those it was trained on)."""
+    peer: bool = True
+    """Also time torchvision's ssdlite320_mobilenet_v3_large at the first frame model's input size."""
+    postprocess: PostprocessConfig = field(default_factory=lambda: PostprocessConfig(score_threshold=0.3))
+    """Post-processing of the latency and throughput figures: a deployed detector's (pipeline/detect.py's
+    defaults: scores from 0.3). The evaluation's (0.01) is timed too, as ``post_eval_config_ms``:
+    it hands NMS thousands of candidates per frame, to score the full precision-recall curve."""
+
+    def __post_init__(self) -> None:
+        if not self.files:
+            raise ConfigError("benchmark.models.files: list at least one model file")
+        _positive("models", batch=self.batch, repeats=self.repeats, throughput_repeats=self.throughput_repeats,
+                  width=self.source_size[0], height=self.source_size[1])  # fmt: skip
+        if self.warmup < 0:
+            raise ConfigError(f"benchmark.models.warmup: must not be negative, got {self.warmup}")
+
+
+@dataclass(frozen=True)
+class PostprocessBench:
+    batch: int = 8
+    """Images per call (the issue's 8 x 2,990 priors x 21 classes)."""
+    num_classes: int = 21
+    """Classes including the background (VOC: 21)."""
+    repeat: int = 20
+    """Timed calls per measurement; the median is reported."""
+
+
+@dataclass(frozen=True)
+class LoaderBench:
+    shards: str = "data/shards/voc"
+    """Directory of *.tar shards read by the training loader."""
+    image_size: int = 160
+    """Square training input (train_voc's model.image_size)."""
+    batch_size: int = 16
+    num_workers: int = 2
+    """Loader worker processes."""
+    num_batches: int = 10
+    """Timed batches after the first (whose start-up is reported apart)."""
+    voc_dir: str | None = None
+    """A VOC-layout directory to compare loose JPEG + XML files with the shards; null: skip."""
+
+    def __post_init__(self) -> None:
+        _positive("loader", image_size=self.image_size, batch_size=self.batch_size, num_batches=self.num_batches)
+
+
+@dataclass(frozen=True)
+class TrainStepBench:
+    model: str = "models/ssdlite_voc.pt"
+    """Model file whose arch is trained (a frame model; its weights are not used)."""
+    shards: str = "data/shards/voc"
+    """Frame shards of the model's classes."""
+    split: str = "train"
+    batch_size: int = 16
+    num_workers: int = 2
+    steps: int = 5
+    """Timed steps of each kind; the median is reported."""
+    warmup: int = 2
+    """Untimed steps first."""
+
+    def __post_init__(self) -> None:
+        _positive("train_step", batch_size=self.batch_size, steps=self.steps)
+
+
+@dataclass(frozen=True)
+class ConvertBench:
+    voc_dir: str = "data/sample/voc"
+    """A VOC-layout dataset converted to frame shards (images per second, one worker)."""
+    videos: int = 8
+    """Synthetic videos converted to clip shards, after one alone: throughput and peak memory of both."""
+    frames: int = 150
+    """Frames per synthetic video."""
+    size: tuple[int, int] = (320, 240)
+    """Width and height of the synthetic videos."""
+
+    def __post_init__(self) -> None:
+        _positive("convert", videos=self.videos, width=self.size[0], height=self.size[1])
+        if self.frames < 4:
+            raise ConfigError(f"benchmark.convert.frames: at least 4 (one clip), got {self.frames}")
+
+
+@dataclass(frozen=True)
+class DeployedBench:
+    files: tuple[str, ...] = (
+        "models/ssdlite_voc.pt",
+        "models/ssdlite_voc-pruned.pt",
+        "models/ssdlite_ir.pt",
+        "models/lstm_ir.pt",
+    )
+    """Model files timed in PyTorch; their graphs are {onnx_dir}/{stem}.onnx and {stem}-int8.onnx."""
+    onnx_dir: str = "models/deploy"
+    """The deploy stage's out_dir."""
+    pruned: tuple[str, str] = ("ssdlite_voc", "ssdlite_voc-pruned")
+    """(unpruned, pruned) stems for the pruned_speedup ratios."""
+    lstm: tuple[str, str] = ("lstm_ir", "ssdlite_ir")
+    """(LSTM-SSD, the SSDLite it is built on) stems for lstm_vs_ssdlite."""
+    threads: tuple[int, ...] = (1, 2)
+    """Thread counts (torch and ONNX Runtime); the headline ratios are the first one's."""
+    batch: int = 16
+    repeats: int = 30
+    throughput_repeats: int = 5
+    warmup: int = 5
+
+    def __post_init__(self) -> None:
+        if not self.files or not self.threads:
+            raise ConfigError("benchmark.deployed: list at least one model file and one thread count")
+        _positive("deployed", batch=self.batch, repeats=self.repeats, throughput_repeats=self.throughput_repeats,
+                  **{f"threads[{i}]": t for i, t in enumerate(self.threads)})
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step", "convert")
+    """Which benchmarks to run, in order."""
+    out: str = "metrics/benchmark.json"
+    """Where the JSON goes."""
+    setup: str = "reports/benchmark-setup.json"
+    """Where the description of the measurements goes (device, files, batch sizes, thresholds)."""
+    chart: str = "reports/benchmark.png"
+    """Where the latency chart goes (written when the models section runs)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models and training steps run; auto: CUDA when available. Loaders run on the CPU."""
+    threads: int = 0
+    """torch (and OpenCV) CPU threads; 0 keeps the libraries' defaults."""
+    models: ModelsBench = field(default_factory=ModelsBench)
+    postprocess: PostprocessBench = field(default_factory=PostprocessBench)
+    loader: LoaderBench = field(default_factory=LoaderBench)
+    train_step: TrainStepBench = field(default_factory=TrainStepBench)
+    convert: ConvertBench = field(default_factory=ConvertBench)
+    deployed: DeployedBench = field(default_factory=DeployedBench)
