@@ -35,12 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOL = dict(atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
