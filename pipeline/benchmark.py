@@ -18,7 +18,9 @@ Sections (``sections`` of the ``benchmark`` params, or ``--only``), each a modul
   and video) and its peak memory converting 1 and many videos;
 - ``deployed`` (:mod:`pipeline.bench.deployed`): each model in PyTorch eager, ONNX Runtime float
   and int8 (the deploy stage's graphs), alternately: batch-1 latency parts, throughput, at 1 and 2
-  threads; pruned against unpruned, int8 against eager, LSTM-SSD against SSDLite.
+  threads; pruned against unpruned, int8 against eager, LSTM-SSD against SSDLite;
+- ``feed`` (:mod:`pipeline.bench.feed`): decode + full SSD augmentation per loader worker at
+  300 px on VOC-sized JPEGs, and the workers a GPU's training rate needs.
 
 Outputs: ``out`` (``metrics/benchmark.json``, for ``dvc metrics diff``): measurements only
 (timings, ratios, sizes, counts): the headline figures (``postprocess_share.<model>``: post-processing over
@@ -120,6 +122,12 @@ def _deployed(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
                                      postprocess=cfg.models.postprocess)}
 
 
+def _feed(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
+    from pipeline.bench import feed
+
+    return {"feed": feed.run(**to_dict(cfg.feed))}
+
+
 SECTIONS: dict[str, Section] = {
     "models": _models,
     "postprocess": _postprocess,
@@ -127,6 +135,7 @@ SECTIONS: dict[str, Section] = {
     "train_step": _train_step,
     "convert": _convert,
     "deployed": _deployed,
+    "feed": _feed,
 }
 
 

@@ -36,6 +36,7 @@ BENCHMARK = {
     "loader": {"shards": "shards", "image_size": 64, "batch_size": 2, "num_workers": 0, "num_batches": 1},
     "train_step": {"model": "models/tiny.pt", "shards": "shards", "batch_size": 2, "num_workers": 0, "steps": 1, "warmup": 0},
     "convert": {"voc_dir": "voc", "videos": 2, "frames": 6, "size": [48, 36]},
+    "feed": {"source_size": [96, 72], "image_size": 64, "samples": 3, "repeats": 1, "gpu_rates": {"a_gpu": 600}},
 }
 
 
@@ -152,6 +153,11 @@ def test_other_sections_are_collected(figures):
     assert convert["frames_images"] == sum(len(ids) for ids in BASE_SPLITS.values())  # every listed image converted
     assert convert["frames_per_s_per_worker"] > 0 and convert["video_frames_per_s_per_worker"] > 0
     assert convert["video_peak_rss_mb_many"] > 0 and convert["rss_ratio"] > 0 and convert["videos_many"] == 2
+    feed = figures["feed"]
+    full, late, none = (feed[f"images_per_s_per_worker{s}"] for s in ("", "_photometric_after_resize", "_no_photometric"))
+    assert full > 0 and late > 0 and none > 0
+    assert feed["workers_needed"] == {"a_gpu": math.ceil(600 / full)}
+    assert feed["source_size"] == "96x72" and feed["gpu_rates"] == "a_gpu 600 images/s"  # setup, not metrics
 
 
 def test_headline_figures_come_first(figures):
@@ -282,3 +288,18 @@ def test_deployed_section_without_graphs_is_one_line(project, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith(f"error: {tmp_path / 'tiny.onnx'}: float graph not found")
     assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_feed_samples_are_frames_the_training_transform_reads():
+    from pipeline.bench.feed import voc_like_samples
+    from ssd.data.loader import decode_sample
+    from ssd.data.transforms import AugmentConfig, train_transform
+
+    samples = voc_like_samples(4, (120, 90))
+    for raw in samples:
+        meta = json.loads(raw.meta)
+        assert (meta["width"], meta["height"]) == (120, 90) and 1 <= len(meta["boxes"]) <= 6
+        assert all(0 <= x1 < x2 <= 120 and 0 <= y1 < y2 <= 90 for x1, y1, x2, y2 in meta["boxes"])
+        sample = decode_sample(raw, "frames", train_transform(64, AugmentConfig()))
+        assert sample.image.shape == (3, 64, 64) and sample.size == (120, 90)
+    assert len({raw.images[0] for raw in samples}) == 4  # four different pictures

@@ -152,8 +152,25 @@ class DeployedBench:
 
 
 @dataclass(frozen=True)
+class FeedBench:
+    source_size: tuple[int, int] = (500, 375)
+    """Width and height of the synthetic photo-like JPEGs (the Pascal VOC median)."""
+    image_size: int = 300
+    """Training input (SSD300)."""
+    samples: int = 64
+    repeats: int = 3
+    """Passes over the samples; the median rate is reported."""
+    gpu_rates: dict[str, float] = field(default_factory=lambda: {"nvidia_ssd300_a100_amp_bs64": 663.0})
+    """GPU training rates (images/s) to size the workers for: NVIDIA's published SSD300 v1.1 on one A100."""
+
+    def __post_init__(self) -> None:
+        _positive("feed", image_size=self.image_size, samples=self.samples, repeats=self.repeats,
+                  width=self.source_size[0], height=self.source_size[1])
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
-    sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step", "convert")
+    sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step", "convert", "feed")
     """Which benchmarks to run, in order."""
     out: str = "metrics/benchmark.json"
     """Where the JSON goes."""
@@ -171,3 +188,4 @@ class BenchmarkConfig:
     train_step: TrainStepBench = field(default_factory=TrainStepBench)
     convert: ConvertBench = field(default_factory=ConvertBench)
     deployed: DeployedBench = field(default_factory=DeployedBench)
+    feed: FeedBench = field(default_factory=FeedBench)
