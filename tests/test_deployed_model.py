@@ -47,7 +47,7 @@ def frames(tmp_path_factory) -> Path:
 def trained(frames, tmp_path_factory) -> Path:
     """A tiny SSDLite fitted to the sample's validation images: detections worth comparing."""
     path = tmp_path_factory.mktemp("models") / "tiny.pt"
-    save_model_file(path, train_on(read_manifest(frames).shard_paths("val"), steps=40), CLASSES)
+    save_model_file(path, train_on(read_manifest(frames).shard_paths("val"), steps=80), CLASSES)
     return path
 
 

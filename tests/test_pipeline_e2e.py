@@ -146,8 +146,13 @@ def test_plots_people_read(repo):
     confusion matrices, and the benchmark and example pictures."""
     shown = json.loads(run(["dvc", "plots", "show", "--json"], repo).stdout)
     assert not shown.get("errors"), shown.get("errors")
-    assert all(len(v) == 1 for v in shown["data"].values()), {k: len(v) for k, v in shown["data"].items()}
-    charts = {k: v[0] for k, v in shown["data"].items()}
+    # A chart of an empty CSV has no data: the int8 graph of this barely trained model has no score over
+    # the evaluation's 0.01 (the float one's flat scores sit just above it), so its PR curves are empty.
+    empty = {k for k in shown["data"] if k.endswith(".csv") and len((repo / k).read_text().splitlines()) == 1}
+    assert all(len(v) == 1 for k, v in shown["data"].items() if k not in empty), {
+        k: len(v) for k, v in shown["data"].items() if len(v) != 1}
+    assert empty <= {f"plots/pr-{n}-int8.csv" for n in ("ssdlite_voc", "ssdlite_voc-pruned", "lstm_ir")}, empty
+    charts = {k: v[0] for k, v in shown["data"].items() if v}
     loss = charts["train_voc loss"]["content"]
     assert loss["title"]["text"] == "Training loss (ssdlite_voc)"
     assert {v["field"] for v in loss["data"]["values"]} == {"loss", "box_loss", "class_loss"}
