@@ -14,7 +14,8 @@ For each entry of ``models`` (a model file and the shards it was trained on), wr
   (:func:`pipeline.export.export_int8`; LSTM-SSD keeps its state inputs and outputs);
 
 and ``metrics``: per graph its size, operator count, time to make it and (float) its largest
-difference from PyTorch, (int8) how it was calibrated. The evaluation stage runs either graph
+difference from PyTorch, (int8) the number of calibration frames (numbers only; how it was
+calibrated is in the graph's ``quantization`` metadata). The evaluation stage runs either graph
 (``model: models/deploy/ssdlite_voc-int8.onnx``), so ``dvc metrics diff`` shows what int8 costs;
 the benchmark stage times them against PyTorch.
 
@@ -91,9 +92,21 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
                 figures[stem]["int8"] = q
                 log.info("%s: int8 graph, %d nodes, %.2f MB, %d calibration frames in %.1f s", stem, q["nodes"],
                          q["mb"], q["calibration"]["calibration_frames"], q["seconds"])
-        metrics = {"models": figures}
+        metrics = {"models": _numbers(figures)}  # numbers only, as every metrics file: the settings are in params
         atomic.write_json(cfg.metrics, metrics)
     return metrics
+
+
+def _numbers(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without its strings and lists (file names, settings, operator names)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            if inner := _numbers(value):
+                out[key] = inner
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
