@@ -82,13 +82,11 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
             model, info = load_model_file(entry.file)  # a bad file: InputError, one line from stage.run
             data, report = export_float(model, info, entry.file, tmp / f"{stem}.onnx", opset=cfg.opset,
                                         fold=cfg.fold_batchnorm, simplify=cfg.simplify, tolerance=cfg.tolerance)
-            report["file"] = str(out / f"{stem}.onnx")
             figures[stem] = {"float": report}
             log.info("%s: float graph, %d nodes, %.2f MB, %.2g from PyTorch", stem, report["nodes"], report["mb"],
                      report["max_difference"])
             if cfg.int8.enabled:
                 q = export_int8(model, info, data, tmp / f"{stem}-int8.onnx", entry.shards, cfg.int8)
-                q["file"] = str(out / f"{stem}-int8.onnx")
                 figures[stem]["int8"] = q
                 log.info("%s: int8 graph, %d nodes, %.2f MB, %d calibration frames in %.1f s", stem, q["nodes"],
                          q["mb"], q["calibration"]["calibration_frames"], q["seconds"])

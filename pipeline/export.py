@@ -84,7 +84,7 @@ def export_float(model: Any, info: dict[str, Any], source: str, out: Path, *, de
                 "pruned": bool(arch.get("pruned")), "source": Path(source).name}
     start = time.perf_counter()
     data = deployable_onnx(model, decoded=decoded, opset=opset, metadata=metadata, fold=fold, simplify=simplify)
-    report: dict[str, Any] = {"file": str(out), "seconds": 0.0}
+    report: dict[str, Any] = {}
     if tolerance is not None:
         temporal = bool(getattr(model, "is_temporal", False))
         diff = onnxruntime_difference(model, data, decoded, frames=4 if temporal else 1)
@@ -116,7 +116,7 @@ def export_int8(model: Any, info: dict[str, Any], data: bytes, out: Path, shards
     start = time.perf_counter()
     quantized, report = quantize_int8(data, frames, method=cfg.method, per_channel=cfg.per_channel)
     save_onnx(out, quantized)
-    return {"file": str(out), "seconds": round(time.perf_counter() - start, 2), "mb": round(len(quantized) / 1e6, 3),
+    return {"seconds": round(time.perf_counter() - start, 2), "mb": round(len(quantized) / 1e6, 3),
             **_graph_counts(quantized), "calibration": {"shards": shards, "split": cfg.split, **report}}
 
 
