@@ -9,6 +9,8 @@
 - The device and precision are logged when a run starts, and a machine with NVIDIA GPUs
   that torch cannot use (a CPU-only build, a driver too old for torch's CUDA) gets a loud
   warning instead of a quiet run on the CPU.
+- ``compile`` (a torch.compile backend) is resolved against the launcher's ``--dynamo_backend``
+  the same way; ``tf32`` sets torch's float32 precision for CUDA matmuls and convolutions.
 """
 
 from __future__ import annotations
@@ -25,14 +27,27 @@ log = logging.getLogger("pipeline.device")
 
 #: The variable through which Accelerate's launcher (and its config file) passes the precision.
 PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+#: The variable through which it passes the torch.compile backend (``--dynamo_backend``).
+DYNAMO_ENV = "ACCELERATE_DYNAMO_BACKEND"
 
 
 def resolve_mixed_precision(section_value: str | None, key: str) -> str | None:
     """The ``mixed_precision`` to give ``Accelerator`` (None: Accelerate's own choice)."""
-    launcher = os.environ.get(PRECISION_ENV)
-    if section_value is None or launcher is None or launcher == section_value:
+    return _resolve(section_value, key, PRECISION_ENV, "accelerate launch --mixed_precision")
+
+
+def resolve_compile(section_value: str | None, key: str) -> str | None:
+    """The ``dynamo_backend`` (torch.compile backend) to give ``Accelerator`` (None: the launcher's)."""
+    return _resolve(section_value, key, DYNAMO_ENV, "accelerate launch --dynamo_backend")
+
+
+def _resolve(section_value: str | None, key: str, env: str, flag: str) -> str | None:
+    """A section's choice against the launcher's (``env``): the same, or the launcher's 'no'
+    (what ``accelerate launch`` passes when nobody chose) gives way; another choice is an error."""
+    launcher = os.environ.get(env)
+    if section_value is None or launcher is None or launcher.lower() == section_value.lower():
         return section_value
-    if launcher == "no":
+    if launcher.lower() == "no":
         log.warning(
             "%s is %r; the launcher says 'no' (accelerate launch's value when nothing is chosen): using %r",
             key, section_value, section_value,
@@ -40,9 +55,17 @@ def resolve_mixed_precision(section_value: str | None, key: str) -> str | None:
         return section_value
     raise ConfigError(
         f"{key} is {section_value!r} but the launcher asks for {launcher!r} (accelerate config, "
-        f"accelerate launch --mixed_precision or {PRECISION_ENV}): make them agree, or remove {key} "
-        "to use the launcher's"
+        f"{flag} or {env}): make them agree, or remove {key} to use the launcher's"
     )
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 (10-bit mantissa) for float32 matmuls and convolutions on NVIDIA Ampere and later, or
+    IEEE float32; no effect on a CPU. torch's per-backend setting (its older ``allow_tf32`` flags
+    and ``set_float32_matmul_precision`` mixed with it are an error in torch)."""
+    precision = "tf32" if enabled else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = precision
+    torch.backends.cudnn.conv.fp32_precision = precision
 
 
 def unusable_gpus(dev_glob: str = "/dev/nvidia[0-9]*") -> str | None:

@@ -172,6 +172,15 @@ class TrainConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Through Accelerate; null: Accelerate's choice (accelerate config, accelerate launch
     --mixed_precision, ACCELERATE_MIXED_PRECISION; none of them: full precision). fp16 needs a GPU."""
+    tf32: bool = True
+    """float32 matmuls and convolutions in TF32 on NVIDIA Ampere and later GPUs (tensor cores,
+    10-bit mantissa); no effect on CPUs, older GPUs or with bf16/fp16. false: IEEE float32."""
+    channels_last: bool = False
+    """Model and images in NHWC memory order (``torch.channels_last``): what tensor-core
+    convolutions want with bf16/fp16; measured, not assumed, by the GPU check (docs/gpu.md)."""
+    compile: str | None = None
+    """A torch.compile backend, through Accelerate ("inductor"; null: the launcher's
+    --dynamo_backend, else none). The first steps are slow while it compiles."""
     checkpoint_every: PositiveInt = 200
     """Steps between checkpoints (what a run killed without notice falls back to)."""
     keep_last: PositiveInt = 2

@@ -78,8 +78,8 @@ class Run:
 
     @property
     def unwrapped(self):
-        """The model being trained, without Accelerate's wrapper."""
-        return self.accelerator.unwrap_model(self.model)
+        """The model being trained, without Accelerate's wrappers (DDP, torch.compile)."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     @property
     def final(self):
@@ -107,12 +107,15 @@ def make_accelerator(cfg: TrainConfig):
 
     try:
         precision = device.resolve_mixed_precision(cfg.mixed_precision, "mixed_precision")
+        backend = device.resolve_compile(cfg.compile, "compile")
     except ConfigError as e:
         raise StageError(str(e)) from None
+    device.set_tf32(cfg.tf32)
     accelerator = Accelerator(
         # Without a GPU, Accelerate only sets up a process group (gloo) when told it runs on the CPU.
         cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
+        dynamo_backend=backend,
         step_scheduler_with_optimizer=False,  # we step it once per optimiser step ourselves
     )
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
@@ -198,6 +201,8 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     criterion = MultiBoxLoss(model.priors, cfg.loss).to(accelerator.device)
     # The scheduler is not registered with Accelerate: its state goes into meta.json as JSON
     # (Accelerate would pickle it, and unpickling a checkpoint someone else wrote runs code).
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
     tables = {"train": Table(paths.plots, plot_fields(cfg))}

@@ -66,7 +66,9 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
     res = StepResult(parts=dict.fromkeys(loss_parts(r.cfg), 0.0))
     for i in range(accum):
         t0 = time.perf_counter()
-        batch = next(stream).to(acc.device)
+        batch = next(stream).to(acc.device, non_blocking=True)  # from pinned memory on a GPU
+        if r.cfg.channels_last and batch.images.ndim == 4:
+            batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         r.history["wait_seconds"] += time.perf_counter() - t0
         res.keys += batch.keys
         with contextlib.nullcontext() if i == accum - 1 else acc.no_sync(r.model):
