@@ -20,7 +20,9 @@ Sections (``sections`` of the ``benchmark`` params, or ``--only``), each a modul
   and int8 (the deploy stage's graphs), alternately: batch-1 latency parts, throughput, at 1 and 2
   threads; pruned against unpruned, int8 against eager, LSTM-SSD against SSDLite;
 - ``feed`` (:mod:`pipeline.bench.feed`): decode + full SSD augmentation per loader worker at
-  300 px on VOC-sized JPEGs, and the workers a GPU's training rate needs.
+  300 px on VOC-sized JPEGs, and the workers a GPU's training rate needs;
+- ``gpu`` (:mod:`pipeline.bench.gpu`, not in the CPU run's sections): the GPU check's training
+  and inference figures against torchvision's, run by ``scripts/gpu_check.sh``.
 
 Outputs: ``out`` (``metrics/benchmark.json``, for ``dvc metrics diff``): measurements only
 (timings, ratios, sizes, counts): the headline figures (``postprocess_share.<model>``: post-processing over
@@ -128,6 +130,21 @@ def _feed(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
     return {"feed": feed.run(**to_dict(cfg.feed))}
 
 
+def _gpu(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
+    from pipeline.bench import gpu
+
+    c = cfg.gpu
+    if c.dry_run:  # the smallest run that goes through every part
+        settings = {**to_dict(c), "batches": [2], "steps": 2, "warmup": 1, "loop_steps": 2, "num_workers": 1,
+                    "loop": [[name, "bf16", 2] for name in c.models], "inference_batch": 2, "latency_repeats": 2}
+        device = "cpu"
+    else:
+        settings = to_dict(c)
+        if device != "cuda":
+            raise StageError("benchmark.gpu needs a CUDA device (gpu.dry_run: true runs it on the CPU)")
+    return {"gpu": gpu.run(**settings, device=device)}
+
+
 SECTIONS: dict[str, Section] = {
     "models": _models,
     "postprocess": _postprocess,
@@ -136,6 +153,7 @@ SECTIONS: dict[str, Section] = {
     "convert": _convert,
     "deployed": _deployed,
     "feed": _feed,
+    "gpu": _gpu,
 }
 
 
@@ -171,6 +189,8 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
                 if not (Path(cfg.deployed.onnx_dir) / name).is_file():
                     raise StageError(f"{Path(cfg.deployed.onnx_dir) / name}: {what} graph not found (benchmark.deployed."
                                      "onnx_dir: the deploy stage writes it)")
+    if "gpu" in names and cfg.gpu.loop and not (Path(cfg.gpu.shards).is_dir() and list_shards(cfg.gpu.shards, "train")):
+        raise StageError(f"{cfg.gpu.shards}: no train shards (benchmark.gpu.shards, for gpu.loop)")
     if "convert" in names and not (Path(cfg.convert.voc_dir) / "Annotations").is_dir():
         raise StageError(f"{cfg.convert.voc_dir}: no VOC-layout dataset (benchmark.convert.voc_dir)")
 

@@ -169,6 +169,49 @@ class FeedBench:
 
 
 @dataclass(frozen=True)
+class GpuBench:
+    """The GPU check (``scripts/gpu_check.sh``, :mod:`pipeline.bench.gpu`); not in the CPU ``dvc repro``."""
+
+    models: tuple[str, ...] = ("ssd300_vgg16", "ssdlite_mobilenet_v2")
+    """Our models (SSD300 at 300 px, SSDLite at 320 px), each against torchvision's of its family."""
+    precisions: tuple[str, ...] = ("fp32", "tf32", "bf16", "fp16")
+    batches: tuple[int, ...] = (32, 64)
+    steps: int = 10
+    """Timed steps (alternately ours and torchvision's); medians."""
+    warmup: int = 3
+    option_precision: str = "bf16"
+    """channels_last and torch.compile are measured at this precision and the largest batch."""
+    compile_backend: str = "inductor"
+    loop: tuple[tuple[str, str, int], ...] = (("ssd300_vgg16", "bf16", 64), ("ssdlite_mobilenet_v2", "bf16", 64))
+    """(model, precision, batch) runs of the real training stage from the shards."""
+    loop_steps: int = 40
+    shards: str = "data/shards/voc"
+    num_workers: int = 8
+    """Loader workers of the real training loop."""
+    inference_batch: int = 64
+    latency_repeats: int = 30
+    time_limit_s: float = 330.0
+    """Parts not started by then are left out (named in the JSON's ``skipped``)."""
+    tests_junit: str | None = None
+    """The CUDA tests' JUnit report to count in the JSON (the script passes it)."""
+    dry_run: bool = False
+    """On the CPU at the smallest sizes: proves the check runs; its figures say nothing about a GPU."""
+
+    def __post_init__(self) -> None:
+        from pipeline.bench.gpu_train import MODELS, PRECISIONS
+
+        for name in self.models + tuple(run[0] for run in self.loop):
+            if name not in MODELS:
+                raise ConfigError(f"benchmark.gpu: unknown model {name!r}; known: {', '.join(MODELS)}")
+        for precision in self.precisions + (self.option_precision,) + tuple(run[1] for run in self.loop):
+            if precision not in PRECISIONS:
+                raise ConfigError(f"benchmark.gpu: unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+        _positive("gpu", steps=self.steps, warmup=self.warmup, loop_steps=self.loop_steps,
+                  inference_batch=self.inference_batch, latency_repeats=self.latency_repeats,
+                  time_limit_s=self.time_limit_s, **{f"batches[{i}]": b for i, b in enumerate(self.batches)})
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step", "convert", "feed")
     """Which benchmarks to run, in order."""
@@ -189,3 +232,4 @@ class BenchmarkConfig:
     convert: ConvertBench = field(default_factory=ConvertBench)
     deployed: DeployedBench = field(default_factory=DeployedBench)
     feed: FeedBench = field(default_factory=FeedBench)
+    gpu: GpuBench = field(default_factory=GpuBench)

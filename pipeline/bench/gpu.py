@@ -1,0 +1,144 @@
+"""The GPU check's figures (``scripts/gpu_check.sh``, docs/gpu.md), in one JSON.
+
+- ``train[model][precision][bsN]``: our step on a batch already on the device (``limit``) and
+  torchvision's model of the same family with its own loss (``peer``), timed alternately step by
+  step; images/s, ``ours_vs_torchvision`` and each one's peak device memory;
+- ``options[model]``: the limit at ``option_precision`` and the largest batch with
+  ``channels_last`` and with ``torch.compile`` (``compile_backend``), against the plain step;
+- ``loop[model][precision][bsN]``: the real training stage from shards (:func:`training_loop`):
+  images/s, ``vs_limit`` and the data-wait fraction;
+- ``inference[model][precision]``: batch-1 latency and ``inference_batch`` throughput with the
+  post-processing on the device (the evaluation's thresholds, torchvision's defaults), ours
+  and torchvision's, and their ratios;
+- ``tests``: the counts of the CUDA tests' JUnit report, when the script ran them.
+
+Each part checks ``time_limit_s`` before it starts and is left out (named in ``skipped``) once
+it is spent; a part that fails is named with its error in ``failed`` and the others go on.
+``dry_run``: on the CPU, at the smallest sizes, to prove the check runs; no figure of a dry
+run says anything about a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from pipeline.bench import gpu_infer
+from pipeline.bench.device_timing import Budget, peak_memory, timed
+from pipeline.bench.gpu_train import MODELS, our_step, peer_step, synthetic_batch, training_loop
+
+
+def train_pair(name: str, precision: str, batch: int, s: dict, device: str) -> dict[str, Any]:
+    """Our limit step against torchvision's, alternately."""
+    images, targets = synthetic_batch(batch, MODELS[name][0]["image_size"], device)
+    ours = our_step(name, images, targets, precision, device)
+    peer = peer_step(name, images, targets, precision, device)
+    mem = [peak_memory(device, fn, s["warmup"]) for fn in (ours, peer)]
+    t_ours, t_peer = timed([ours, peer], s["steps"], device)
+    out = {"limit_images_per_s": round(batch / t_ours, 2), "peer_images_per_s": round(batch / t_peer, 2),
+           "ours_vs_torchvision": round(t_peer / t_ours, 3)}
+    if mem[0] is not None:
+        out.update(limit_peak_gib=mem[0], peer_peak_gib=mem[1])
+    return out
+
+
+def train_options(name: str, s: dict, device: str) -> dict[str, Any]:
+    """channels_last and torch.compile against the plain limit step, alternately."""
+    precision, batch = s["option_precision"], max(s["batches"])
+    images, targets = synthetic_batch(batch, MODELS[name][0]["image_size"], device)
+    variants = {"plain": our_step(name, images, targets, precision, device),
+                "channels_last": our_step(name, images, targets, precision, device, channels_last=True),
+                "compile": our_step(name, images, targets, precision, device, compile_backend=s["compile_backend"])}
+    for fn in variants.values():
+        peak_memory(device, fn, s["warmup"])  # compiles here
+    seconds = dict(zip(variants, timed(list(variants.values()), s["steps"], device)))
+    out: dict[str, Any] = {"precision": precision, "batch": batch, "compile_backend": s["compile_backend"]}
+    for k, t in seconds.items():
+        out[f"{k}_images_per_s"] = round(batch / t, 2)
+        if k != "plain":
+            out[f"{k}_vs_plain"] = round(seconds["plain"] / t, 3)
+    return out
+
+
+def tests_summary(junit: str | None) -> dict[str, int] | None:
+    """Counts of a pytest JUnit report (None: no report)."""
+    if not junit or not Path(junit).is_file():
+        return None
+    root = ET.parse(junit).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
+    return counts
+
+
+def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int], steps: int, warmup: int,
+        option_precision: str, compile_backend: str, loop: Sequence[Sequence[Any]], loop_steps: int, shards: str,
+        num_workers: int, inference_batch: int, latency_repeats: int, time_limit_s: float, device: str,
+        tests_junit: str | None = None, dry_run: bool = False) -> dict[str, Any]:
+    """The figures of the module docstring, on ``device``."""
+    s = dict(steps=steps, warmup=warmup, batches=list(batches), option_precision=option_precision,
+             compile_backend=compile_backend)
+    if torch.device(device).type != "cuda":  # fp16 autocast and its scaler are GPU paths
+        precisions = [p for p in precisions if p != "fp16"]
+    budget = Budget(time_limit_s)
+    result: dict[str, Any] = {"dry_run": dry_run, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
+                              "train": {}, "options": {}, "loop": {}, "inference": {}}
+    for name in models:
+        for precision in precisions:
+            for batch in batches:
+                part = f"train {name} {precision} bs{batch}"
+                figures = budget.run(part, train_pair, name, precision, batch, s, device)
+                if figures is not None:
+                    result["train"].setdefault(name, {}).setdefault(precision, {})[f"bs{batch}"] = figures
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, precision, batch in loop:
+            figures = budget.run(f"loop {name} {precision} bs{batch}", training_loop,
+                                 name, precision, int(batch), loop_steps, shards, num_workers, Path(tmp))
+            if figures is None:
+                continue
+            limit = result["train"].get(name, {}).get(precision, {}).get(f"bs{batch}", {}).get("limit_images_per_s")
+            if limit:
+                figures["vs_limit"] = round(figures["images_per_s"] / limit, 3)
+            result["loop"].setdefault(name, {}).setdefault(precision, {})[f"bs{batch}"] = figures
+    for name in models:
+        for precision in precisions:
+            figures = budget.run(f"inference {name} {precision}", gpu_infer.compare,
+                                 name, precision, inference_batch, latency_repeats, device)
+            if figures is not None:
+                result["inference"].setdefault(name, {})[precision] = figures
+    for name in models:  # last: torch.compile spends a minute or more compiling
+        figures = budget.run(f"options {name}", train_options, name, s, device)
+        if figures is not None:
+            result["options"][name] = figures
+    result["headline"] = headline(result)
+    result["skipped"] = ", ".join(budget.skipped) or "none"
+    result["failed"] = "; ".join(budget.failed) or "none"
+    tests = tests_summary(tests_junit)
+    if tests is not None:
+        result["tests"] = tests
+    return result
+
+
+def headline(result: dict[str, Any]) -> dict[str, float]:
+    """The issue's targets: SSD300 bf16 bs64 real loop over its limit; ours over torchvision (training
+    at the largest batch, inference throughput), per model and precision."""
+    out: dict[str, float] = {}
+    for name, per in result["loop"].items():
+        for precision, per_batch in per.items():
+            for bs, f in per_batch.items():
+                if "vs_limit" in f:
+                    out[f"loop_vs_limit.{name}.{precision}.{bs}"] = f["vs_limit"]
+    for name, per in result["train"].items():
+        for precision, per_batch in per.items():
+            largest = max(per_batch, key=lambda k: int(k[2:]))
+            out[f"train_ours_vs_torchvision.{name}.{precision}.{largest}"] = per_batch[largest]["ours_vs_torchvision"]
+    for name, per in result["inference"].items():
+        for precision, f in per.items():
+            if math.isfinite(f.get("throughput_ours_vs_torchvision", math.nan)):
+                out[f"inference_ours_vs_torchvision.{name}.{precision}"] = f["throughput_ours_vs_torchvision"]
+    return out

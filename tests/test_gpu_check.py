@@ -1,0 +1,89 @@
+"""The GPU check (scripts/gpu_check.sh, pipeline/bench/gpu.py), run as its dry run on the CPU:
+every part runs and lands in the JSON; without CUDA the real check stops with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.bench.device_timing import Budget
+from shardgen import write_frame_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_the_dry_run_measures_every_part_and_counts_the_tests(tmp_path):
+    shards = write_frame_dataset(tmp_path / "voc", {"train": [6, 6]})
+    out = tmp_path / "gpu.json"
+    result = script("--dry-run", "--tests", "streaming", "--out", str(out), "--set", f"gpu.shards={shards}",
+                    "--set", "gpu.models=[ssdlite_mobilenet_v2]", "--set", "gpu.precisions=[bf16]",
+                    "--set", "gpu.compile_backend=eager")
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())["gpu"]
+    setup = json.loads((tmp_path / "gpu-setup.json").read_text())
+    assert figures["dry_run"] is True
+    assert figures["tests"] == {"tests": 1, "failures": 0, "errors": 0, "skipped": 0, "passed": 1}
+    train = figures["train"]["ssdlite_mobilenet_v2"]["bf16"]["bs2"]
+    assert train["limit_images_per_s"] > 0 and train["peer_images_per_s"] > 0
+    assert train["ours_vs_torchvision"] == pytest.approx(train["limit_images_per_s"] / train["peer_images_per_s"], rel=0.02)
+    loop = figures["loop"]["ssdlite_mobilenet_v2"]["bf16"]["bs2"]
+    assert loop["images_per_s"] > 0 and 0 <= loop["data_wait_fraction"] < 1 and loop["vs_limit"] > 0
+    inference = figures["inference"]["ssdlite_mobilenet_v2"]["bf16"]
+    assert inference["latency_ms_ours"] > 0 and inference["images_per_s_torchvision"] > 0
+    options = figures["options"]["ssdlite_mobilenet_v2"]
+    assert options["channels_last_vs_plain"] > 0 and options["compile_vs_plain"] > 0
+    assert set(figures["headline"]) == {
+        "loop_vs_limit.ssdlite_mobilenet_v2.bf16.bs2", "train_ours_vs_torchvision.ssdlite_mobilenet_v2.bf16.bs2",
+        "inference_ours_vs_torchvision.ssdlite_mobilenet_v2.bf16"}
+    assert setup["gpu"]["skipped"] == "none" and setup["gpu"]["failed"] == "none"
+    assert setup["gpu"]["torch"] == torch.__version__
+    assert not (ROOT / "reports" / "gpu-check.json").exists()  # --out was honoured
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is here")
+def test_the_real_check_without_cuda_is_a_one_line_error(tmp_path):
+    result = script("--out", str(tmp_path / "gpu.json"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gpu_check.sh: torch sees no CUDA device here")
+    assert not (tmp_path / "gpu.json").exists()
+
+
+def test_a_failing_part_is_named_and_the_rest_go_on_and_a_spent_budget_skips():
+    budget = Budget(60)
+
+    def out_of_memory(batch: int) -> None:
+        raise RuntimeError(f"CUDA out of memory at batch {batch}\n(traceback detail)")
+
+    assert budget.run("train bs64", out_of_memory, 64) is None
+    assert budget.run("train bs32", lambda batch: batch * 2, 32) == 64
+    assert budget.failed == ["train bs64: RuntimeError: CUDA out of memory at batch 64"]
+    spent = Budget(0)
+    assert spent.run("loop", lambda: 1) is None
+    assert spent.skipped == ["loop"] and not spent.failed
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("models", "[resnet50]", "benchmark.gpu: unknown model 'resnet50'; known: ssd300_vgg16, ssdlite_mobilenet_v2"),
+    ("precisions", "[fp8]", "benchmark.gpu: unknown precision 'fp8'; known: fp32, tf32, bf16, fp16"),
+])
+def test_an_unknown_model_or_precision_is_a_one_line_error(tmp_path, capsys, key, value, message):
+    from pipeline.benchmark import main
+
+    assert main(["--only", "gpu", "--out", str(tmp_path / "g.json"), "--set", f"gpu.{key}={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "g.json").exists()
