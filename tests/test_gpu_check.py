@@ -39,14 +39,17 @@ def test_the_dry_run_measures_every_part_and_counts_the_tests(tmp_path):
     train = figures["train"]["ssdlite_mobilenet_v2"]["bf16"]["bs2"]
     assert train["limit_images_per_s"] > 0 and train["peer_images_per_s"] > 0
     assert train["ours_vs_torchvision"] == pytest.approx(train["limit_images_per_s"] / train["peer_images_per_s"], rel=0.02)
-    loop = figures["loop"]["ssdlite_mobilenet_v2"]["bf16"]["bs2"]
-    assert loop["images_per_s"] > 0 and 0 <= loop["data_wait_fraction"] < 1 and loop["vs_limit"] > 0
+    for key in ("bs2", "bs2_colour_on_device"):
+        loop = figures["loop"]["ssdlite_mobilenet_v2"]["bf16"][key]
+        assert loop["images_per_s"] > 0 and 0 <= loop["data_wait_fraction"] < 1 and loop["vs_limit"] > 0
+    assert figures["colour_ms_per_image"] > 0
     inference = figures["inference"]["ssdlite_mobilenet_v2"]["bf16"]
     assert inference["latency_ms_ours"] > 0 and inference["images_per_s_torchvision"] > 0
     options = figures["options"]["ssdlite_mobilenet_v2"]
     assert options["channels_last_vs_plain"] > 0 and options["compile_vs_plain"] > 0
     assert set(figures["headline"]) == {
-        "loop_vs_limit.ssdlite_mobilenet_v2.bf16.bs2", "train_ours_vs_torchvision.ssdlite_mobilenet_v2.bf16.bs2",
+        "loop_vs_limit.ssdlite_mobilenet_v2.bf16.bs2", "loop_vs_limit.ssdlite_mobilenet_v2.bf16.bs2_colour_on_device",
+        "train_ours_vs_torchvision.ssdlite_mobilenet_v2.bf16.bs2",
         "inference_ours_vs_torchvision.ssdlite_mobilenet_v2.bf16"}
     assert setup["gpu"]["skipped"] == "none" and setup["gpu"]["failed"] == "none"
     assert setup["gpu"]["torch"] == torch.__version__

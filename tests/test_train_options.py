@@ -108,3 +108,26 @@ def test_a_compile_backend_other_than_the_launchers_is_a_one_line_error(tmp_path
     with pytest.raises(StageError, match=r"^compile is 'eager' but the launcher asks for 'INDUCTOR' \(accelerate config, "
                                          r"accelerate launch --dynamo_backend or ACCELERATE_DYNAMO_BACKEND\)"):
         train_in_process(workdir(tmp_path / "run"), monkeypatch, compile="eager")
+
+
+def test_colour_left_to_the_device_trains_on_the_worker_paths_images(tmp_path, monkeypatch):
+    """``photometric_device``: the training process makes the colour change the workers drew; the
+    logged losses are those of workers that make it themselves (same images, same boxes)."""
+    from ssd.data.transforms import DeviceColour
+
+    calls = []
+    real_call = DeviceColour.__call__
+
+    def spying_call(self, images, targets):
+        calls.append(images.shape[0])
+        return real_call(self, images, targets)
+
+    monkeypatch.setattr(DeviceColour, "__call__", spying_call)
+    late = {**PLAIN["data"], "augment": {"photometric_first": False, "photometric_p": 1.0}}
+    _, worker = train_in_process(workdir(tmp_path / "worker"), monkeypatch, data=late)
+    assert calls == []
+    deferred = {**late, "augment": {**late["augment"], "photometric_device": True}}
+    _, device = train_in_process(workdir(tmp_path / "device"), monkeypatch, data=deferred)
+    assert calls == [PLAIN["data"]["batch_size"]] * PLAIN["steps"]
+    assert device[0] == pytest.approx(worker[0], rel=1e-5)  # the first step: before rounding can compound
+    assert device == pytest.approx(worker, rel=1e-3)

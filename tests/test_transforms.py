@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from ssd.data.transforms import AugmentConfig, eval_transform, train_transform
+from ssd.data.transforms import DEFERRED_COLOUR, AugmentConfig, DeviceColour, eval_transform, train_transform
 
 # Geometry only: colour changes would blur "white object on black".
 GEOMETRY = AugmentConfig(photometric_p=0.0)
@@ -200,6 +200,7 @@ def test_eval_transform_resizes_only():
         {"crop_min_scale": 0.0},
         {"crop_min_ious": (0.5, 0.9)},
         {"min_box_size": 0.5},
+        {"photometric_device": True},  # the colour change must come after the resize to be deferred
     ],
 )
 def test_augment_config_rejects_bad_values(kwargs):
@@ -251,3 +252,42 @@ def test_channel_shuffle_can_be_turned_off_to_keep_colour_cues():
     assert len(dominant(AugmentConfig(photometric_p=1.0, **geometry_off))) > 1  # SSD's recipe permutes
     with pytest.raises(ValueError, match="channel_shuffle_p"):
         AugmentConfig(channel_shuffle_p=1.5)
+
+
+@pytest.mark.parametrize("channel_shuffle_p", [None, 0.0])  # torchvision's distortion and ours composed
+def test_deferred_colour_gives_the_worker_paths_boxes_and_images(channel_shuffle_p):
+    """Workers that leave the colour change to the device: the same boxes, bit for bit, and once
+    DeviceColour has run, the same images as workers that change the colour themselves."""
+    worker = AugmentConfig(photometric_first=False, photometric_p=1.0, channel_shuffle_p=channel_shuffle_p)
+    deferred = AugmentConfig(photometric_first=False, photometric_p=1.0, channel_shuffle_p=channel_shuffle_p,
+                             photometric_device=True)
+    g = torch.Generator().manual_seed(0)
+    frames = [(torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8, generator=g),
+               _target([[0.1, 0.2, 0.5, 0.7], [0.4, 0.1, 0.9, 0.6]], [3, 7])) for _ in range(4)]
+    clip = (torch.randint(0, 256, (3, 3, 60, 80), dtype=torch.uint8, generator=g),
+            [_target([[0.2, 0.2, 0.6, 0.8]], [2])] * 3)
+    for seed, (image, target) in enumerate(frames):
+        torch.manual_seed(seed)
+        expected_image, expected = train_transform(S, worker)(image, target)
+        torch.manual_seed(seed)
+        image_left, got = train_transform(S, deferred)(image, target)
+        assert torch.equal(got["boxes"], expected["boxes"]) and torch.equal(got["labels"], expected["labels"])
+        torch.manual_seed(1234)
+        changed = DeviceColour(deferred)(image_left[None], [got])[0]
+        drawn = torch.rand(())
+        torch.manual_seed(1234)
+        assert torch.equal(drawn, torch.rand(()))  # the training process's generator is left as it was
+        assert not torch.equal(changed, image_left)
+        assert_close(changed, expected_image, atol=1e-6, rtol=0)
+    torch.manual_seed(9)
+    expected_clip, expected_targets = train_transform(S, worker).clip(*clip)
+    torch.manual_seed(9)
+    clip_left, targets = train_transform(S, deferred).clip(*clip)
+    assert all(torch.equal(a["boxes"], b["boxes"]) for a, b in zip(targets, expected_targets))
+    assert_close(DeviceColour(deferred)(clip_left[None], [targets])[0], expected_clip, atol=1e-6, rtol=0)
+
+
+def test_device_colour_refuses_a_batch_without_draws():
+    deferred = AugmentConfig(photometric_first=False, photometric_device=True)
+    with pytest.raises(ValueError, match=f"sample 0 of the batch carries no colour draws \\('{DEFERRED_COLOUR}'\\)"):
+        DeviceColour(deferred)(torch.rand(1, 3, S, S), [_target([[0.1, 0.1, 0.5, 0.5]], [1])])

@@ -184,6 +184,9 @@ class GpuBench:
     compile_backend: str = "inductor"
     loop: tuple[tuple[str, str, int], ...] = (("ssd300_vgg16", "bf16", 64), ("ssdlite_mobilenet_v2", "bf16", 64))
     """(model, precision, batch) runs of the real training stage from the shards."""
+    loop_colour: tuple[Literal["worker", "device"], ...] = ("worker", "device")
+    """Each loop run with the colour change made by the loader workers (SSD's augmentation) and
+    left to the device (``data.augment.photometric_device``)."""
     loop_steps: int = 40
     shards: str = "data/shards/voc"
     num_workers: int = 8

@@ -10,7 +10,9 @@ process, one thread, as one worker does it:
 - :func:`ssd.data.loader.decode_sample` with the training transform at ``image_size`` (300):
   decode, the full SSD augmentation (photometric distortion, zoom out, IoU crop, flip), resize;
   again with the colour changes after the resize (``photometric_first: false``, our frame
-  sections' choice), and without them (the costliest of the steps on the CPU).
+  sections' choice), without them (the costliest of the steps on the CPU), and with them drawn
+  by the worker but made by the training process on the device (``photometric_device``, the
+  fed-GPU path; the device's share is the GPU check's ``colour_ms_per_image``).
 
 ``images_per_s_per_worker`` is the median over ``repeats`` passes; ``workers_needed`` says, for
 each GPU rate of ``gpu_rates``, how many such workers (the full augmentation, as SSD trains)
@@ -78,6 +80,8 @@ def run(source_size: Sequence[int] = (500, 375), image_size: int = 300, samples:
         full = images_per_s(data, image_size, AugmentConfig(), repeats)
         late = images_per_s(data, image_size, AugmentConfig(photometric_first=False), repeats)
         geometric = images_per_s(data, image_size, AugmentConfig(photometric_p=0.0), repeats)
+        deferred = images_per_s(data, image_size, AugmentConfig(photometric_first=False, photometric_device=True),
+                                repeats)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -86,6 +90,8 @@ def run(source_size: Sequence[int] = (500, 375), image_size: int = 300, samples:
         "images_per_s_per_worker": round(full, 1),
         "images_per_s_per_worker_photometric_after_resize": round(late, 1),
         "images_per_s_per_worker_no_photometric": round(geometric, 1),
+        "images_per_s_per_worker_photometric_on_device": round(deferred, 1),
         "workers_needed": {name: math.ceil(rate / full) for name, rate in rates.items()},
+        "workers_needed_photometric_on_device": {name: math.ceil(rate / deferred) for name, rate in rates.items()},
         "gpu_rates": ", ".join(f"{name} {rate:g} images/s" for name, rate in rates.items()),  # setup, not a figure
     }

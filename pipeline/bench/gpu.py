@@ -6,10 +6,13 @@
 - ``options[model]``: the limit at ``option_precision`` and the largest batch with
   ``channels_last`` and with ``torch.compile`` (``compile_backend``), against the plain step;
 - ``loop[model][precision][bsN]``: the real training stage from shards (:func:`training_loop`):
-  images/s, ``vs_limit`` and the data-wait fraction;
+  images/s, ``vs_limit`` and the data-wait fraction; ``bsN_colour_on_device``: the same with
+  the colour change left to the device (``data.augment.photometric_device``);
 - ``inference[model][precision]``: batch-1 latency and ``inference_batch`` throughput with the
   post-processing on the device (the evaluation's thresholds, torchvision's defaults), ours
   and torchvision's, and their ratios;
+- ``colour_ms_per_image``: the colour change the loader workers leave to the device
+  (``data.augment.photometric_device``), per image of a batch of the largest size;
 - ``tests``: the counts of the CUDA tests' JUnit report, when the script ran them.
 
 Each part checks ``time_limit_s`` before it starts and is left out (named in ``skipped``) once
@@ -65,6 +68,19 @@ def train_options(name: str, s: dict, device: str) -> dict[str, Any]:
     return out
 
 
+def colour_cost(batch: int, device: str, size: int = 300, repeats: int = 5) -> float:
+    """Milliseconds per image of the colour change left to the device (``photometric_device``):
+    SSD's photometric distortion with every step drawn, on a ``batch`` of ``size`` images."""
+    from ssd.data.transforms import DEFERRED_COLOUR, AugmentConfig, DeviceColour
+
+    colour = DeviceColour(AugmentConfig(photometric_first=False, photometric_p=1.0, photometric_device=True))
+    images = torch.rand(batch, 3, size, size, device=device)
+    state = torch.get_rng_state().numpy().tobytes()
+    targets = [{DEFERRED_COLOUR: state} for _ in range(batch)]
+    colour(images, targets)  # warm-up
+    return round(timed([lambda: colour(images, targets)], repeats, device)[0] / batch * 1e3, 3)
+
+
 def tests_summary(junit: str | None) -> dict[str, int] | None:
     """Counts of a pytest JUnit report (None: no report)."""
     if not junit or not Path(junit).is_file():
@@ -77,7 +93,8 @@ def tests_summary(junit: str | None) -> dict[str, int] | None:
 
 
 def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int], steps: int, warmup: int,
-        option_precision: str, compile_backend: str, loop: Sequence[Sequence[Any]], loop_steps: int, shards: str,
+        option_precision: str, compile_backend: str, loop: Sequence[Sequence[Any]], loop_colour: Sequence[str],
+        loop_steps: int, shards: str,
         num_workers: int, inference_batch: int, latency_repeats: int, time_limit_s: float, device: str,
         tests_junit: str | None = None, dry_run: bool = False) -> dict[str, Any]:
     """The figures of the module docstring, on ``device``."""
@@ -96,21 +113,25 @@ def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int]
                 if figures is not None:
                     result["train"].setdefault(name, {}).setdefault(precision, {})[f"bs{batch}"] = figures
     with tempfile.TemporaryDirectory() as tmp:
-        for name, precision, batch in loop:
-            figures = budget.run(f"loop {name} {precision} bs{batch}", training_loop,
-                                 name, precision, int(batch), loop_steps, shards, num_workers, Path(tmp))
+        for (name, precision, batch), colour in ((run, colour) for run in loop for colour in loop_colour):
+            key = f"bs{batch}" + ("_colour_on_device" if colour == "device" else "")
+            figures = budget.run(f"loop {name} {precision} {key}", training_loop, name, precision, int(batch),
+                                 loop_steps, shards, num_workers, Path(tmp), colour == "device")
             if figures is None:
                 continue
             limit = result["train"].get(name, {}).get(precision, {}).get(f"bs{batch}", {}).get("limit_images_per_s")
             if limit:
                 figures["vs_limit"] = round(figures["images_per_s"] / limit, 3)
-            result["loop"].setdefault(name, {}).setdefault(precision, {})[f"bs{batch}"] = figures
+            result["loop"].setdefault(name, {}).setdefault(precision, {})[key] = figures
     for name in models:
         for precision in precisions:
             figures = budget.run(f"inference {name} {precision}", gpu_infer.compare,
                                  name, precision, inference_batch, latency_repeats, device)
             if figures is not None:
                 result["inference"].setdefault(name, {})[precision] = figures
+    colour = budget.run("colour", colour_cost, max(batches), device)
+    if colour is not None:
+        result["colour_ms_per_image"] = colour
     for name in models:  # last: torch.compile spends a minute or more compiling
         figures = budget.run(f"options {name}", train_options, name, s, device)
         if figures is not None:

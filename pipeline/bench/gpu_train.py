@@ -120,18 +120,21 @@ def peer_step(name: str, images: torch.Tensor, targets: list[dict], precision: s
 
 
 def training_loop(name: str, precision: str, batch: int, steps: int, shards: str, num_workers: int,
-                  workdir: Path) -> dict[str, Any]:
+                  workdir: Path, colour_on_device: bool = False) -> dict[str, Any]:
     """``pipeline.train`` for ``steps`` steps from ``shards``: images/s (the median of its logged
-    windows after the first) and its data-wait fraction."""
+    windows after the first) and its data-wait fraction. ``colour_on_device``: the workers leave
+    the colour change to the training process (``photometric_device``); else SSD's augmentation."""
     from accelerate.state import AcceleratorState, PartialState
 
     from pipeline.config import from_dict
     from pipeline.train import TrainConfig, train
 
-    run_name = f"gpu-{name}-{precision}-{batch}"
+    run_name = f"gpu-{name}-{precision}-{batch}" + ("-colour-on-device" if colour_on_device else "")
+    augment = {"photometric_first": False, "photometric_device": True} if colour_on_device else {}
     cfg = from_dict(TrainConfig, {
         "name": run_name, "model": MODELS[name][0], "steps": steps, "seed": 0,
-        "data": {"shards": shards, "batch_size": batch, "num_workers": num_workers, "streams": max(1, num_workers)},
+        "data": {"shards": shards, "batch_size": batch, "num_workers": num_workers, "streams": max(1, num_workers),
+                 "augment": augment},
         "mixed_precision": precision if precision in ("bf16", "fp16") else "no", "tf32": precision != "fp32",
         "log_every": max(1, steps // 8), "checkpoint_every": steps, "validation": {"every": 0},
         **{f"{d}_dir": str(workdir / d) for d in ("models", "metrics", "plots", "runs", "checkpoints")},

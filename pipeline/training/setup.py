@@ -27,6 +27,7 @@ from ssd.loss import MultiBoxLoss
 from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file
 from ssd.models import build_model
 from ssd.optim import build_optimizer, group_factors
+from ssd.data.transforms import DeviceColour
 from ssd.state_carry import StateCarry
 from ssd.weights.loading import load_matching
 
@@ -75,6 +76,8 @@ class Run:
     validator: Validator | None = None
     teacher: Any = None
     """The distillation teacher (``cfg.distill.teacher``), frozen, in eval mode."""
+    colour: Any = None
+    """The colour change the loader workers drew and left to the device (``data.augment.photometric_device``)."""
 
     @property
     def unwrapped(self):
@@ -217,6 +220,8 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     )
     if cfg.ema.enabled:
         r.ema = averaged(r.unwrapped, cfg.ema.decay)
+    if cfg.data.augment.photometric_device:
+        r.colour = DeviceColour(cfg.data.augment)
     if temporal and cfg.data.sequence_clips:
         # A stream's next batch is `streams` micro-batches later; keep states twice that long.
         r.carry = StateCarry(keep=2 * cfg.data.streams)

@@ -67,6 +67,8 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
     for i in range(accum):
         t0 = time.perf_counter()
         batch = next(stream).to(acc.device, non_blocking=True)  # from pinned memory on a GPU
+        if r.colour is not None:  # the colour change the workers drew, made on the device
+            batch.images = r.colour(batch.images, batch.targets)
         if r.cfg.channels_last and batch.images.ndim == 4:
             batch.images = batch.images.contiguous(memory_format=torch.channels_last)
         r.history["wait_seconds"] += time.perf_counter() - t0
