@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import torch
 from torch import Tensor
 from torchvision.ops import box_iou as _tv_box_iou
@@ -88,6 +90,15 @@ def encode(
     centre = (g[..., :2] - priors[..., :2]) / (variances[0] * priors[..., 2:])
     size = torch.log(g[..., 2:].clamp(min=MIN_SIZE) / priors[..., 2:]) / variances[1]
     return torch.cat((centre, size), dim=-1)
+
+
+def decode_numpy(deltas: np.ndarray, priors: np.ndarray, variances: tuple[float, float] = VARIANCES) -> np.ndarray:
+    """:func:`decode` then :func:`clip_boxes` in NumPy, for the few candidates of one frame
+    (:func:`ssd.postprocess.single_image_cpu`): ``[N, 4]`` offsets and cxcywh priors -> ``[N, 4]``
+    xyxy boxes in ``[0, 1]``; equal to the torch pair to float32 rounding (tested)."""
+    centre = priors[:, :2] + deltas[:, :2] * variances[0] * priors[:, 2:]
+    half = 0.5 * priors[:, 2:] * np.exp(np.minimum(deltas[:, 2:] * variances[1], MAX_LOG_SCALE))
+    return np.clip(np.concatenate((centre - half, centre + half), axis=1), 0.0, 1.0)
 
 
 def decode(

@@ -77,3 +77,16 @@ def test_decode_low_precision_finite(dtype):
 def test_valid_boxes():
     b = torch.tensor([[0.1, 0.1, 0.2, 0.2], [0.1, 0.1, 0.1, 0.2], [0.3, 0.3, 0.2, 0.4]])
     assert B.valid_boxes(b).tolist() == [True, False, False]
+
+
+def test_decode_numpy_equals_decode_then_clip():
+    from ssd.boxes import clip_boxes, decode, decode_numpy
+
+    g = torch.Generator().manual_seed(0)
+    priors = torch.cat([torch.rand(500, 2, generator=g), 0.05 + 0.5 * torch.rand(500, 2, generator=g)], 1)
+    deltas = torch.randn(500, 4, generator=g) * 2
+    deltas[:5, 2:] = 50.0  # past the exp clamp
+    expected = clip_boxes(decode(deltas, priors))
+    got = decode_numpy(deltas.numpy(), priors.numpy())
+    assert got.dtype == expected.numpy().dtype
+    torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-6, rtol=0)

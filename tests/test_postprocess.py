@@ -157,3 +157,42 @@ def test_grouped_nms_equals_torchvisions_batched_nms(n, groups):
     expected = batched_nms(boxes.double(), scores.double(), idx, 0.45)
     assert torch.equal(keep, expected)
     assert torch.all(scores[keep][1:] <= scores[keep][:-1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_one_cpu_image_with_few_candidates_takes_the_numpy_path_with_the_torch_paths_result(seed, threshold,
+                                                                                             monkeypatch):
+    import ssd.postprocess as pp
+
+    cfg = PostprocessConfig(score_threshold=threshold, nms_threshold=0.3)
+    logits, deltas = random_outputs(1, 6, seed=seed, flat=False)
+    logits[..., 0] += 2.5  # 35-48 candidates at 0.3, 1-7 at 0.7
+    deltas = deltas * 0.2  # boxes of a class near each other: NMS has work to do
+    scores = pp.class_probabilities(logits)
+    torch_path = pp.select_detections(scores, clip_boxes(decode(deltas, PRIORS)), cfg)[0]
+    taken = []
+    real = pp.single_image_cpu
+    monkeypatch.setattr(pp, "single_image_cpu", lambda *a: taken.append(1) or real(*a))
+    ours = PostProcessor(PRIORS, cfg)(logits, deltas)[0]
+    assert taken and 0 < (scores > threshold).sum() <= pp.LEAN_CANDIDATES
+    assert ours["labels"].tolist() == torch_path["labels"].tolist()
+    assert torch.equal(ours["scores"], torch_path["scores"])  # the same probabilities, not recomputed
+    assert_close(ours["boxes"], torch_path["boxes"], atol=1e-6, rtol=0)
+    assert (ours["boxes"].dtype, ours["scores"].dtype, ours["labels"].dtype) == (torch.float32, torch.float32,
+                                                                                 torch.int64)
+    ref = reference(logits, deltas, PRIORS, cfg)[0]
+    assert ours["labels"].tolist() == ref["labels"].tolist()
+
+
+def test_more_candidates_than_the_numpy_path_takes_go_to_the_torch_path():
+    import ssd.postprocess as pp
+
+    logits, deltas = random_outputs(1, 6, seed=3, flat=True)
+    cfg = PostprocessConfig(score_threshold=0.1)
+    scores = pp.class_probabilities(logits)
+    assert (scores > 0.1).sum() > pp.LEAN_CANDIDATES
+    assert pp.single_image_cpu(scores, deltas, PRIORS, cfg) is None
+    ours = PostProcessor(PRIORS, cfg)(logits, deltas)[0]
+    ref = reference(logits, deltas, PRIORS, cfg)[0]
+    assert ours["labels"].tolist() == ref["labels"].tolist()
