@@ -191,12 +191,17 @@ def onnx_bytes(
         ),
         **dict(metadata or {}),
     }
-    for key, value in props.items():
-        entry = proto.metadata_props.add()
-        entry.key = str(key)
-        entry.value = value if isinstance(value, str) else json.dumps(value)
+    set_metadata(proto, props)
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
+
+
+def set_metadata(proto: Any, props: Mapping[str, Any]) -> None:
+    """Replace an ONNX model's ``metadata_props`` with ``props``, in order (values that aren't
+    strings stored as JSON)."""
+    del proto.metadata_props[:]
+    for key, value in props.items():
+        proto.metadata_props.add(key=str(key), value=value if isinstance(value, str) else json.dumps(value))
 
 
 def simplify_onnx(data: bytes) -> bytes:
@@ -217,11 +222,7 @@ def simplify_onnx(data: bytes) -> bytes:
         dim = value.type.tensor_type.shape.dim[0]
         if not dim.HasField("dim_value"):
             dim.dim_param = "batch"
-    kept = [(p.key, p.value) for p in proto.metadata_props if not p.key.startswith("onnxsim.")]
-    del proto.metadata_props[:]
-    for key, value in kept:
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, value
+    set_metadata(proto, {p.key: p.value for p in proto.metadata_props if not p.key.startswith("onnxsim.")})
     onnx.checker.check_model(proto, full_check=True)
     return proto.SerializeToString()
 

@@ -22,12 +22,13 @@ float one (:class:`ssd.onnx_detector.OnnxDetector` runs either).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
+
+from ssd.export import set_metadata
 
 Method = Literal["minmax", "percentile", "entropy"]
 
@@ -113,11 +114,9 @@ def quantize_int8(
     report = {"method": method, "per_channel": per_channel, "calibration_frames": reader.count,
               "format": "QDQ, activations uint8, weights int8", "quantized_ops": quantized,
               "excluded_nodes": list(exclude)}
-    present = {p.key for p in proto.metadata_props}
-    for p in source.metadata_props:
-        if p.key not in present:
-            proto.metadata_props.add(key=p.key, value=p.value)
-    proto.metadata_props.add(key="quantization", value=json.dumps(report))
+    # The float graph's entries (arch, classes, ...), then the quantizer's own, then ours.
+    set_metadata(proto, {**{p.key: p.value for p in source.metadata_props},
+                         **{p.key: p.value for p in proto.metadata_props}, "quantization": report})
     onnx.checker.check_model(proto)
     return proto.SerializeToString(), report
 
