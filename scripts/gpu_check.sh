@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (docs/gpu.md), one command, under 8 minutes on one GPU:
 #   1. the CUDA tests (tests/test_cuda.py: training in fp32/bf16/fp16, GPU against CPU, a
-#      GPU-trained model on a CPU-only machine), at most TESTS_LIMIT seconds;
+#      GPU-trained model on a CPU-only machine), at most TESTS_LIMIT (150) seconds;
 #   2. the `gpu` benchmark section: training images/s against torchvision's (limit, real loop
 #      from shards, peer), channels_last and torch.compile, inference, peak memory; its own
-#      time limit inside (benchmark.gpu.time_limit_s), the whole at most BENCH_LIMIT seconds.
+#      time limit inside (benchmark.gpu.time_limit_s, 240), the whole at most BENCH_LIMIT (300) seconds.
 # One JSON of figures (--out, default reports/gpu-check.json; the device, torch and CUDA versions
 # go beside it, reports/gpu-check-setup.json) and the tests' JUnit report (reports/gpu-tests.xml).
 #
@@ -16,7 +16,7 @@
 # sample when missing. Exit status: the tests' if they failed, else the benchmark's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-python3}
 out=reports/gpu-check.json
 dry=0
 tests_k=""
@@ -34,6 +34,17 @@ done
 mkdir -p "$(dirname "$out")"
 setup="${out%.json}-setup.json"
 junit="${out%.json}-tests.xml"
+
+# A machine without the less common dependencies (a GPU image with torch but no webdataset):
+# the wheels scripts/gpu_wheels.sh put in .whl/, installed where this run alone sees them.
+if ! "$PYTHON" -c "import webdataset, onnxsim, faster_coco_eval, torch_pruning" 2>/dev/null; then
+  if ! ls .whl/*.whl >/dev/null 2>&1; then
+    echo "gpu_check.sh: webdataset, onnxsim, faster-coco-eval or torch-pruning missing and no .whl/ (scripts/gpu_wheels.sh)" >&2
+    exit 2
+  fi
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 2
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 if [ "$dry" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" SSD_GPU_TESTS_ON_CPU=1
@@ -58,11 +69,11 @@ fi
 
 k_args=()
 [ -n "$tests_k" ] && k_args=(-k "$tests_k")
-timeout "${TESTS_LIMIT:-200}" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py \
+timeout "${TESTS_LIMIT:-150}" "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu tests/test_cuda.py \
   "${k_args[@]}" --junitxml="$junit"
 tests_status=$?
 
-timeout "${BENCH_LIMIT:-420}" "$PYTHON" -m pipeline.benchmark --only gpu --out "$out" --set threads=0 \
+timeout "${BENCH_LIMIT:-300}" "$PYTHON" -m pipeline.benchmark --only gpu --out "$out" --set threads=0 \
   --set "setup=$setup" --set "gpu.tests_junit=$junit" "${sets[@]}"
 bench_status=$?
 

@@ -172,7 +172,8 @@ def test_a_gpu_trained_model_file_loads_and_exports_on_a_cpu_only_machine(tmp_pa
         optimizer.step()
         optimizer.zero_grad()
     save_model_file(tmp_path / "gpu.pt", model.eval(), CLASSES)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)  # gpu_check.sh's /tmp/site too
+    env = {**os.environ, "PYTHONPATH": path, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "pipeline.export", str(tmp_path / "gpu.pt"),
                              "--out", str(tmp_path / "gpu.onnx"), "--verify"],
                             env=env, capture_output=True, text=True, timeout=300)

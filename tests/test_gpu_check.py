@@ -74,6 +74,8 @@ def test_a_failing_part_is_named_and_the_rest_go_on_and_a_spent_budget_skips():
     assert budget.run("train bs64", out_of_memory, 64) is None
     assert budget.run("train bs32", lambda batch: batch * 2, 32) == 64
     assert budget.failed == ["train bs64: RuntimeError: CUDA out of memory at batch 64"]
+    assert budget.run("compile", lambda: 1, needs=120) is None  # would end after the limit: not started
+    assert budget.skipped == ["compile"]
     spent = Budget(0)
     assert spent.run("loop", lambda: 1) is None
     assert spent.skipped == ["loop"] and not spent.failed

@@ -193,7 +193,7 @@ class GpuBench:
     """Loader workers of the real training loop."""
     inference_batch: int = 64
     latency_repeats: int = 30
-    time_limit_s: float = 330.0
+    time_limit_s: float = 240.0
     """Parts not started by then are left out (named in the JSON's ``skipped``)."""
     tests_junit: str | None = None
     """The CUDA tests' JUnit report to count in the JSON (the script passes it)."""

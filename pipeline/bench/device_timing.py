@@ -21,9 +21,10 @@ class Budget:
         self.skipped: list[str] = []
         self.failed: list[str] = []
 
-    def run(self, part: str, fn: Callable[..., T], *args: Any) -> T | None:
-        """``fn(*args)``, or None if the time is spent or it fails."""
-        if time.monotonic() >= self.end:
+    def run(self, part: str, fn: Callable[..., T], *args: Any, needs: float = 0.0) -> T | None:
+        """``fn(*args)``, or None if it fails or less than ``needs`` seconds of the limit are left
+        (a part that may take long must not start too late: the script's own limit kills it)."""
+        if time.monotonic() + needs >= self.end:
             self.skipped.append(part)
             return None
         try:

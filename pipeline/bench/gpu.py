@@ -116,7 +116,8 @@ def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int]
         for (name, precision, batch), colour in ((run, colour) for run in loop for colour in loop_colour):
             key = f"bs{batch}" + ("_colour_on_device" if colour == "device" else "")
             figures = budget.run(f"loop {name} {precision} {key}", training_loop, name, precision, int(batch),
-                                 loop_steps, shards, num_workers, Path(tmp), colour == "device")
+                                 loop_steps, shards, num_workers, Path(tmp), colour == "device",
+                                 needs=0 if dry_run else 40)
             if figures is None:
                 continue
             limit = result["train"].get(name, {}).get(precision, {}).get(f"bs{batch}", {}).get("limit_images_per_s")
@@ -133,7 +134,7 @@ def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int]
     if colour is not None:
         result["colour_ms_per_image"] = colour
     for name in models:  # last: torch.compile spends a minute or more compiling
-        figures = budget.run(f"options {name}", train_options, name, s, device)
+        figures = budget.run(f"options {name}", train_options, name, s, device, needs=0 if dry_run else 120)
         if figures is not None:
             result["options"][name] = figures
     result["headline"] = headline(result)
