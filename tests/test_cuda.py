@@ -19,6 +19,7 @@ import torch
 from torch.testing import assert_close
 
 from shardgen import CLASSES, write_frame_dataset
+from test_lstm_ssd import assert_streaming_equals_clip
 from ssd.loss import MultiBoxLoss
 from ssd.model_file import save_model_file
 from ssd.models import build_model
@@ -147,16 +148,8 @@ def test_lstm_ssd_streaming_on_the_gpu_equals_its_clip_forward():
     torch.manual_seed(0)
     model = build_model({"name": "lstm_ssd_mobilenet_v2", "image_size": 96, "width_mult": 0.5,
                          "num_classes": NUM_CLASSES}).to(DEVICE).eval()
-    clips = torch.rand(2, 4, 3, 96, 96, device=DEVICE)
-    with torch.no_grad():
-        logits, deltas, final = model.forward_clip(clips)
-        state = None
-        for t in range(4):
-            frame_logits, frame_deltas, state = model(clips[:, t], state)
-            assert_close(frame_logits, logits[:, t], atol=1e-4, rtol=1e-4)
-            assert_close(frame_deltas, deltas[:, t], atol=1e-4, rtol=1e-4)
-    assert_close(state, final, atol=1e-4, rtol=1e-4)
-    assert all(s.device.type == torch.device(DEVICE).type for s in state)
+    _, _, final = assert_streaming_equals_clip(model, torch.rand(2, 4, 3, 96, 96, device=DEVICE), tol=1e-4)
+    assert all(s.device.type == torch.device(DEVICE).type for s in final)
 
 
 def test_a_gpu_trained_model_file_loads_and_exports_on_a_cpu_only_machine(tmp_path):

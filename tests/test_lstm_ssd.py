@@ -34,18 +34,26 @@ def randomise_batch_norm(model):
     return model
 
 
+def assert_streaming_equals_clip(model, clips, tol):
+    """Frame by frame with the state fed back equals ``forward_clip`` on ``clips [B, T, 3, S, S]``;
+    returns the clip's ``(logits, deltas, final state)``."""
+    with torch.no_grad():
+        logits, deltas, final = model.forward_clip(clips)
+        state = None
+        for t in range(clips.shape[1]):
+            frame_logits, frame_deltas, state = model(clips[:, t], state)
+            assert_close(frame_logits, logits[:, t], atol=tol, rtol=tol)
+            assert_close(frame_deltas, deltas[:, t], atol=tol, rtol=tol)
+    assert_close(state, final, atol=tol, rtol=tol)
+    return logits, deltas, final
+
+
 @pytest.mark.parametrize("placement, reduction", PLACEMENTS)
 def test_streaming_frame_by_frame_equals_the_unrolled_clip(placement, reduction):
     model = randomise_batch_norm(tiny(placement, reduction)).eval()
     clips = torch.rand(2, 4, 3, S, S)
+    logits, _, final = assert_streaming_equals_clip(model, clips, tol=1e-5)
     with torch.no_grad():
-        logits, deltas, final = model.forward_clip(clips)
-        state = None
-        for t in range(4):
-            frame_logits, frame_deltas, state = model(clips[:, t], state)
-            assert_close(frame_logits, logits[:, t], atol=1e-5, rtol=1e-5)
-            assert_close(frame_deltas, deltas[:, t], atol=1e-5, rtol=1e-5)
-        assert_close(state, final, atol=1e-5, rtol=1e-5)
         # A clip continued from a carried state: the same as one long clip.
         _, _, half = model.forward_clip(clips[:, :2])
         rest_logits, _, rest_state = model.forward_clip(clips[:, 2:], half)
