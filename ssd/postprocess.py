@@ -185,11 +185,12 @@ def single_image_cpu(scores: Tensor, deltas: Tensor, priors: Tensor, config: Pos
     probs = by_class.numpy() if by_class.is_contiguous() else by_class.contiguous().numpy()
     # The priors with some class over the threshold first: one pass over [K, P], then the
     # comparison only on their columns.
+    limit = min(LEAN_CANDIDATES, config.top_k, config.max_detections)
     some = np.flatnonzero(probs.max(axis=0) > config.score_threshold)
-    if some.size > min(LEAN_CANDIDATES, config.top_k, config.max_detections):
+    if some.size > limit:
         return None
     cls, col = np.nonzero(probs[:, some] > config.score_threshold)
-    if cls.size > min(LEAN_CANDIDATES, config.top_k, config.max_detections):
+    if cls.size > limit:
         return None
     prior = some[col]
     first = np.argsort(prior * probs.shape[0] + cls, kind="stable")  # the torch path's (prior, class) order

@@ -113,7 +113,7 @@ def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int]
                 if figures is not None:
                     result["train"].setdefault(name, {}).setdefault(precision, {})[f"bs{batch}"] = figures
     with tempfile.TemporaryDirectory() as tmp:
-        for (name, precision, batch), colour in ((run, colour) for run in loop for colour in loop_colour):
+        for (name, precision, batch), colour in ((entry, colour) for entry in loop for colour in loop_colour):
             key = f"bs{batch}" + ("_colour_on_device" if colour == "device" else "")
             figures = budget.run(f"loop {name} {precision} {key}", training_loop, name, precision, int(batch),
                                  loop_steps, shards, num_workers, Path(tmp), colour == "device",

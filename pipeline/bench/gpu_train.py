@@ -62,9 +62,7 @@ def synthetic_batch(batch: int, size: int, device: str, seed: int = 0) -> tuple[
     return images.to(device), [{k: v.to(device) for k, v in t.items()} for t in targets]
 
 
-def _stepper(model, loss_of: Callable[[], torch.Tensor], precision: str, device: str) -> Callable[[], None]:
-    optimizer = build_optimizer(model, OptimConfig()) if hasattr(model, "priors") else torch.optim.SGD(
-        model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+def _stepper(optimizer, loss_of: Callable[[], torch.Tensor], precision: str, device: str) -> Callable[[], None]:
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
 
     def step() -> None:
@@ -93,7 +91,7 @@ def our_step(name: str, images: torch.Tensor, targets: list[dict], precision: st
             logits, deltas = forward(images)
         return criterion(logits, deltas, targets)["loss"]  # matching and loss in float32
 
-    return _stepper(model, loss_of, precision, device)
+    return _stepper(build_optimizer(model, OptimConfig()), loss_of, precision, device)
 
 
 def peer_model(name: str):
@@ -116,7 +114,9 @@ def peer_step(name: str, images: torch.Tensor, targets: list[dict], precision: s
             losses = model(frames, pixel)
         return sum(losses.values())
 
-    return _stepper(model, loss_of, precision, device)
+    # torchvision's detection reference's optimiser.
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    return _stepper(optimizer, loss_of, precision, device)
 
 
 def training_loop(name: str, precision: str, batch: int, steps: int, shards: str, num_workers: int,

@@ -202,10 +202,10 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
         optimizer, group_factors(optimizer, cfg.optim, cfg.steps, cfg.freeze_backbone_steps)
     )
     criterion = MultiBoxLoss(model.priors, cfg.loss).to(accelerator.device)
-    # The scheduler is not registered with Accelerate: its state goes into meta.json as JSON
-    # (Accelerate would pickle it, and unpickling a checkpoint someone else wrote runs code).
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    # The scheduler is not registered with Accelerate: its state goes into meta.json as JSON
+    # (Accelerate would pickle it, and unpickling a checkpoint someone else wrote runs code).
     model, optimizer = accelerator.prepare(model, optimizer)
     world = accelerator.num_processes
     tables = {"train": Table(paths.plots, plot_fields(cfg))}
