@@ -177,7 +177,9 @@ class TrainConfig:
     10-bit mantissa); no effect on CPUs, older GPUs or with bf16/fp16. false: IEEE float32."""
     channels_last: bool = False
     """Model and images in NHWC memory order (``torch.channels_last``): what tensor-core
-    convolutions want with bf16/fp16; measured, not assumed, by the GPU check (docs/gpu.md)."""
+    convolutions want with bf16/fp16; measured, not assumed, by the GPU check (docs/gpu.md). On
+    this project's 2-core CPU (oneDNN) a SSDLite training step takes 0.7-0.8x the time, so the
+    sample's training sections turn it on."""
     compile: str | None = None
     """A torch.compile backend, through Accelerate ("inductor"; null: the launcher's
     --dynamo_backend, else none). The first steps are slow while it compiles."""

@@ -28,6 +28,7 @@ PRUNE = {
         "optim": {"lr": 0.001, "warmup_steps": 1},
         "log_every": 1,
         "distill": {"weight": 1.0, "teacher": "control"},
+        "channels_last": True,
     },
     "evaluate": {"shards": "shards", "batch_size": 6, "num_workers": 0},
     "latency": {"runs": 3, "warmup": 1, "batch": 2},
@@ -107,9 +108,10 @@ def test_the_control_is_the_unpruned_model_fine_tuned_alike(project, pruned):
     assert sum(p.numel() for p in control.parameters()) == metrics["params"]["before"]
     assert info["meta"]["summary"]["steps"] == 2
     assert any(not torch.equal(a, b) for a, b in zip(control.state_dict().values(), original.state_dict().values()))
-    same = ("data", "optim", "loss", "seed", "steps")
+    same = ("data", "optim", "loss", "seed", "steps", "channels_last")
     tuned_config = pruned_info["meta"]["finetune"]["train_config"]
     assert {k: info["meta"]["train_config"][k] for k in same} == {k: tuned_config[k] for k in same}
+    assert tuned_config["channels_last"] is True  # finetune.channels_last reaches both trainings
     for key, read in (("map_voc", lambda m: m["map_voc"]), ("coco_map_50", lambda m: m["coco"]["map_50"])):
         assert metrics[key]["control"] == read(json.loads((work / "eval-tiny-control.json").read_text()))
         assert metrics[key]["finetuned"] == read(json.loads((work / "eval-tiny-pruned.json").read_text()))
