@@ -98,8 +98,8 @@ class FinetuneConfig:
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Through Accelerate; null: Accelerate's choice (as in training). fp16 needs a GPU."""
     channels_last: bool = False
-    """Model and images in NHWC memory order, as the training key of that name (on this project's
-    2-core CPU, 0.7-0.8x the time of a training step)."""
+    """Model and images in NHWC memory order, as the training key of that name (for GPUs; on a CPU
+    it changes the batch norm's arithmetic, see that key)."""
     checkpoint_every: int = 200
     """Steps between fine-tuning checkpoints (what a preempted run resumes from)."""
     log_every: int = 10

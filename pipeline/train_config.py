@@ -177,9 +177,10 @@ class TrainConfig:
     10-bit mantissa); no effect on CPUs, older GPUs or with bf16/fp16. false: IEEE float32."""
     channels_last: bool = False
     """Model and images in NHWC memory order (``torch.channels_last``): what tensor-core
-    convolutions want with bf16/fp16; measured, not assumed, by the GPU check (docs/gpu.md). On
-    this project's 2-core CPU (oneDNN) a SSDLite training step takes 0.7-0.8x the time, so the
-    sample's training sections turn it on."""
+    convolutions want with bf16/fp16; measured, not assumed, by the GPU check (docs/gpu.md). On a
+    CPU it makes a SSDLite step 0.7-0.8x as long but is not the same arithmetic: torch's CPU batch
+    norm in NHWC is 10-30x less exact in training (docs/training.md), and the sample's VOC run
+    ended 3.7 points lower with it, so the CPU recipes leave it off."""
     compile: str | None = None
     """A torch.compile backend, through Accelerate ("inductor"; null: the launcher's
     --dynamo_backend, else none). The first steps are slow while it compiles."""

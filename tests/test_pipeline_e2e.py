@@ -60,6 +60,7 @@ TINY.update({
     "prune.finetune.checkpoint_every": 1,
     "prune.finetune.optim.warmup_steps": 1,
     "prune.evaluate.num_workers": 0,
+    "deploy.int8.frames": 8,
     "prune.latency.runs": 2,
     "prune.latency.warmup": 1,
     "benchmark.models.batch": 2,
@@ -77,6 +78,16 @@ TINY.update({
     "benchmark.train_step.num_workers": 0,
     "benchmark.train_step.steps": 2,
     "benchmark.train_step.warmup": 1,
+    "benchmark.convert.videos": 2,
+    "benchmark.convert.frames": 8,
+    "benchmark.convert.size": [64, 48],
+    "benchmark.deployed.batch": 2,
+    "benchmark.deployed.repeats": 2,
+    "benchmark.deployed.throughput_repeats": 1,
+    "benchmark.deployed.warmup": 1,
+    "benchmark.feed.source_size": [100, 75],
+    "benchmark.feed.samples": 4,
+    "benchmark.feed.repeats": 1,
 })
 
 
