@@ -43,7 +43,7 @@ def plain(tmp_path_factory):
         mp.undo()
 
 
-def test_channels_last_feeds_the_model_nhwc_and_writes_the_same_model(plain, tmp_path, monkeypatch):
+def test_channels_last_feeds_the_model_nhwc_and_writes_the_same_model(plain, tmp_path, monkeypatch, caplog):
     import pipeline.training.setup as setup_mod
 
     seen = []
@@ -61,11 +61,11 @@ def test_channels_last_feeds_the_model_nhwc_and_writes_the_same_model(plain, tmp
     weights, losses = train_in_process(workdir(tmp_path / "run"), monkeypatch, channels_last=True)
     assert seen and all(images and weight for images, weight in seen)  # every training forward in NHWC
     assert weights.keys() == plain[0].keys()
-    # The first step's loss (before any update) is the same arithmetic in another memory order.
-    # Later steps are not compared: this tiny model's batch norms over 1x1 maps make gradients
-    # that float rounding alone changes by 10% (measured: a 5e-4 output difference, 10% in the
-    # first convolution's gradient), so its trajectories part whatever the memory order.
+    # The first step's loss (before any update) agrees to 1e-4. Later steps are not compared: the
+    # CPU's NHWC batch norm is less exact (docs/training.md), and this tiny model's batch norms
+    # over 1x1 maps turn that into a 10% difference in the first convolution's gradient.
     assert losses[0] == pytest.approx(plain[1][0], rel=1e-4)
+    assert any("channels_last on a CPU" in r.getMessage() for r in caplog.records)  # said, not silent
 
 
 def test_compile_goes_through_accelerate_and_changes_nothing_but_the_speed(plain, tmp_path, monkeypatch):

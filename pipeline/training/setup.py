@@ -204,6 +204,9 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     criterion = MultiBoxLoss(model.priors, cfg.loss).to(accelerator.device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+        if accelerator.device.type == "cpu":
+            log.warning("channels_last on a CPU: faster, but torch's CPU batch norm is less exact in NHWC and "
+                        "the trajectory changes (docs/training.md, 'channels_last on a CPU')")
     # The scheduler is not registered with Accelerate: its state goes into meta.json as JSON
     # (Accelerate would pickle it, and unpickling a checkpoint someone else wrote runs code).
     model, optimizer = accelerator.prepare(model, optimizer)
