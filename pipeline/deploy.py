@@ -12,6 +12,10 @@ For each entry of ``models`` (a model file and the shards it was trained on), wr
 - ``{stem}-int8.onnx`` (``int8.enabled``): static int8 quantization with ONNX Runtime,
   calibrated on ``int8.frames`` frames of the shards' ``int8.split``
   (:func:`pipeline.export.export_int8`; LSTM-SSD keeps its state inputs and outputs);
+- ``{stem}-detect.onnx`` and ``{stem}-int8-detect.onnx`` (``detect.enabled``): the same graphs with
+  the post-processing inside (:mod:`ssd.graph_postprocess`: softmax, decoding, NMS with
+  ``detect``'s thresholds), whose outputs are the detections: what a deployer runs, from any
+  language, with no post-processing code of their own;
 
 and ``metrics``: per graph its size, operator count, time to make it and (float) its largest
 difference from PyTorch, (int8) the number of calibration frames (numbers only; how it was
@@ -29,12 +33,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pipeline.config import choose_section, load_config, load_params
-from pipeline.export import Int8Config, check_onnx_installed, export_float, export_int8
+from pipeline.export import Int8Config, check_onnx_installed, export_detect, export_float, export_int8
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd import atomic
+from ssd.bounds import AtLeast, Below, Fraction, PositiveInt
 
 log = logging.getLogger("pipeline.deploy")
 
@@ -48,11 +53,30 @@ class DeployModel:
 
 
 @dataclass(frozen=True)
+class DetectConfig:
+    """The graphs with their post-processing inside: a deployed detector's thresholds."""
+
+    enabled: bool = True
+    """Also write {stem}-detect.onnx (and {stem}-int8-detect.onnx with int8)."""
+    score_threshold: Annotated[float, AtLeast(0), Below(1)] = 0.3
+    """Class scores at or below this are not detections (pipeline/detect.py's default)."""
+    nms_threshold: Fraction = 0.45
+    max_detections: PositiveInt = 200
+    """Per image (and per class, before the per-image cap)."""
+
+    def postprocess(self) -> Any:
+        from ssd.postprocess import PostprocessConfig
+
+        return PostprocessConfig(score_threshold=self.score_threshold, nms_threshold=self.nms_threshold,
+                                 max_detections=self.max_detections)
+
+
+@dataclass(frozen=True)
 class DeployConfig:
     models: tuple[DeployModel, ...] = ()
     """What to deploy; the graphs are named after the files' stems, which must differ."""
     out_dir: str = "models/deploy"
-    """{stem}.onnx and {stem}-int8.onnx (dvc.yaml's outs read this key)."""
+    """{stem}.onnx, {stem}-int8.onnx and their -detect graphs (dvc.yaml's outs read this key)."""
     metrics: str = "metrics/deploy.json"
     opset: int = 17
     fold_batchnorm: bool = True
@@ -62,6 +86,7 @@ class DeployConfig:
     tolerance: float = 1e-4
     """Largest difference from PyTorch a float graph may have (random input; LSTM-SSD: 4 streamed frames)."""
     int8: Int8Config = field(default_factory=Int8Config)
+    detect: DetectConfig = field(default_factory=DetectConfig)
 
 
 def deploy(cfg: DeployConfig) -> dict[str, Any]:
@@ -90,6 +115,12 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
                 figures[stem]["int8"] = q
                 log.info("%s: int8 graph, %d nodes, %.2f MB, %d calibration frames in %.1f s", stem, q["nodes"],
                          q["mb"], q["calibration"]["calibration_frames"], q["seconds"])
+            if cfg.detect.enabled:
+                for variant in ("float", "int8") if cfg.int8.enabled else ("float",):
+                    name = f"{stem}-detect.onnx" if variant == "float" else f"{stem}-int8-detect.onnx"
+                    source = tmp / (f"{stem}.onnx" if variant == "float" else f"{stem}-int8.onnx")
+                    figures[stem][f"{variant}_detect"] = export_detect(model, source.read_bytes(), tmp / name,
+                                                                       cfg.detect.postprocess())
         metrics = {"models": _numbers(figures)}  # numbers only, as every metrics file: the settings are in params
         atomic.write_json(cfg.metrics, metrics)
     return metrics

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.stage import StageError, check_writable, run
-from ssd.bounds import PositiveInt
+from ssd.bounds import Count, PositiveInt
 
 log = logging.getLogger("pipeline.export")
 
@@ -60,6 +60,9 @@ class Int8Config:
     """How activation ranges are set from the calibration frames (ssd.quantize)."""
     per_channel: bool = True
     """Weight scales per output channel (per tensor loses MobileNet's depthwise convolutions)."""
+    float_first: Count = 3
+    """The first this many convolutions (and the input normalisation before them) stay float:
+    at full resolution with few channels ONNX Runtime's int8 kernels are slower (ssd.quantize)."""
 
 
 def check_onnx_installed() -> None:
@@ -102,7 +105,7 @@ def export_int8(model: Any, info: dict[str, Any], data: bytes, out: Path, shards
     from pipeline.datasets import read_manifest
     from ssd.data.calibration import calibration_frames
     from ssd.export import save_onnx
-    from ssd.quantize import quantize_int8
+    from ssd.quantize import leading_nodes, quantize_int8
 
     manifest = read_manifest(shards)
     if list(info.get("class_names", [])) != manifest.classes:
@@ -114,10 +117,22 @@ def export_int8(model: Any, info: dict[str, Any], data: bytes, out: Path, shards
     frames = calibration_frames(manifest.shard_paths(cfg.split), image_size=int(model.image_size), kind=kind,
                                 count=cfg.frames, run_length=cfg.run_length)
     start = time.perf_counter()
-    quantized, report = quantize_int8(data, frames, method=cfg.method, per_channel=cfg.per_channel)
+    quantized, report = quantize_int8(data, frames, method=cfg.method, per_channel=cfg.per_channel,
+                                      exclude=leading_nodes(data, cfg.float_first))
     save_onnx(out, quantized)
     return {"seconds": round(time.perf_counter() - start, 2), "mb": round(len(quantized) / 1e6, 3),
             **_graph_counts(quantized), "calibration": {"shards": shards, "split": cfg.split, **report}}
+
+
+def export_detect(model: Any, data: bytes, out: Path, postprocess: Any) -> dict[str, Any]:
+    """Write the graph ``data`` (float or int8, raw outputs) with its post-processing inside
+    (:func:`ssd.graph_postprocess.append_postprocess`, ``model``'s priors) to ``out``; its report."""
+    from ssd.export import save_onnx
+    from ssd.graph_postprocess import append_postprocess
+
+    detect = append_postprocess(data, model.priors.detach().cpu().numpy(), postprocess)
+    save_onnx(out, detect)
+    return {"mb": round(len(detect) / 1e6, 3), **_graph_counts(detect)}
 
 
 def _graph_counts(data: bytes) -> dict[str, int]:

@@ -9,8 +9,8 @@ needs on top is a fixed signature of tensors, in and out:
 - :class:`DecodedOutputs`: ``images -> (scores [B, P, C], boxes [B, P, 4])``: the
   softmax over all classes (column 0 the background) and the decoded boxes, xyxy
   normalised to ``[0, 1]`` and clipped to the image, which is exactly what
-  :class:`ssd.postprocess.PostProcessor` thresholds and suppresses. NMS stays outside
-  the graph (every runtime has its own, and its thresholds are the deployer's choice);
+  :class:`ssd.postprocess.PostProcessor` thresholds and suppresses (NMS too, with the
+  deployer's thresholds: :mod:`ssd.graph_postprocess` appends it to a raw graph);
 - for a temporal model (LSTM-SSD, ``model.is_temporal``) either of the above with the
   recurrent state as explicit inputs and outputs: ``(images, state_0 .. state_{2k-1})
   -> (..., new_state_0 .. new_state_{2k-1})``, in the order of ``model.init_state``

@@ -10,7 +10,8 @@ then apply to the exported artifact, float or int8, as to the PyTorch model.
 
 Only graphs with raw outputs (``class_logits``, ``box_deltas``, as
 :func:`ssd.export.deployable_onnx` writes by default) fit here; the priors are rebuilt from the
-``model_arch`` metadata. ONNX Runtime runs on the CPU: inputs on another device are copied
+``model_arch`` metadata. A graph with its post-processing inside (:mod:`ssd.graph_postprocess`,
+the deploy stage's ``-detect.onnx``) runs in :class:`DetectionGraph` instead: detections out. ONNX Runtime runs on the CPU: inputs on another device are copied
 over and the outputs go back to the inputs' device.
 """
 
@@ -81,6 +82,78 @@ def load_onnx_detector(path: str | os.PathLike, threads: int | None = None) -> t
         InputError: missing or unreadable file, not an ONNX graph, onnxruntime missing, or a graph
             this module can't run (decoded outputs, no ``model_arch``), with a one-line message.
     """
+    session, info = _session(path, threads)
+    outputs = [o.name for o in session.get_outputs()]
+    if tuple(outputs[:4]) == DETECTION_OUTPUTS:
+        raise InputError(f"{path}: its post-processing is in the graph (outputs {outputs[:4]}): "
+                         "evaluation needs the raw outputs (the graph without -detect)")
+    if outputs[:2] != RAW_OUTPUTS:
+        raise InputError(f"{path}: outputs {outputs[:2]}: evaluation needs the raw outputs {RAW_OUTPUTS} "
+                         "(export without --decode)")
+    if not isinstance(info.get("model_arch"), dict) or "name" not in info["model_arch"]:
+        raise InputError(f"{path}: no model_arch in its metadata: export it again with pipeline.export")
+    return OnnxDetector(session, info), info
+
+
+#: The outputs of a graph with its post-processing inside (:mod:`ssd.graph_postprocess`).
+DETECTION_OUTPUTS = ("boxes", "scores", "labels", "batch_index")
+
+
+class DetectionGraph:
+    """A graph whose outputs are detections (:func:`ssd.graph_postprocess.append_postprocess`) in
+    an ``onnxruntime.InferenceSession``: ``images [B, 3, S, S]`` in [0, 1] (and a temporal graph's
+    state) in, per-image detections out; build with :func:`load_detection_graph`."""
+
+    def __init__(self, session: Any, info: dict[str, Any]):
+        self.session = session
+        self.info = info
+        self.image_size = int(info["image_size"])
+        inputs = session.get_inputs()
+        self.input_names = [i.name for i in inputs]
+        self.state_shapes = [tuple(int(d) for d in i.shape[1:]) for i in inputs[1:]]
+        self.is_temporal = bool(self.state_shapes)
+
+    def run(self, images: Tensor, state: Sequence[np.ndarray] | None = None) -> tuple[list[np.ndarray], list]:
+        """One call: ``(outputs, new_state)``; ``outputs`` as the graph returns them (boxes ``[N, 4]``,
+        scores ``[N]``, labels ``[N]``, batch_index ``[N]``); ``state`` None: a fresh zero state."""
+        feed = {self.input_names[0]: np.ascontiguousarray(images.detach().float().cpu().numpy())}
+        if self.is_temporal:
+            if state is None:
+                state = [np.zeros((images.shape[0], *s), np.float32) for s in self.state_shapes]
+            feed.update(zip(self.input_names[1:], state))
+        out = self.session.run(None, feed)
+        return out[:4], out[4:]
+
+    @staticmethod
+    def per_image(outputs: Sequence[np.ndarray], batch: int) -> list[dict[str, Tensor]]:
+        """``outputs`` of :meth:`run` as :class:`ssd.postprocess.PostProcessor` returns detections:
+        per image ``{"boxes", "scores", "labels"}``, by decreasing score."""
+        boxes, scores, labels, image = (torch.from_numpy(o) for o in outputs)
+        if batch == 1:
+            return [{"boxes": boxes, "scores": scores, "labels": labels}]
+        counts = torch.bincount(image, minlength=batch).tolist()
+        return [{"boxes": b, "scores": s, "labels": lab}
+                for b, s, lab in zip(boxes.split(counts), scores.split(counts), labels.split(counts))]
+
+
+def load_detection_graph(path: str | os.PathLike, threads: int | None = None) -> tuple[DetectionGraph, dict[str, Any]]:
+    """``(graph, metadata)`` of an ONNX file with its post-processing inside (``*-detect.onnx``).
+
+    Raises:
+        InputError: as :func:`load_onnx_detector`, or the graph's outputs are not detections.
+    """
+    session, info = _session(path, threads)
+    outputs = tuple(o.name for o in session.get_outputs())
+    if outputs[:4] != DETECTION_OUTPUTS:
+        raise InputError(f"{path}: outputs {list(outputs[:4])}: not a graph with its post-processing "
+                         f"inside (outputs {list(DETECTION_OUTPUTS)})")
+    if "image_size" not in info:
+        raise InputError(f"{path}: no image_size in its metadata: export it again with pipeline.deploy")
+    return DetectionGraph(session, info), info
+
+
+def _session(path: str | os.PathLike, threads: int | None) -> tuple[Any, dict[str, Any]]:
+    """An ONNX Runtime CPU session of the file ``path`` and its metadata (InputError: one line)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -102,14 +175,7 @@ def load_onnx_detector(path: str | os.PathLike, threads: int | None = None) -> t
     except Exception as e:  # onnxruntime raises its own exception types, one per failure kind
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"{path}: not a graph onnxruntime can load ({first})") from None
-    info = _metadata(session)
-    outputs = [o.name for o in session.get_outputs()][:2]
-    if outputs != RAW_OUTPUTS:
-        raise InputError(f"{path}: outputs {outputs}: evaluation needs the raw outputs {RAW_OUTPUTS} "
-                         "(export without --decode)")
-    if not isinstance(info.get("model_arch"), dict) or "name" not in info["model_arch"]:
-        raise InputError(f"{path}: no model_arch in its metadata: export it again with pipeline.export")
-    return OnnxDetector(session, info), info
+    return session, _metadata(session)
 
 
 def _metadata(session: Any) -> dict[str, Any]:

@@ -270,10 +270,17 @@ def test_deployed_section_times_every_runtime_and_reports_the_ratios(deployed_fi
     assert d["pruned_speedup_fastest"] in d["pruned_speedup"].values()
     assert d["int8_vs_eager"] > 0 and d["int8_vs_eager_end_to_end"] > 0
     assert set(d["lstm_vs_ssdlite"]) == {"ort_fp32", "ort_int8"}
-    assert set(d["post_share"]) == {"tiny", "tiny-pruned", "tiny_lstm"}
+    # post_share: the int8 graph with the post-processing inside (the deploy stage wrote it by default)
+    assert set(d["post_share"]) == set(d["post_share_python"]) == {"tiny", "tiny-pruned", "tiny_lstm"}
+    for stem, share in d["post_share"].items():
+        fig = d["threads_1"]["models"][stem]
+        extra = max(fig["ort_int8_detect"]["latency_ms"]["forward"] - fig["ort_int8"]["latency_ms"]["forward"], 0)
+        post = extra + fig["ort_int8_detect"]["latency_ms"]["post"]
+        assert share == pytest.approx(post / fig["ort_int8_detect"]["latency_ms"]["total"], abs=1e-3)
+        assert d["post_share_python"][stem] == fig["ort_int8"]["post_share"]
     for threads in ("threads_1", "threads_2"):
         for name, runtimes in d[threads]["models"].items():
-            assert set(runtimes) == {"eager", "eager_folded", "ort_fp32", "ort_int8"}
+            assert set(runtimes) == {"eager", "eager_folded", "ort_fp32", "ort_int8", "ort_int8_detect"}
             for fig in runtimes.values():
                 ms = fig["latency_ms"]
                 assert all(ms[k] > 0 for k in ("pre", "forward", "post"))

@@ -24,7 +24,7 @@ from ssd.export import deployable_onnx, onnx_bytes, save_onnx
 from ssd.fold import fold_batchnorm
 from ssd.model_file import load_model_file, save_model_file
 from ssd.models import lstm_ssd_mobilenet_v2, ssdlite_mobilenet_v2
-from ssd.onnx_detector import load_detector, load_onnx_detector
+from ssd.onnx_detector import load_detection_graph, load_detector, load_onnx_detector
 from ssd.postprocess import PostprocessConfig, PostProcessor
 from ssd.pruning import PruneConfig, prune_model
 from ssd.quantize import quantize_int8
@@ -258,14 +258,45 @@ def deployed(frames, trained, tmp_path_factory) -> Path:
 
 def test_deploy_stage_writes_both_graphs_and_metrics(deployed):
     files = sorted(p.name for p in (deployed / "models" / "deploy").iterdir())
-    assert files == ["lstm-int8.onnx", "lstm.onnx", "tiny-int8.onnx", "tiny.onnx"]
+    assert files == [f"{stem}{variant}.onnx" for stem in ("lstm", "tiny")
+                     for variant in ("-detect", "-int8-detect", "-int8", "")]
     metrics = json.loads((deployed / "metrics" / "deploy.json").read_text())["models"]
     assert metrics["tiny"]["float"]["max_difference"] <= 1e-4
     assert metrics["lstm"]["int8"]["calibration"]["calibration_frames"] == 12
     assert metrics["tiny"]["int8"]["nodes"] > metrics["tiny"]["float"]["nodes"]  # the Q/DQ pairs
+    first = yaml.safe_load((deployed / "params.yaml").read_text())["deploy"]["int8"]["float_first"]
+    assert first == 3
     for stem in ("tiny", "lstm"):
         _, info = load_onnx_detector(deployed / "models" / "deploy" / f"{stem}-int8.onnx")
         assert info["class_names"] == CLASSES and info["quantization"]["method"] == "minmax"
+        # The first convolutions run in float: no DequantizeLinear feeds them; the next ones are int8.
+        graph = onnx.load(str(deployed / "models" / "deploy" / f"{stem}-int8.onnx")).graph
+        dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        convs = [n for n in graph.node if n.op_type == "Conv"]
+        fed = [bool(dequantized & set(n.input[:1])) for n in convs]
+        assert fed[:first] == [False] * first and all(fed[first:first + 3]), fed[:8]
+        float_convs = {n.name for n in onnx.load(str(deployed / "models" / "deploy" / f"{stem}.onnx")).graph.node
+                       if n.op_type == "Conv"}
+        assert len(float_convs & set(info["quantization"]["excluded_nodes"])) == first
+
+
+def test_deployed_int8_detector_graph_detects_as_the_int8_graph_and_the_postprocessor(deployed, frames):
+    # The file a deployer runs: the int8 graph with deploy.detect's thresholds inside.
+    graph, info = load_detection_graph(deployed / "models" / "deploy" / "tiny-int8-detect.onnx")
+    raw, _ = load_onnx_detector(deployed / "models" / "deploy" / "tiny-int8.onnx")
+    detect = yaml.safe_load((deployed / "params.yaml").read_text())["deploy"]["detect"]
+    assert info["postprocess"]["score_threshold"] == detect["score_threshold"] and not graph.is_temporal
+    post = PostProcessor(raw.priors, PostprocessConfig(score_threshold=detect["score_threshold"],
+                                                       nms_threshold=detect["nms_threshold"]))
+    batch = next(iter(eval_loader(read_manifest(frames).shard_paths("val"), image_size=64, rank=0, world_size=1,
+                                  batch_size=10, num_workers=0)))
+    expected = post(*raw(batch.images))
+    got = graph.per_image(graph.run(batch.images)[0], 10)
+    assert sum(len(e["labels"]) for e in expected) >= 10
+    for g, e in zip(got, expected):
+        assert g["labels"].tolist() == e["labels"].tolist()
+        torch.testing.assert_close(g["scores"], e["scores"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(g["boxes"], e["boxes"], atol=1e-6, rtol=0)
 
 
 def evaluate(root: Path, model: str, name: str) -> dict:

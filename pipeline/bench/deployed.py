@@ -3,7 +3,9 @@
 For every listed model file ``models/{stem}.pt`` in PyTorch (``eager``, and ``eager_folded``: batch
 norm folded into the convolutions, :mod:`ssd.fold`) and its graphs ``{dir}/{stem}.onnx`` and
 ``{dir}/{stem}-int8.onnx`` (the deploy stage's) in ONNX Runtime (``ort_fp32``, ``ort_int8``), at
-each thread count (torch and ONNX Runtime alike):
+each thread count (torch and ONNX Runtime alike), and ``ort_int8_detect`` where the int8 graph
+with the post-processing inside exists (its ``forward`` includes the post-processing, its
+``post`` only splits the outputs per image):
 
 - ``latency_ms`` at batch 1, split as the models section splits it: ``pre`` (JPEG decode,
   resize, float), ``forward`` (the runtime; LSTM-SSD streaming, its state fed back), ``post``
@@ -11,7 +13,7 @@ each thread count (torch and ONNX Runtime alike):
   ``post_share``: post over total;
 - ``images_per_s`` at ``batch`` frames per call (LSTM-SSD: ``batch`` streams).
 
-The four runtimes of a model run alternately in one loop (each run times one frame of each),
+The runtimes of a model run alternately in one loop (each run times one frame of each),
 so a change in the machine's load hits all of them alike; the medians are reported.
 
 Headline ratios (from the first thread count), forwards at batch 1:
@@ -21,46 +23,72 @@ Headline ratios (from the first thread count), forwards at batch 1:
 - ``int8_vs_eager``: the unpruned model's float eager forward over its int8 forward;
 - ``lstm_vs_ssdlite``: LSTM-SSD's streaming forward over the SSDLite it is built on, per
   ONNX Runtime variant (timed alternately, forwards only);
-- ``post_share``: post-processing's share of the int8 graph's end-to-end latency, per model.
+- ``post_share``: post-processing's share of the end-to-end latency of the deployed detector, the
+  int8 graph with its post-processing inside (``ort_int8_detect``, the deploy stage's
+  ``-int8-detect.onnx``): its forward's excess over the raw int8 graph's plus splitting its outputs
+  per image, over its total; ``post_share_python``: the raw int8 graph followed by
+  :class:`ssd.postprocess.PostProcessor` in Python.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import torch
 from torch import nn
 
-from pipeline.bench.models import PARTS, _ms, decode_rgb, model_steps, synthetic_jpeg, time_steps
+from pipeline.bench.models import PARTS, Step, _ms, decode_rgb, model_steps, synthetic_jpeg, time_steps
 from ssd.fold import fold_batchnorm
 from ssd.model_file import load_model_file
-from ssd.onnx_detector import load_onnx_detector
+from ssd.onnx_detector import DetectionGraph, load_detection_graph, load_onnx_detector
 from ssd.postprocess import PostprocessConfig, PostProcessor
 
 RUNTIMES = ("eager", "eager_folded", "ort_fp32", "ort_int8")
+#: The int8 graph with its post-processing inside (the deploy stage's ``-int8-detect.onnx``).
+DETECT = "ort_int8_detect"
 CPU = torch.device("cpu")
 
 
-def runtimes(file: str, onnx_dir: str, threads: int) -> dict[str, nn.Module]:
-    """The model of ``file`` in each runtime (ONNX Runtime sessions with ``threads`` threads)."""
+def runtimes(file: str, onnx_dir: str, threads: int) -> dict[str, Any]:
+    """The model of ``file`` in each runtime (ONNX Runtime sessions with ``threads`` threads), and
+    ``ort_int8_detect`` (the int8 graph with its post-processing inside) where the deploy stage wrote it."""
     stem = Path(file).stem
     eager = load_model_file(file)[0].eval()
-    return {
+    models: dict[str, Any] = {
         "eager": eager,
         "eager_folded": fold_batchnorm(eager).model,
         "ort_fp32": load_onnx_detector(Path(onnx_dir) / f"{stem}.onnx", threads)[0],
         "ort_int8": load_onnx_detector(Path(onnx_dir) / f"{stem}-int8.onnx", threads)[0],
     }
+    if (Path(onnx_dir) / f"{stem}-int8-detect.onnx").is_file():
+        models[DETECT] = load_detection_graph(Path(onnx_dir) / f"{stem}-int8-detect.onnx", threads)[0]
+    return models
 
 
-def alternate(models: dict[str, nn.Module], jpeg: bytes, batch: int, repeats: int, warmup: int,
+def detect_steps(graph: DetectionGraph, pre: Callable[[Any], Any], batch: int) -> list[Step]:
+    """pre -> forward (the graph, post-processing included) -> post (its outputs split per image)."""
+    state = None
+
+    def forward(images: torch.Tensor) -> list:
+        nonlocal state
+        out, state = graph.run(images, state if graph.is_temporal else None)
+        return out
+
+    return [("pre", pre), ("forward", forward), ("post", lambda out: graph.per_image(out, batch))]
+
+
+def alternate(models: dict[str, Any], jpeg: bytes, batch: int, repeats: int, warmup: int,
               postprocess: PostprocessConfig) -> dict[str, dict[str, float]]:
     """Milliseconds per part (``pre``, ``forward``, ``post``, ``total``) of every runtime, timed in one loop."""
     chain = []
     for name, model in models.items():
-        steps = model_steps(model, jpeg, batch, CPU, PostProcessor(model.priors, postprocess))
+        if isinstance(model, DetectionGraph):
+            pre = model_steps(models["ort_int8"], jpeg, batch, CPU, None)[0][1]  # the same decode and resize
+            steps = detect_steps(model, pre, batch)
+        else:
+            steps = model_steps(model, jpeg, batch, CPU, PostProcessor(model.priors, postprocess))
         chain += [(f"{name}/{part}", fn) for part, fn in steps]
     seconds, _ = time_steps(chain, repeats, warmup, CPU)
     return {name: _ms({part: seconds[f"{name}/{part}"] for part in PARTS}) for name in models}
@@ -142,5 +170,14 @@ def headline(entry: dict[str, Any], pruned: Sequence[str], lstm: Sequence[str]) 
                                             / figures[first]["ort_int8"]["latency_ms"]["total"], 3)
     if "lstm_vs_ssdlite" in entry:
         out["lstm_vs_ssdlite"] = {v: r["ratio"] for v, r in entry["lstm_vs_ssdlite"].items()}
-    out["post_share"] = {stem: rts["ort_int8"]["post_share"] for stem, rts in figures.items()}
+    out["post_share_python"] = {stem: rts["ort_int8"]["post_share"] for stem, rts in figures.items()}
+    out["post_share"] = {stem: post_share_in_graph(rts) for stem, rts in figures.items() if DETECT in rts}
     return out
+
+
+def post_share_in_graph(rts: dict[str, Any]) -> float:
+    """The post-processing share of the int8 detector graph's end-to-end latency: what its forward
+    takes over the raw int8 graph's (both timed in one loop), plus splitting its outputs per image."""
+    detect, raw = rts[DETECT]["latency_ms"], rts["ort_int8"]["latency_ms"]
+    post = max(detect["forward"] - raw["forward"], 0.0) + detect["post"]
+    return round(post / detect["total"], 4)
