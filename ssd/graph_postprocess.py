@@ -32,6 +32,7 @@ the other way (tested equal on random and trained outputs).
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import numpy as np
@@ -80,26 +81,50 @@ def append_postprocess(data: bytes, priors: np.ndarray, config: PostprocessConfi
         ValueError: the graph has no raw outputs, or ``priors`` does not fit them.
     """
     import onnx
-    from onnx import TensorProto, helper
 
     proto = onnx.load_from_string(data)
     graph = proto.graph
     outputs = [o.name for o in graph.output]
     if tuple(outputs[:2]) != RAW:
         raise ValueError(f"outputs {outputs[:2]}: in-graph post-processing needs the raw outputs {list(RAW)}")
+    raw, rest = ([copy.deepcopy(o) for o in part] for part in (graph.output[:2], graph.output[2:]))
+    _complete(proto, raw, rest, priors, config, variances)
+    graph.value_info.extend(raw)  # the raw outputs' shapes, now of inner tensors
+    return proto.SerializeToString()
+
+
+def postprocess_graph(priors: np.ndarray, num_classes: int, config: PostprocessConfig, opset: int = 17,
+                      variances: tuple[float, float] = VARIANCES) -> bytes:
+    """The post-processing alone as a graph: inputs ``class_logits [B, P, C]`` and ``box_deltas
+    [B, P, 4]`` (a raw graph's outputs, passed on by the caller), outputs as :func:`append_postprocess`'s."""
+    from onnx import TensorProto, helper
+
+    num_priors = int(np.asarray(priors).shape[0])
+    raw = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["batch", num_priors, d])
+           for n, d in zip(RAW, (num_classes, 4))]
+    proto = helper.make_model(helper.make_graph([], "postprocess", raw, []),
+                              opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
+    _complete(proto, raw, [], priors, config, variances)
+    return proto.SerializeToString()
+
+
+def _complete(proto: Any, raw: list[Any], rest: list[Any], priors: np.ndarray, config: PostprocessConfig,
+              variances: tuple[float, float]) -> None:
+    """Add the post-processing after the tensors ``raw`` of ``proto`` and make its outputs the
+    detections, then ``rest``; metadata ``outputs`` and ``postprocess``; checked."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
     priors = np.asarray(priors, dtype=np.float32)
-    num_priors = _dim(graph.output[0], 1)
+    num_priors = _dim(raw[0], 1)
     if priors.ndim != 2 or priors.shape[1] != 4 or (num_priors is not None and priors.shape[0] != num_priors):
         raise ValueError(f"priors of shape {list(priors.shape)} do not fit class_logits with {num_priors} priors")
     g = _Graph(next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 17))
-    scores = _probabilities(g)
-    boxes = _boxes(g, priors, variances)
-    found = _select(g, boxes, scores, config)
+    found = _select(g, _boxes(g, priors, variances), _probabilities(g), config)
     _by_image_and_score(g, found, config.max_detections)
-
     graph.node.extend(g.nodes)
     graph.initializer.extend(g.consts)
-    raw, rest = list(graph.output)[:2], list(graph.output)[2:]
     del graph.output[:]
     graph.output.extend([
         helper.make_tensor_value_info("boxes", TensorProto.FLOAT, ["detections", 4]),
@@ -108,14 +133,12 @@ def append_postprocess(data: bytes, priors: np.ndarray, config: PostprocessConfi
         helper.make_tensor_value_info("batch_index", TensorProto.INT64, ["detections"]),
         *rest,
     ])
-    graph.value_info.extend(raw)  # the raw outputs' shapes, now of inner tensors
     _set_metadata(proto, {"outputs": [*DETECTIONS, *(o.name for o in rest)],
                           "postprocess": {"score_threshold": config.score_threshold,
                                           "nms_threshold": config.nms_threshold,
                                           "max_detections": config.max_detections,
                                           "num_classes": _dim(raw[0], 2)}})
     onnx.checker.check_model(proto)
-    return proto.SerializeToString()
 
 
 def _probabilities(g: _Graph) -> str:

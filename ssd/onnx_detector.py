@@ -152,6 +152,17 @@ def load_detection_graph(path: str | os.PathLike, threads: int | None = None) ->
     return DetectionGraph(session, info), info
 
 
+def postprocess_session(priors: Tensor, num_classes: int, config: Any, threads: int | None = None) -> Any:
+    """An ONNX Runtime session of the post-processing alone (:func:`ssd.graph_postprocess.postprocess_graph`):
+    feed it a raw graph's ``class_logits`` and ``box_deltas``; its outputs are :meth:`DetectionGraph.run`'s."""
+    import onnxruntime as ort
+
+    from ssd.graph_postprocess import postprocess_graph
+
+    data = postprocess_graph(priors.detach().cpu().numpy(), num_classes, config)
+    return ort.InferenceSession(data, _options(threads), providers=["CPUExecutionProvider"])
+
+
 def _session(path: str | os.PathLike, threads: int | None) -> tuple[Any, dict[str, Any]]:
     """An ONNX Runtime CPU session of the file ``path`` and its metadata (InputError: one line)."""
     try:
@@ -161,6 +172,17 @@ def _session(path: str | os.PathLike, threads: int | None) -> tuple[Any, dict[st
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such ONNX file")
+    try:
+        session = ort.InferenceSession(str(path), _options(threads), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types, one per failure kind
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{path}: not a graph onnxruntime can load ({first})") from None
+    return session, _metadata(session)
+
+
+def _options(threads: int | None) -> Any:
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = int(threads)
@@ -170,12 +192,7 @@ def _session(path: str | os.PathLike, threads: int | None) -> tuple[Any, dict[st
     # in the benchmark's alternating loop PyTorch at 2 threads took 48 ms instead of 13).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3  # its warnings about unused initialisers are not the user's concern
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types, one per failure kind
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{path}: not a graph onnxruntime can load ({first})") from None
-    return session, _metadata(session)
+    return options
 
 
 def _metadata(session: Any) -> dict[str, Any]:

@@ -7,31 +7,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
 from torch.testing import assert_close
 
 from ssd.errors import InputError
 from ssd.export import deployable_onnx, save_onnx
-from ssd.graph_postprocess import append_postprocess
+from ssd.graph_postprocess import append_postprocess, postprocess_graph
 from ssd.onnx_detector import load_detection_graph, load_onnx_detector
 from ssd.postprocess import PostprocessConfig, PostProcessor
 from test_deployed_model import lstm_model
 from test_postprocess import PRIORS, random_outputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def passthrough_graph(num_priors: int, num_classes: int, opset: int = 17) -> bytes:
-    """A graph whose raw outputs are its inputs: the post-processing alone is tested."""
-    ins = [helper.make_tensor_value_info("in_logits", TensorProto.FLOAT, ["batch", num_priors, num_classes]),
-           helper.make_tensor_value_info("in_deltas", TensorProto.FLOAT, ["batch", num_priors, 4])]
-    outs = [helper.make_tensor_value_info("class_logits", TensorProto.FLOAT, ["batch", num_priors, num_classes]),
-            helper.make_tensor_value_info("box_deltas", TensorProto.FLOAT, ["batch", num_priors, 4])]
-    nodes = [helper.make_node("Identity", ["in_logits"], ["class_logits"]),
-             helper.make_node("Identity", ["in_deltas"], ["box_deltas"])]
-    model = helper.make_model(helper.make_graph(nodes, "raw", ins, outs),
-                              opset_imports=[helper.make_opsetid("", opset)], ir_version=8)
-    return model.SerializeToString()
 
 
 def assert_same(expected: list[dict], boxes, scores, labels, image) -> None:
@@ -52,13 +38,12 @@ def assert_same(expected: list[dict], boxes, scores, labels, image) -> None:
 @pytest.mark.parametrize("flat", [False, True])
 @pytest.mark.parametrize("opset", [17, 18])  # ReduceMax's axes: an attribute until 17, an input from 18
 def test_graph_detections_equal_the_postprocessors(cfg, flat, opset):
-    session = ort.InferenceSession(append_postprocess(passthrough_graph(len(PRIORS), 7, opset), PRIORS.numpy(), cfg),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(postprocess_graph(PRIORS.numpy(), 7, cfg, opset), providers=["CPUExecutionProvider"])
     total = 0
     for seed in range(3):
         logits, deltas = random_outputs(3, 7, seed=seed, flat=flat)
         expected = PostProcessor(PRIORS, cfg)(logits, deltas)
-        out = session.run(None, {"in_logits": logits.numpy(), "in_deltas": deltas.numpy()})
+        out = session.run(None, {"class_logits": logits.numpy(), "box_deltas": deltas.numpy()})
         assert [o.dtype for o in out] == [np.float32, np.float32, np.int64, np.int64]
         assert_same(expected, *out)
         total += len(out[1])
@@ -67,13 +52,12 @@ def test_graph_detections_equal_the_postprocessors(cfg, flat, opset):
 
 def test_an_image_without_detections_and_a_batch_of_none():
     cfg = PostprocessConfig(score_threshold=0.9)
-    session = ort.InferenceSession(append_postprocess(passthrough_graph(len(PRIORS), 7), PRIORS.numpy(), cfg),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(postprocess_graph(PRIORS.numpy(), 7, cfg), providers=["CPUExecutionProvider"])
     logits, deltas = random_outputs(2, 7, seed=0, flat=True)
-    boxes, scores, labels, image = session.run(None, {"in_logits": logits.numpy(), "in_deltas": deltas.numpy()})
+    boxes, scores, labels, image = session.run(None, {"class_logits": logits.numpy(), "box_deltas": deltas.numpy()})
     assert boxes.shape == (0, 4) and len(scores) == len(labels) == len(image) == 0
     logits[1, 5, 3] = 20.0  # one certain detection, in the second image
-    boxes, scores, labels, image = session.run(None, {"in_logits": logits.numpy(), "in_deltas": deltas.numpy()})
+    boxes, scores, labels, image = session.run(None, {"class_logits": logits.numpy(), "box_deltas": deltas.numpy()})
     assert image.tolist() == [1] and labels.tolist() == [3] and scores[0] > 0.99
 
 

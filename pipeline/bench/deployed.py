@@ -3,9 +3,11 @@
 For every listed model file ``models/{stem}.pt`` in PyTorch (``eager``, and ``eager_folded``: batch
 norm folded into the convolutions, :mod:`ssd.fold`) and its graphs ``{dir}/{stem}.onnx`` and
 ``{dir}/{stem}-int8.onnx`` (the deploy stage's) in ONNX Runtime (``ort_fp32``, ``ort_int8``), at
-each thread count (torch and ONNX Runtime alike), and ``ort_int8_detect`` where the int8 graph
-with the post-processing inside exists (its ``forward`` includes the post-processing, its
-``post`` only splits the outputs per image):
+each thread count (torch and ONNX Runtime alike); where the deploy stage wrote the int8 graph with
+the post-processing inside (``{stem}-int8-detect.onnx``), also ``ort_int8_detect`` (that file:
+its ``forward`` includes the post-processing, its ``post`` only splits the outputs per image) and
+``ort_int8_graph_post`` (the raw int8 graph, then the same post-processing as a graph of its own,
+:func:`ssd.graph_postprocess.postprocess_graph`, timed as ``post``):
 
 - ``latency_ms`` at batch 1, split as the models section splits it: ``pre`` (JPEG decode,
   resize, float), ``forward`` (the runtime; LSTM-SSD streaming, its state fed back), ``post``
@@ -23,15 +25,14 @@ Headline ratios (from the first thread count), forwards at batch 1:
 - ``int8_vs_eager``: the unpruned model's float eager forward over its int8 forward;
 - ``lstm_vs_ssdlite``: LSTM-SSD's streaming forward over the SSDLite it is built on, per
   ONNX Runtime variant (timed alternately, forwards only);
-- ``post_share``: post-processing's share of the end-to-end latency of the deployed detector, the
-  int8 graph with its post-processing inside (``ort_int8_detect``, the deploy stage's
-  ``-int8-detect.onnx``): its forward's excess over the raw int8 graph's plus splitting its outputs
-  per image, over its total; ``post_share_python``: the raw int8 graph followed by
-  :class:`ssd.postprocess.PostProcessor` in Python.
+- ``post_share``: the in-graph post-processing's share of the end-to-end latency,
+  ``ort_int8_graph_post``'s post over its total, per model; ``post_share_python``: the same for
+  ``ort_int8``, the raw int8 graph followed by :class:`ssd.postprocess.PostProcessor` in Python.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,12 +43,14 @@ from torch import nn
 from pipeline.bench.models import PARTS, Step, _ms, decode_rgb, model_steps, synthetic_jpeg, time_steps
 from ssd.fold import fold_batchnorm
 from ssd.model_file import load_model_file
-from ssd.onnx_detector import DetectionGraph, load_detection_graph, load_onnx_detector
+from ssd.onnx_detector import DetectionGraph, load_detection_graph, load_onnx_detector, postprocess_session
 from ssd.postprocess import PostprocessConfig, PostProcessor
 
 RUNTIMES = ("eager", "eager_folded", "ort_fp32", "ort_int8")
 #: The int8 graph with its post-processing inside (the deploy stage's ``-int8-detect.onnx``).
 DETECT = "ort_int8_detect"
+#: The raw int8 graph, then the post-processing graph alone: the in-graph post-processing's own time.
+GRAPH_POST = "ort_int8_graph_post"
 CPU = torch.device("cpu")
 
 
@@ -62,9 +65,36 @@ def runtimes(file: str, onnx_dir: str, threads: int) -> dict[str, Any]:
         "ort_fp32": load_onnx_detector(Path(onnx_dir) / f"{stem}.onnx", threads)[0],
         "ort_int8": load_onnx_detector(Path(onnx_dir) / f"{stem}-int8.onnx", threads)[0],
     }
-    if (Path(onnx_dir) / f"{stem}-int8-detect.onnx").is_file():
-        models[DETECT] = load_detection_graph(Path(onnx_dir) / f"{stem}-int8-detect.onnx", threads)[0]
+    detect = Path(onnx_dir) / f"{stem}-int8-detect.onnx"
+    if detect.is_file():
+        graph, info = load_detection_graph(detect, threads)
+        models[DETECT] = graph
+        raw = models["ort_int8"]
+        config = PostprocessConfig(**{k: info["postprocess"][k] for k in ("score_threshold", "nms_threshold",
+                                                                          "max_detections")})
+        models[GRAPH_POST] = GraphPost(raw, postprocess_session(raw.priors, raw.num_classes, config, threads))
     return models
+
+
+@dataclass(frozen=True)
+class GraphPost:
+    """The raw int8 graph, then the post-processing graph in a session of its own: the in-graph
+    post-processing timed as a step of its own (``ort_int8_graph_post``)."""
+
+    raw: Any
+    post: Any
+
+
+def graph_post_steps(model: GraphPost, jpeg: bytes, batch: int) -> list[Step]:
+    """pre, forward (the raw graph) as ``ort_int8``'s, then post: the post-processing graph and
+    its outputs split per image."""
+    steps = model_steps(model.raw, jpeg, batch, CPU, None)[:2]
+
+    def post(out: tuple) -> list:
+        found = model.post.run(None, {"class_logits": out[0].numpy(), "box_deltas": out[1].numpy()})
+        return DetectionGraph.per_image(found, batch)
+
+    return [*steps, ("post", post)]
 
 
 def detect_steps(graph: DetectionGraph, pre: Callable[[Any], Any], batch: int) -> list[Step]:
@@ -87,6 +117,8 @@ def alternate(models: dict[str, Any], jpeg: bytes, batch: int, repeats: int, war
         if isinstance(model, DetectionGraph):
             pre = model_steps(models["ort_int8"], jpeg, batch, CPU, None)[0][1]  # the same decode and resize
             steps = detect_steps(model, pre, batch)
+        elif isinstance(model, GraphPost):
+            steps = graph_post_steps(model, jpeg, batch)
         else:
             steps = model_steps(model, jpeg, batch, CPU, PostProcessor(model.priors, postprocess))
         chain += [(f"{name}/{part}", fn) for part, fn in steps]
@@ -171,13 +203,5 @@ def headline(entry: dict[str, Any], pruned: Sequence[str], lstm: Sequence[str]) 
     if "lstm_vs_ssdlite" in entry:
         out["lstm_vs_ssdlite"] = {v: r["ratio"] for v, r in entry["lstm_vs_ssdlite"].items()}
     out["post_share_python"] = {stem: rts["ort_int8"]["post_share"] for stem, rts in figures.items()}
-    out["post_share"] = {stem: post_share_in_graph(rts) for stem, rts in figures.items() if DETECT in rts}
+    out["post_share"] = {stem: rts[GRAPH_POST]["post_share"] for stem, rts in figures.items() if GRAPH_POST in rts}
     return out
-
-
-def post_share_in_graph(rts: dict[str, Any]) -> float:
-    """The post-processing share of the int8 detector graph's end-to-end latency: what its forward
-    takes over the raw int8 graph's (both timed in one loop), plus splitting its outputs per image."""
-    detect, raw = rts[DETECT]["latency_ms"], rts["ort_int8"]["latency_ms"]
-    post = max(detect["forward"] - raw["forward"], 0.0) + detect["post"]
-    return round(post / detect["total"], 4)
