@@ -152,17 +152,6 @@ def load_detection_graph(path: str | os.PathLike, threads: int | None = None) ->
     return DetectionGraph(session, info), info
 
 
-def postprocess_session(priors: Tensor, num_classes: int, config: Any, threads: int | None = None) -> Any:
-    """An ONNX Runtime session of the post-processing alone (:func:`ssd.graph_postprocess.postprocess_graph`):
-    feed it a raw graph's ``class_logits`` and ``box_deltas``; its outputs are :meth:`DetectionGraph.run`'s."""
-    import onnxruntime as ort
-
-    from ssd.graph_postprocess import postprocess_graph
-
-    data = postprocess_graph(priors.detach().cpu().numpy(), num_classes, config)
-    return ort.InferenceSession(data, _options(threads), providers=["CPUExecutionProvider"])
-
-
 def _session(path: str | os.PathLike, threads: int | None) -> tuple[Any, dict[str, Any]]:
     """An ONNX Runtime CPU session of the file ``path`` and its metadata (InputError: one line)."""
     try:

@@ -258,7 +258,7 @@ def deployed_figures(project) -> dict:
     settings = ["--set", "deployed.files=[models/tiny.pt, models/tiny-pruned.pt, models/tiny_lstm.pt]",
                 "--set", "deployed.pruned=[tiny, tiny-pruned]", "--set", "deployed.lstm=[tiny_lstm, tiny]",
                 "--set", "deployed.repeats=2", "--set", "deployed.throughput_repeats=1", "--set", "deployed.warmup=1",
-                "--set", "deployed.batch=2"]
+                "--set", "deployed.batch=2", "--set", "deployed.camera_rounds=2", "--set", "deployed.camera_block=2"]
     result = run(project, "--only", "deployed", "--out", "deployed.json", *settings)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads((project / "deployed.json").read_text())["deployed"]
@@ -272,14 +272,17 @@ def test_deployed_section_times_every_runtime_and_reports_the_ratios(deployed_fi
     assert set(d["lstm_vs_ssdlite"]) == {"ort_fp32", "ort_int8"}
     # post_share: the int8 graph with the post-processing inside (the deploy stage wrote it by default)
     assert set(d["post_share"]) == set(d["post_share_python"]) == {"tiny", "tiny-pruned", "tiny_lstm"}
+    assert set(d["post_share_interleaved"]) == set(d["post_share"])
     for stem, share in d["post_share"].items():
-        fig = d["threads_1"]["models"][stem]
-        assert share == fig["ort_int8_graph_post"]["post_share"]
-        assert d["post_share_python"][stem] == fig["ort_int8"]["post_share"]
+        loop = d["threads_1"]["camera_loop"][stem]
+        graph, python = loop["graph_ms"], loop["python_ms"]
+        post = max(graph["forward"] - python["forward"], 0) + graph["post"]
+        assert loop["graph_post_ms"] == pytest.approx(post, abs=2e-3)
+        assert share == pytest.approx(post / graph["total"], abs=1e-3) and 0 < share < 1
+        assert d["post_share_python"][stem] == pytest.approx(python["post"] / python["total"], abs=1e-3)
     for threads in ("threads_1", "threads_2"):
         for name, runtimes in d[threads]["models"].items():
-            assert set(runtimes) == {"eager", "eager_folded", "ort_fp32", "ort_int8", "ort_int8_detect",
-                                     "ort_int8_graph_post"}
+            assert set(runtimes) == {"eager", "eager_folded", "ort_fp32", "ort_int8", "ort_int8_detect"}
             for fig in runtimes.values():
                 ms = fig["latency_ms"]
                 assert all(ms[k] > 0 for k in ("pre", "forward", "post"))

@@ -85,6 +85,8 @@ TINY.update({
     "benchmark.deployed.repeats": 2,
     "benchmark.deployed.throughput_repeats": 1,
     "benchmark.deployed.warmup": 1,
+    "benchmark.deployed.camera_rounds": 2,
+    "benchmark.deployed.camera_block": 2,
     "benchmark.feed.source_size": [100, 75],
     "benchmark.feed.samples": 4,
     "benchmark.feed.repeats": 1,

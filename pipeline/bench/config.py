@@ -143,11 +143,16 @@ class DeployedBench:
     repeats: int = 30
     throughput_repeats: int = 5
     warmup: int = 5
+    camera_rounds: int = 8
+    """The deployed detector's camera loop: rounds of one block of each variant (pipeline.bench.deployed)."""
+    camera_block: int = 20
+    """Consecutive frames per block (timed; after ``warmup`` untimed ones)."""
 
     def __post_init__(self) -> None:
         if not self.files or not self.threads:
             raise ConfigError("benchmark.deployed: list at least one model file and one thread count")
         _positive("deployed", batch=self.batch, repeats=self.repeats, throughput_repeats=self.throughput_repeats,
+                  camera_rounds=self.camera_rounds, camera_block=self.camera_block,
                   **{f"threads[{i}]": t for i, t in enumerate(self.threads)})
 
 
