@@ -18,8 +18,9 @@ import webdataset as wds
 from torch.testing import assert_close
 
 import ssd.data.loader as loader_module
+import ssd.data.samples as samples_module
 from ssd.data.loader import Batch, Sample, collate, eval_loader, train_loader
-from ssd.data.transforms import AugmentConfig
+from ssd.data.transforms import AugmentConfig, train_transform
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 48, 40  # stored image size
@@ -271,8 +272,8 @@ def test_few_shards_are_split_within_shards(tmp_path):
 
 def test_resume_skips_samples_before_decoding(frame_shards, monkeypatch):
     calls = []
-    decode = loader_module._decode_image
-    monkeypatch.setattr(loader_module, "_decode_image", lambda data, where: calls.append(where) or decode(data, where))
+    decode = samples_module._decode_image
+    monkeypatch.setattr(samples_module, "_decode_image", lambda data, where: calls.append(where) or decode(data, where))
     full = _train(frame_shards, batches_per_epoch=6, streams=2)
     assert len(calls) == 6 * 3
     calls.clear()
@@ -374,7 +375,7 @@ def test_sequence_mode_resume_and_workers(video_shards, num_workers):
 
 def test_decode_sequence_transforms_the_clips_of_a_run_as_one(video_shards, tmp_path, monkeypatch):
     raws = [r for r in loader_module.read_raw_samples(video_shards[0], "clips") if r.key.startswith("v0_")]
-    transform = loader_module.train_transform(S, AugmentConfig(photometric_p=0.0, zoom_out_p=0.0, crop_p=0.0, flip_p=0.5))
+    transform = train_transform(S, AugmentConfig(photometric_p=0.0, zoom_out_p=0.0, crop_p=0.0, flip_p=0.5))
     flips_seen = set()
     for seed in range(6):
         torch.manual_seed(seed)
