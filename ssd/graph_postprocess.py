@@ -18,8 +18,9 @@ batch. A temporal graph's state outputs stay, after them, so a runtime streams a
 
 Why in the graph: after a 2-3 ms int8 forward, the Python post-processing of one frame
 (:func:`ssd.postprocess.single_image_cpu`, a few dozen NumPy calls on cold caches) took
-0.6-0.7 ms, a sixth of the frame; the same work as ONNX Runtime operators is one call, and a
-deployer in C++ or on a phone gets a file that needs no post-processing code of its own.
+0.7-1.0 ms, a fifth of the frame; the same work as ONNX Runtime operators took 0.1-0.4 ms
+(the benchmark's ``camera_loop``), and a deployer in C++ or on a phone gets a file that needs
+no post-processing code of its own.
 
 What differs from :class:`ssd.postprocess.PostProcessor`: its ``top_k`` limit on the
 candidates of one class before NMS is not applied (``NonMaxSuppression`` has no such input),
