@@ -116,10 +116,9 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
                 log.info("%s: int8 graph, %d nodes, %.2f MB, %d calibration frames in %.1f s", stem, q["nodes"],
                          q["mb"], q["calibration"]["calibration_frames"], q["seconds"])
             if cfg.detect.enabled:
-                for variant in ("float", "int8") if cfg.int8.enabled else ("float",):
-                    name = f"{stem}-detect.onnx" if variant == "float" else f"{stem}-int8-detect.onnx"
-                    source = tmp / (f"{stem}.onnx" if variant == "float" else f"{stem}-int8.onnx")
-                    figures[stem][f"{variant}_detect"] = export_detect(model, source.read_bytes(), tmp / name,
+                for variant, suffix in (("float", ""), ("int8", "-int8"))[: 2 if cfg.int8.enabled else 1]:
+                    source, out_file = tmp / f"{stem}{suffix}.onnx", tmp / f"{stem}{suffix}-detect.onnx"
+                    figures[stem][f"{variant}_detect"] = export_detect(model, source.read_bytes(), out_file,
                                                                        cfg.detect.postprocess())
         metrics = {"models": _numbers(figures)}  # numbers only, as every metrics file: the settings are in params
         atomic.write_json(cfg.metrics, metrics)

@@ -39,10 +39,11 @@ from typing import Any
 import numpy as np
 
 from ssd.boxes import MAX_LOG_SCALE, VARIANCES
+from ssd.onnx_detector import DETECTION_OUTPUTS, RAW_OUTPUTS
 from ssd.postprocess import PostprocessConfig
 
-RAW = ("class_logits", "box_deltas")
-DETECTIONS = ("boxes", "scores", "labels", "batch_index")
+RAW = tuple(RAW_OUTPUTS)
+DETECTIONS = DETECTION_OUTPUTS
 
 
 class _Graph:

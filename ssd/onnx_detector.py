@@ -11,8 +11,9 @@ then apply to the exported artifact, float or int8, as to the PyTorch model.
 Only graphs with raw outputs (``class_logits``, ``box_deltas``, as
 :func:`ssd.export.deployable_onnx` writes by default) fit here; the priors are rebuilt from the
 ``model_arch`` metadata. A graph with its post-processing inside (:mod:`ssd.graph_postprocess`,
-the deploy stage's ``-detect.onnx``) runs in :class:`DetectionGraph` instead: detections out. ONNX Runtime runs on the CPU: inputs on another device are copied
-over and the outputs go back to the inputs' device.
+the deploy stage's ``-detect.onnx``) runs in :class:`DetectionGraph` instead: detections out.
+ONNX Runtime runs on the CPU: inputs on another device are copied over and the outputs go back
+to the inputs' device.
 """
 
 from __future__ import annotations
@@ -63,11 +64,7 @@ class OnnxDetector(nn.Module):
         """``images [B, 3, S, S]`` float in [0, 1] -> ``(class_logits, box_deltas)``, and for a
         temporal graph ``new_state`` (``state`` None: a fresh zero state)."""
         device = images.device
-        feed = {self.input_names[0]: np.ascontiguousarray(images.detach().float().cpu().numpy())}
-        if self.is_temporal:
-            state = self.init_state(images.shape[0]) if state is None else state
-            feed.update((n, np.ascontiguousarray(s.detach().float().cpu().numpy()))
-                        for n, s in zip(self.input_names[1:], state))
+        feed = _feed(self.input_names, self.state_shapes, images, state)
         out = [torch.from_numpy(o).to(device) for o in self.session.run(None, feed)]
         if self.is_temporal:
             return out[0], out[1], tuple(out[2:])
@@ -116,12 +113,7 @@ class DetectionGraph:
     def run(self, images: Tensor, state: Sequence[np.ndarray] | None = None) -> tuple[list[np.ndarray], list]:
         """One call: ``(outputs, new_state)``; ``outputs`` as the graph returns them (boxes ``[N, 4]``,
         scores ``[N]``, labels ``[N]``, batch_index ``[N]``); ``state`` None: a fresh zero state."""
-        feed = {self.input_names[0]: np.ascontiguousarray(images.detach().float().cpu().numpy())}
-        if self.is_temporal:
-            if state is None:
-                state = [np.zeros((images.shape[0], *s), np.float32) for s in self.state_shapes]
-            feed.update(zip(self.input_names[1:], state))
-        out = self.session.run(None, feed)
+        out = self.session.run(None, _feed(self.input_names, self.state_shapes, images, state))
         return out[:4], out[4:]
 
     @staticmethod
@@ -134,6 +126,22 @@ class DetectionGraph:
         counts = torch.bincount(image, minlength=batch).tolist()
         return [{"boxes": b, "scores": s, "labels": lab}
                 for b, s, lab in zip(boxes.split(counts), scores.split(counts), labels.split(counts))]
+
+
+def _feed(names: Sequence[str], state_shapes: Sequence[tuple[int, ...]], images: Tensor,
+          state: Sequence[Tensor | np.ndarray] | None) -> dict[str, np.ndarray]:
+    """A session's inputs: ``images`` and, for a temporal graph, ``state`` (torch tensors or
+    arrays; None: zeros), as contiguous float32 arrays."""
+    def array(x: Tensor | np.ndarray) -> np.ndarray:
+        x = x.detach().float().cpu().numpy() if isinstance(x, Tensor) else x
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    feed = {names[0]: array(images)}
+    if state_shapes:
+        if state is None:
+            state = [np.zeros((images.shape[0], *shape), np.float32) for shape in state_shapes]
+        feed.update((n, array(s)) for n, s in zip(names[1:], state))
+    return feed
 
 
 def load_detection_graph(path: str | os.PathLike, threads: int | None = None) -> tuple[DetectionGraph, dict[str, Any]]:

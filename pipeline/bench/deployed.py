@@ -121,7 +121,7 @@ def camera_loop(raw: nn.Module, detect: DetectionGraph, jpeg: bytes, rounds: int
             for part in PARTS:
                 parts[name][part].append(seconds[part])
     ms = {name: _ms({p: statistics.median(v) for p, v in by_part.items()}) for name, by_part in parts.items()}
-    post = max(ms["graph"]["forward"] - ms["python"]["forward"], 0.0) + ms["graph"]["post"]
+    post = _graph_post_ms(ms["graph"], ms["python"])
     return {"python_ms": ms["python"], "graph_ms": ms["graph"], "graph_post_ms": round(post, 3),
             "post_share": round(post / ms["graph"]["total"], 4),
             "post_share_python": round(ms["python"]["post"] / ms["python"]["total"], 4)}
@@ -216,8 +216,14 @@ def headline(entry: dict[str, Any], pruned: Sequence[str], lstm: Sequence[str]) 
     return out
 
 
+def _graph_post_ms(detect: dict[str, float], raw: dict[str, float]) -> float:
+    """The detector graph's post-processing (ms): its forward over the raw int8 graph's, plus
+    splitting its outputs per image; ``detect`` and ``raw`` are the two's :func:`_ms` parts."""
+    return max(detect["forward"] - raw["forward"], 0.0) + detect["post"]
+
+
 def _interleaved_share(rts: dict[str, Any]) -> float:
     """The detector graph's post-processing share in :func:`alternate`'s loop (caches left cold by
-    the other runtimes): its forward over the raw int8 graph's, plus splitting its outputs."""
-    detect, raw = rts[DETECT]["latency_ms"], rts["ort_int8"]["latency_ms"]
-    return round((max(detect["forward"] - raw["forward"], 0.0) + detect["post"]) / detect["total"], 4)
+    the other runtimes)."""
+    detect = rts[DETECT]["latency_ms"]
+    return round(_graph_post_ms(detect, rts["ort_int8"]["latency_ms"]) / detect["total"], 4)
