@@ -90,7 +90,9 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
         clip = r.cfg.optim.grad_clip if r.cfg.optim.grad_clip > 0 else float("inf")
         res.grad_norm = float(acc.clip_grad_norm_(r.model.parameters(), clip))
         r.optimizer.step()
-        if r.ema is not None:
+        # fp16: the loss scaler skips the update when the scaled gradients overflow; the EMA
+        # must not average the unchanged weights in as if they were a step
+        if r.ema is not None and not acc.optimizer_step_was_skipped:
             r.ema.update_parameters(r.unwrapped)
     r.optimizer.zero_grad(set_to_none=True)
     return res
