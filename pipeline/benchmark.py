@@ -134,9 +134,10 @@ def _gpu(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
     from pipeline.bench import gpu
 
     c = cfg.gpu
-    if c.dry_run:  # the smallest run that goes through every part
+    if c.dry_run:  # the smallest run that goes through every part, the loop in the first precision
+        first = c.precisions[0] if c.precisions else "fp32"  # (bf16 can be 25x fp32's time on a CPU)
         settings = {**to_dict(c), "batches": [2], "steps": 2, "warmup": 1, "loop_steps": 2, "num_workers": 1,
-                    "loop": [[name, "bf16", 2] for name in c.models], "inference_batch": 2, "latency_repeats": 2}
+                    "loop": [[name, first, 2] for name in c.models], "inference_batch": 2, "latency_repeats": 2}
         device = "cpu"
     else:
         settings = to_dict(c)

@@ -198,10 +198,16 @@ class GpuBench:
     """Loader workers of the real training loop."""
     inference_batch: int = 64
     latency_repeats: int = 30
-    time_limit_s: float = 240.0
+    time_limit_s: float = 320.0
     """Parts not started by then are left out (named in the JSON's ``skipped``)."""
+    compile_limit_s: float = 100.0
+    """torch.compile's part, per model, is stopped after this (named in ``failed``); it starts only
+    with this much of ``time_limit_s`` left. On the first H200 run one compile ran past 4 minutes."""
     tests_junit: str | None = None
     """The CUDA tests' JUnit report to count in the JSON (the script passes it)."""
+    partial: str | None = None
+    """Rewritten before each part with the figures so far and the part under way (the script
+    passes ``<out>-partial.json``): what a check killed at its limit measured."""
     dry_run: bool = False
     """On the CPU at the smallest sizes: proves the check runs; its figures say nothing about a GPU."""
 
@@ -216,7 +222,8 @@ class GpuBench:
                 raise ConfigError(f"benchmark.gpu: unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
         _positive("gpu", steps=self.steps, warmup=self.warmup, loop_steps=self.loop_steps,
                   inference_batch=self.inference_batch, latency_repeats=self.latency_repeats,
-                  time_limit_s=self.time_limit_s, **{f"batches[{i}]": b for i, b in enumerate(self.batches)})
+                  time_limit_s=self.time_limit_s, compile_limit_s=self.compile_limit_s,
+                  **{f"batches[{i}]": b for i, b in enumerate(self.batches)})
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
   torchvision's model of the same family with its own loss (``peer``), timed alternately step by
   step; images/s, ``ours_vs_torchvision`` and each one's peak device memory;
 - ``options[model]``: the limit at ``option_precision`` and the largest batch with
-  ``channels_last`` and with ``torch.compile`` (``compile_backend``), against the plain step;
+  ``channels_last`` and with ``torch.compile`` (``compile_backend``, at most ``compile_limit_s``
+  per model), each against the plain step timed alternately with it;
 - ``loop[model][precision][bsN]``: the real training stage from shards (:func:`training_loop`):
   images/s, ``vs_limit`` and the data-wait fraction; ``bsN_colour_on_device``: the same with
   the colour change left to the device (``data.augment.photometric_device``);
@@ -32,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.bench import gpu_infer
+from ssd import atomic
 from pipeline.bench.device_timing import Budget, peak_memory, timed
 from pipeline.bench.gpu_train import MODELS, our_step, peer_step, synthetic_batch, training_loop
 
@@ -50,22 +52,18 @@ def train_pair(name: str, precision: str, batch: int, s: dict, device: str) -> d
     return out
 
 
-def train_options(name: str, s: dict, device: str) -> dict[str, Any]:
-    """channels_last and torch.compile against the plain limit step, alternately."""
+def train_option(name: str, option: str, s: dict, device: str) -> dict[str, Any]:
+    """``channels_last`` or ``compile`` (torch.compile with ``compile_backend``) against the plain
+    limit step at ``option_precision`` and the largest batch, alternately."""
     precision, batch = s["option_precision"], max(s["batches"])
     images, targets = synthetic_batch(batch, MODELS[name][0]["image_size"], device)
-    variants = {"plain": our_step(name, images, targets, precision, device),
-                "channels_last": our_step(name, images, targets, precision, device, channels_last=True),
-                "compile": our_step(name, images, targets, precision, device, compile_backend=s["compile_backend"])}
-    for fn in variants.values():
+    extra = {"channels_last": True} if option == "channels_last" else {"compile_backend": s["compile_backend"]}
+    variants = [our_step(name, images, targets, precision, device), our_step(name, images, targets, precision, device, **extra)]
+    for fn in variants:
         peak_memory(device, fn, s["warmup"])  # compiles here
-    seconds = dict(zip(variants, timed(list(variants.values()), s["steps"], device)))
-    out: dict[str, Any] = {"precision": precision, "batch": batch, "compile_backend": s["compile_backend"]}
-    for k, t in seconds.items():
-        out[f"{k}_images_per_s"] = round(batch / t, 2)
-        if k != "plain":
-            out[f"{k}_vs_plain"] = round(seconds["plain"] / t, 3)
-    return out
+    plain, other = timed(variants, s["steps"], device)
+    return {f"{option}_images_per_s": round(batch / other, 2), f"{option}_vs_plain": round(plain / other, 3),
+            f"{option}_plain_images_per_s": round(batch / plain, 2)}
 
 
 def colour_cost(batch: int, device: str, size: int = 300, repeats: int = 5) -> float:
@@ -95,16 +93,25 @@ def tests_summary(junit: str | None) -> dict[str, int] | None:
 def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int], steps: int, warmup: int,
         option_precision: str, compile_backend: str, loop: Sequence[Sequence[Any]], loop_colour: Sequence[str],
         loop_steps: int, shards: str,
-        num_workers: int, inference_batch: int, latency_repeats: int, time_limit_s: float, device: str,
-        tests_junit: str | None = None, dry_run: bool = False) -> dict[str, Any]:
-    """The figures of the module docstring, on ``device``."""
+        num_workers: int, inference_batch: int, latency_repeats: int, time_limit_s: float, compile_limit_s: float,
+        device: str, tests_junit: str | None = None, partial: str | None = None,
+        dry_run: bool = False) -> dict[str, Any]:
+    """The figures of the module docstring, on ``device``. ``partial``: a JSON rewritten before
+    each part with the figures so far and the part under way (``running``), so that a check killed
+    at its limit still leaves what it measured; removed once the run returns."""
     s = dict(steps=steps, warmup=warmup, batches=list(batches), option_precision=option_precision,
              compile_backend=compile_backend)
     if torch.device(device).type != "cuda":  # fp16 autocast and its scaler are GPU paths
         precisions = [p for p in precisions if p != "fp16"]
-    budget = Budget(time_limit_s)
     result: dict[str, Any] = {"dry_run": dry_run, "torch": torch.__version__, "cuda": torch.version.cuda or "none",
                               "train": {}, "options": {}, "loop": {}, "inference": {}}
+
+    def save_partial(part: str | None) -> None:
+        if partial:
+            atomic.write_json(partial, {**result, "running": part or "none", "skipped": ", ".join(budget.skipped),
+                                        "failed": "; ".join(budget.failed)})
+
+    budget = Budget(time_limit_s, on_start=save_partial)
     for name in models:
         for precision in precisions:
             for batch in batches:
@@ -133,16 +140,22 @@ def run(models: Sequence[str], precisions: Sequence[str], batches: Sequence[int]
     colour = budget.run("colour", colour_cost, max(batches), device)
     if colour is not None:
         result["colour_ms_per_image"] = colour
-    for name in models:  # last: torch.compile spends a minute or more compiling
-        figures = budget.run(f"options {name}", train_options, name, s, device, needs=0 if dry_run else 120)
-        if figures is not None:
-            result["options"][name] = figures
+    for option in ("channels_last", "compile"):  # compile last: it spends minutes compiling
+        for name in models:
+            limit = None if dry_run or option != "compile" else compile_limit_s
+            figures = budget.run(f"{option} {name}", train_option, name, option, s, device, limit=limit,
+                                 needs=0 if dry_run else (limit or 30))
+            if figures is not None:
+                result["options"].setdefault(name, {"precision": option_precision, "batch": max(batches),
+                                                    "compile_backend": compile_backend}).update(figures)
     result["headline"] = headline(result)
     result["skipped"] = ", ".join(budget.skipped) or "none"
     result["failed"] = "; ".join(budget.failed) or "none"
     tests = tests_summary(tests_junit)
     if tests is not None:
         result["tests"] = tests
+    if partial:
+        Path(partial).unlink(missing_ok=True)
     return result
 
 
