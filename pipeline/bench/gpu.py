@@ -33,9 +33,9 @@ from typing import Any, Sequence
 import torch
 
 from pipeline.bench import gpu_infer
-from ssd import atomic
 from pipeline.bench.device_timing import Budget, peak_memory, timed
 from pipeline.bench.gpu_train import MODELS, our_step, peer_step, synthetic_batch, training_loop
+from ssd import atomic
 
 
 def train_pair(name: str, precision: str, batch: int, s: dict, device: str) -> dict[str, Any]:
@@ -58,7 +58,8 @@ def train_option(name: str, option: str, s: dict, device: str) -> dict[str, Any]
     precision, batch = s["option_precision"], max(s["batches"])
     images, targets = synthetic_batch(batch, MODELS[name][0]["image_size"], device)
     extra = {"channels_last": True} if option == "channels_last" else {"compile_backend": s["compile_backend"]}
-    variants = [our_step(name, images, targets, precision, device), our_step(name, images, targets, precision, device, **extra)]
+    variants = [our_step(name, images, targets, precision, device),
+                our_step(name, images, targets, precision, device, **extra)]
     for fn in variants:
         peak_memory(device, fn, s["warmup"])  # compiles here
     plain, other = timed(variants, s["steps"], device)
