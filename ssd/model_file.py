@@ -5,7 +5,7 @@ Contents (a ``torch.save`` of plain data, loadable with ``weights_only=True``)::
     {
       "format": "ssd-model", "version": 1,
       "arch": {"name": builder, **builder arguments},   # model.arch; a pruned model's also holds
-                                                         # "pruned": {module: widths} (ssd.pruning)
+                                                         # "pruned": {module: widths} (ssd.pruned_widths)
       "class_names": [...],                              # object classes, label k -> class_names[k-1]
       "image_size": S, "mean": [...], "std": [...],      # the input the model expects: mean/std
                                                          # for [0, 1] pixels in the network's order,
@@ -31,7 +31,7 @@ import torch
 from ssd.atomic import atomic_open
 from ssd.errors import InputError
 from ssd.models import SSD
-from ssd.pruning import rebuild_model
+from ssd.pruned_widths import rebuild_model
 
 FORMAT = "ssd-model"
 VERSION = 1

@@ -42,7 +42,7 @@ class OnnxDetector(nn.Module):
 
     def __init__(self, session: Any, info: dict[str, Any]):
         super().__init__()
-        from ssd.pruning import rebuild_model
+        from ssd.pruned_widths import rebuild_model
 
         self.session = session
         self.info = info

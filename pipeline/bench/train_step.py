@@ -23,7 +23,7 @@ from ssd.data.loader import train_loader
 from ssd.data.transforms import AugmentConfig
 from ssd.loss import MultiBoxLoss
 from ssd.optim import OptimConfig, build_optimizer
-from ssd.pruning import rebuild_model
+from ssd.pruned_widths import rebuild_model
 
 
 def run(

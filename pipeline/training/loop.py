@@ -12,7 +12,8 @@ from typing import Any
 
 from pipeline.training.outputs import EXIT_PREEMPTED, save_checkpoint
 from pipeline.training.progress import Progress
-from pipeline.training.setup import Run, micro_batches
+from pipeline.training.setup import Run
+from pipeline.training.stream import micro_batches
 from pipeline.training.signals import StopFlag
 from pipeline.training.step import StepResult, account, step
 from pipeline.training.validation import validate

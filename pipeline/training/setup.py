@@ -8,7 +8,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
@@ -18,8 +18,7 @@ from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.run_log import RunLog, Table
 from pipeline.stage import StageError, check_writable
-from pipeline.train_config import DataConfig, ModelConfig, RunPaths, TrainConfig
-from pipeline.training.signals import signals_blocked
+from pipeline.train_config import ModelConfig, RunPaths, TrainConfig
 from pipeline.training.validation import Validator
 from ssd import atomic
 from ssd.ema import averaged
@@ -299,45 +298,3 @@ def _load_state(accelerator, checkpoint: Path, root: Path) -> None:
             f"{checkpoint}: the checkpoint can't be loaded ({type(e).__name__}: {first}); delete it to resume "
             f"from the one before, or delete {root} to start over"
         ) from None
-
-
-def micro_batches(r: Run, first: int) -> Iterator[Any]:
-    """Micro-batches from position ``first`` on, across epochs; deterministic in the position."""
-    from ssd.data.loader import batches
-
-    epoch, start = divmod(first, r.batches_per_epoch)
-    rank, world = r.accelerator.process_index, r.accelerator.num_processes
-    while True:
-        loader = _loader(r, rank, world, epoch, start)
-        # Loader workers are forked here. With SIGTERM/SIGINT blocked while they start, they
-        # inherit the block and a preemption signal can't kill one mid-epoch; the training
-        # process gets the pending signal as soon as the block is lifted.
-        with signals_blocked():
-            started = iter(loader)
-        yield from batches(started)  # workers stopped even when a bad sample ends the run
-        epoch, start = epoch + 1, 0
-
-
-def _loader(r: Run, rank: int, world: int, epoch: int, start: int):
-    from ssd.data.loader import train_loader
-
-    data: DataConfig = r.cfg.data
-    return train_loader(
-        r.shards,
-        data.augment,
-        image_size=r.unwrapped.image_size,
-        rank=rank,
-        world_size=world,
-        seed=r.cfg.seed,
-        epoch=epoch,
-        batches_per_epoch=r.batches_per_epoch,
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        start_batch=start,
-        kind=data.kind,
-        streams=data.streams,
-        shuffle_buffer=data.shuffle_buffer,
-        sequence_clips=data.sequence_clips,
-        pin_memory=torch.cuda.is_available(),
-        num_classes=len(r.classes),
-    )

@@ -46,6 +46,7 @@ __all__ = [
     "RawSample",
     "Sample",
     "batches",
+    "stop_workers",
     "collate",
     "decode_sample",
     "decode_sequence",
@@ -68,6 +69,11 @@ def batches(loader: DataLoader | Iterator[Any]) -> Iterator[Any]:
     try:
         yield from iterator
     finally:
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # what the iterator's __del__ calls
-        if shutdown is not None:
-            shutdown()
+        stop_workers(iterator)
+
+
+def stop_workers(iterator: Iterator[Any]) -> None:
+    """Stop the worker processes of a DataLoader iterator now (what its ``__del__`` would do)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
