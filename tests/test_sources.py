@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 from ssd.data.sources.decode import ordered_map
 from ssd.data.sources.records import Frame, Listing, Obj, Video, classes, sample_key
 
@@ -28,6 +32,30 @@ def test_ordered_map_keeps_order_and_bounds_what_is_in_flight():
     assert out == [i * i for i in range(50)]
     with ordered_map(1) as imap:
         assert list(imap(_square, range(5))) == [0, 1, 4, 9, 16]
+
+
+AFTER_OPENCV_THREADS = """
+import cv2, numpy as np
+from ssd.data.sources.decode import ordered_map
+from test_sources import _square
+cv2.setNumThreads(2)
+image = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
+for _ in range(5):  # OpenCV's thread pool starts and runs in this process
+    cv2.GaussianBlur(cv2.resize(image, (2500, 2500)), (15, 15), 0)
+with ordered_map(2, window=3) as imap:
+    print(list(imap(_square, range(6))))
+print(cv2.getNumThreads())
+"""
+
+
+def test_the_worker_pool_starts_after_opencv_threads_ran_in_the_parent():
+    """Workers forked from a process whose OpenCV thread pool had run waited forever in
+    cv2.setNumThreads (it hung this suite's CI run); OpenCV's setting is restored after."""
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", AFTER_OPENCV_THREADS], cwd=tests.parent, capture_output=True,
+                          text=True, timeout=120, env={"PYTHONPATH": f"{tests.parent}:{tests}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["[0, 1, 4, 9, 16, 25]", "2"]
 
 
 def test_listing_class_names_cover_frames_videos_and_containers():

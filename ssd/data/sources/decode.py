@@ -14,7 +14,7 @@ import multiprocessing
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import cv2
 
@@ -182,7 +182,9 @@ def run_task(task: tuple) -> LoadedImage | DecodedVideo:
 
 
 def _init_worker() -> None:
-    cv2.setNumThreads(1)  # the worker processes already fill the cores
+    # OpenCV runs one thread per worker process: set in the parent before the fork (ordered_map).
+    # Calling cv2.setNumThreads here, in a child forked from a process whose OpenCV thread pool
+    # had started, waits forever for pool threads the child does not have.
     # Ctrl-C reaches the whole process group. Only the main process acts on it: it stops
     # the pool (Pool.terminate). A worker killed by it could die holding the pool's task
     # queue lock, and terminate() would then wait for that lock forever.
@@ -201,18 +203,28 @@ def ordered_map(workers: int, window: int = 0) -> Iterator[Callable[[Callable, I
         yield map
         return
     window = window or 4 * workers
-    # fork: quick to start, and safe here because with a pool the parent does no OpenCV work
-    # of its own (a child forked from a process whose OpenCV threads ran could wait on them).
+    # fork: quick to start. OpenCV is set to one thread in the parent first, which stops its
+    # thread pool there, so the children neither inherit a pool nor wait on one; restored after.
     ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker) as pool:  # __exit__ terminates the workers
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with ctx.Pool(workers, initializer=_init_worker) as pool:  # __exit__ terminates the workers
+            yield _bounded(pool, window)
+    finally:
+        cv2.setNumThreads(threads)
 
-        def bounded(fn: Callable, items: Iterable) -> Iterator:
-            pending: collections.deque = collections.deque()
-            for item in items:
-                pending.append(pool.apply_async(fn, (item,)))
-                if len(pending) >= window:
-                    yield pending.popleft().get()
-            while pending:
+
+def _bounded(pool: Any, window: int) -> Callable[[Callable, Iterable], Iterator]:
+    """``map`` over ``pool``, in order, with at most ``window`` results in flight or waiting."""
+
+    def bounded(fn: Callable, items: Iterable) -> Iterator:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.apply_async(fn, (item,)))
+            if len(pending) >= window:
                 yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
 
-        yield bounded
+    return bounded
