@@ -54,9 +54,18 @@ def _started(r: Run, epoch: int, start: int) -> Iterator[Any]:
     With SIGTERM/SIGINT blocked while they start, they inherit the block and a preemption signal
     can't kill one mid-epoch; the training process gets the pending signal as soon as the block
     is lifted."""
+    import cv2
+
     loader = _loader(r, r.accelerator.process_index, r.accelerator.num_processes, epoch, start)
-    with signals_blocked():
-        return iter(loader)
+    # OpenCV to one thread while the workers fork: that stops its thread pool in this process,
+    # which the workers would otherwise inherit without its threads and wait on for ever.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        with signals_blocked():
+            return iter(loader)
+    finally:
+        cv2.setNumThreads(threads)
 
 
 def _loader(r: Run, rank: int, world: int, epoch: int, start: int):
