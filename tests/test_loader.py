@@ -648,3 +648,32 @@ def test_two_ranks_get_equal_batches_and_different_data(tmp_path, frame_shards):
     assert keys[0] != keys[1]
     firsts = [{k[0], k[2]} for k in keys]
     assert len(firsts[0]) == len(firsts[1]) == 2 and not firsts[0] & firsts[1]
+
+
+AFTER_OPENCV_THREADS = """
+import sys
+import cv2, numpy as np
+from shardgen import write_frame_dataset
+from pipeline.datasets import read_manifest
+from ssd.data.loader import batches, eval_loader
+from pathlib import Path
+shards = write_frame_dataset(Path(sys.argv[1]), {"val": [5]})
+cv2.setNumThreads(2)
+image = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
+for _ in range(5):  # OpenCV's thread pool starts and runs in this process
+    cv2.GaussianBlur(cv2.resize(image, (2500, 2500)), (15, 15), 0)
+loader = eval_loader(read_manifest(shards).shard_paths("val"), image_size=32, rank=0, world_size=1,
+                     batch_size=2, num_workers=1)
+print(sum(b.images.shape[0] for b in batches(loader)), cv2.getNumThreads())
+"""
+
+
+def test_loader_workers_start_after_opencv_threads_ran_in_the_parent(tmp_path):
+    """A worker forked from a process whose OpenCV pool had run waited for ever in its start's
+    cv2.setNumThreads (it hung CI in the training stream): batches() stops the pool for the fork."""
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", AFTER_OPENCV_THREADS, str(tmp_path / "shards")], cwd=tests.parent,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": f"{tests.parent}:{tests}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["5", "2"]

@@ -49,23 +49,17 @@ def micro_batches(r: Run, first: int) -> Iterator[Any]:
 
 
 def _started(r: Run, epoch: int, start: int) -> Iterator[Any]:
-    """An iterator over the loader of ``epoch`` from batch ``start``, its workers forked.
+    """An iterator over the loader of ``epoch`` from batch ``start``, its workers forked
+    (:func:`ssd.data.loader.start_workers`).
 
     With SIGTERM/SIGINT blocked while they start, they inherit the block and a preemption signal
     can't kill one mid-epoch; the training process gets the pending signal as soon as the block
     is lifted."""
-    import cv2
+    from ssd.data.loader import start_workers
 
     loader = _loader(r, r.accelerator.process_index, r.accelerator.num_processes, epoch, start)
-    # OpenCV to one thread while the workers fork: that stops its thread pool in this process,
-    # which the workers would otherwise inherit without its threads and wait on for ever.
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        with signals_blocked():
-            return iter(loader)
-    finally:
-        cv2.setNumThreads(threads)
+    with signals_blocked():
+        return start_workers(loader)
 
 
 def _loader(r: Run, rank: int, world: int, epoch: int, start: int):

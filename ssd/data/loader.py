@@ -16,7 +16,8 @@ The parts, one module each:
 - :mod:`ssd.data.eval_index`: :func:`eval_loader`, every sample exactly once, split across
   ranks (whole videos for clips);
 
-and here :func:`batches`, which iterates a loader and stops its workers however the loop ends.
+and here :func:`batches`, which starts a loader's workers (:mod:`ssd.data.workers`), iterates it
+and stops them however the loop ends.
 This module is the one the rest of the project imports them from.
 """
 
@@ -39,6 +40,7 @@ from ssd.data.samples import (
     read_raw_samples,
 )
 from ssd.data.train_streams import train_loader
+from ssd.data.workers import start_workers, stop_workers
 
 __all__ = [
     "Batch",
@@ -46,12 +48,13 @@ __all__ = [
     "RawSample",
     "Sample",
     "batches",
-    "stop_workers",
     "collate",
     "decode_sample",
     "decode_sequence",
     "eval_loader",
     "read_raw_samples",
+    "start_workers",
+    "stop_workers",
     "train_loader",
 ]
 
@@ -65,15 +68,8 @@ def batches(loader: DataLoader | Iterator[Any]) -> Iterator[Any]:
     the workers with it; Python's exit then waits for them, forever when they ignore SIGTERM
     (training starts them so). Iterating through this stops them at once instead.
     """
-    iterator = iter(loader)
+    iterator = start_workers(loader) if isinstance(loader, DataLoader) else iter(loader)
     try:
         yield from iterator
     finally:
         stop_workers(iterator)
-
-
-def stop_workers(iterator: Iterator[Any]) -> None:
-    """Stop the worker processes of a DataLoader iterator now (what its ``__del__`` would do)."""
-    shutdown = getattr(iterator, "_shutdown_workers", None)
-    if shutdown is not None:
-        shutdown()

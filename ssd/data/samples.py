@@ -352,7 +352,8 @@ def _expand(urls: str | Sequence[str]) -> list[str]:
 
 def init_worker(_: int) -> None:
     """A loader worker's start (``worker_init_fn``) for training and evaluation alike."""
-    # DataLoader already limits torch to one thread per worker; do the same for OpenCV.
+    # DataLoader already limits torch to one thread per worker; do the same for OpenCV. Safe
+    # only when the parent's OpenCV pool was stopped for the fork (ssd.data.workers.start_workers).
     cv2.setNumThreads(1)
     # A preemption signals every process of the machine. The training process decides when
     # to stop (after the current step and a checkpoint); a loader worker that died on the

@@ -27,6 +27,7 @@ from ssd.data.sources.report import (
     UNREADABLE_FILE,
     UNREADABLE_VIDEO,
 )
+from ssd.data.workers import opencv_one_thread
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # in order of preference when one id has several
 VIDEO_SUFFIXES = (".mp4", ".avi")
@@ -182,9 +183,8 @@ def run_task(task: tuple) -> LoadedImage | DecodedVideo:
 
 
 def _init_worker() -> None:
-    # OpenCV runs one thread per worker process: set in the parent before the fork (ordered_map).
-    # Calling cv2.setNumThreads here, in a child forked from a process whose OpenCV thread pool
-    # had started, waits forever for pool threads the child does not have.
+    # OpenCV runs one thread per worker: set in the parent around the fork (ordered_map); a call
+    # of cv2.setNumThreads here could wait for ever (ssd.data.workers says why).
     # Ctrl-C reaches the whole process group. Only the main process acts on it: it stops
     # the pool (Pool.terminate). A worker killed by it could die holding the pool's task
     # queue lock, and terminate() would then wait for that lock forever.
@@ -203,16 +203,11 @@ def ordered_map(workers: int, window: int = 0) -> Iterator[Callable[[Callable, I
         yield map
         return
     window = window or 4 * workers
-    # fork: quick to start. OpenCV is set to one thread in the parent first, which stops its
-    # thread pool there, so the children neither inherit a pool nor wait on one; restored after.
+    # fork: quick to start; OpenCV's pool stopped in the parent first (ssd.data.workers), which
+    # also leaves each worker OpenCV at one thread.
     ctx = multiprocessing.get_context("fork")
-    threads = cv2.getNumThreads()
-    cv2.setNumThreads(1)
-    try:
-        with ctx.Pool(workers, initializer=_init_worker) as pool:  # __exit__ terminates the workers
-            yield _bounded(pool, window)
-    finally:
-        cv2.setNumThreads(threads)
+    with opencv_one_thread(), ctx.Pool(workers, initializer=_init_worker) as pool:  # exit terminates them
+        yield _bounded(pool, window)
 
 
 def _bounded(pool: Any, window: int) -> Callable[[Callable, Iterable], Iterator]:
