@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pipeline import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +42,54 @@ def test_dry_run_prints_the_command():
     out = subprocess.run([sys.executable, "-m", "pipeline.launch", "--dry-run", "train", "--section", "s"],
                          capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip().endswith("-m pipeline.train --section s")
+
+
+def test_a_cpu_machine_launches_without_importing_torch(tmp_path):
+    """No GPU device node: 0 GPUs, known without torch (the launcher itself starts in 0.1 s, not 3)."""
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    code = ("import sys; from pipeline import launch; launch.DEVICES = launch.Path(sys.argv[1]); "
+            "launch.main(['--dry-run', 'evaluate']); print('torch' in sys.modules, 'accelerate' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, env=env,
+                         check=True)
+    assert out.stdout.splitlines() == [f"{sys.executable} -m pipeline.evaluate", "False False"]
+
+
+def test_with_a_gpu_device_node_torch_counts_the_gpus(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    monkeypatch.setattr(launch, "DEVICES", tmp_path)
+    assert launch.gpu_count() == (3 if not sys.platform.startswith("linux") else 0)
+    for node in ("nvidia0", "kfd"):
+        (tmp_path / node).touch()
+        assert launch.gpu_count() == 3
+        (tmp_path / node).unlink()
+    (tmp_path / "nvidiactl").touch()  # the control node alone is not a GPU
+    assert launch.gpu_count() == (3 if not sys.platform.startswith("linux") else 0)
+
+
+def test_the_user_config_is_the_file_accelerate_itself_would_use(tmp_path):
+    """Our path for `accelerate config`'s file, against Accelerate's own (computed when its module
+    loads, so reloaded here), under the environment variables both read."""
+    import importlib
+
+    from accelerate.commands.config import config_args
+
+    cases = [{"HOME": tmp_path / "home"}, {"HOME": tmp_path / "home", "XDG_CACHE_HOME": tmp_path / "xdg"},
+             {"HOME": tmp_path / "home", "XDG_CACHE_HOME": tmp_path / "xdg", "HF_HOME": tmp_path / "hf"}]
+    try:
+        for extra in cases:
+            with pytest.MonkeyPatch.context() as env:
+                for name in ("ACCELERATE_CONFIG_FILE", "HF_HOME", "XDG_CACHE_HOME"):
+                    env.delenv(name, raising=False)
+                for name, value in extra.items():
+                    env.setenv(name, str(value))
+                theirs = Path(importlib.reload(config_args).default_config_file)
+                assert launch.user_config() is None, extra  # no file there yet
+                theirs.parent.mkdir(parents=True)
+                theirs.write_text("compute_environment: LOCAL_MACHINE\n")
+                assert launch.user_config() == theirs, extra
+                env.setenv("ACCELERATE_CONFIG_FILE", "/x.yaml")
+                assert launch.user_config() == Path("/x.yaml")
+    finally:
+        importlib.reload(config_args)
