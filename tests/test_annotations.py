@@ -1,10 +1,12 @@
-"""Tests for ssd.data.annotations: parsers, frame ids, video grouping, clips, splits, box cleanup."""
+"""Tests for ssd.data.annotations (parsers, box cleanup) and ssd.data.sequences (frame ids,
+video grouping, clips, splits)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 
 
 def _voc(objects: str, size: str = "<size><width>64</width><height>48</height><depth>3</depth></size>") -> str:
@@ -139,38 +141,38 @@ def test_mot_errors(text):
     ],
 )
 def test_split_frame_id_default(frame_id, expected):
-    assert ann.split_frame_id(frame_id) == expected
+    assert seq.split_frame_id(frame_id) == expected
 
 
 def test_split_frame_id_custom_pattern():
-    assert ann.split_frame_id("cam3.frame42", r"^(?P<video>\w+)\.frame(?P<frame>\d+)$") == ("cam3", 42)
+    assert seq.split_frame_id("cam3.frame42", r"^(?P<video>\w+)\.frame(?P<frame>\d+)$") == ("cam3", 42)
 
 
 @pytest.mark.parametrize("frame_id", ["noframe", "_12", "video_12a"])
 def test_split_frame_id_no_match(frame_id):
     with pytest.raises(ann.AnnotationError) as e:
-        ann.split_frame_id(frame_id)
+        seq.split_frame_id(frame_id)
     assert e.value.reason == ann.BAD_FRAME_ID
 
 
 def test_frame_pattern_needs_both_groups():
     with pytest.raises(ValueError, match="frame"):
-        ann.compile_frame_pattern(r"(?P<video>.+)_\d+")
+        seq.compile_frame_pattern(r"(?P<video>.+)_\d+")
     with pytest.raises(ValueError, match="invalid"):
-        ann.compile_frame_pattern(r"(")
+        seq.compile_frame_pattern(r"(")
 
 
 def test_natural_key_and_trailing_number():
-    assert sorted(["f10", "f2", "f1", "e9"], key=ann.natural_key) == ["e9", "f1", "f2", "f10"]
-    assert ann.trailing_number("frame_0012") == 12
-    assert ann.trailing_number("img12_v2") == 2
-    assert ann.trailing_number("cover") is None
+    assert sorted(["f10", "f2", "f1", "e9"], key=seq.natural_key) == ["e9", "f1", "f2", "f10"]
+    assert seq.trailing_number("frame_0012") == 12
+    assert seq.trailing_number("img12_v2") == 2
+    assert seq.trailing_number("cover") is None
 
 
 def test_group_videos_orders_by_number_not_string():
     ids = [f"walk_f{n}" for n in (10, 2, 1, 3, 9, 4, 5, 6, 7, 8)]
-    entries = [(*ann.split_frame_id(i), i) for i in ids]
-    segments, duplicates = ann.group_videos(entries)
+    entries = [(*seq.split_frame_id(i), i) for i in ids]
+    segments, duplicates = seq.group_videos(entries)
     assert duplicates == []
     assert [s.items for s in segments] == [tuple(f"walk_f{n}" for n in range(1, 11))]
     assert segments[0].frames == tuple(range(1, 11))
@@ -178,21 +180,21 @@ def test_group_videos_orders_by_number_not_string():
 
 def test_group_videos_gaps_start_new_segments():
     entries = [("v", n, n) for n in (1, 2, 3, 5, 6, 9)] + [("u", 4, "u4")]
-    segments, _ = ann.group_videos(entries, max_gap=0)
+    segments, _ = seq.group_videos(entries, max_gap=0)
     assert [(s.video, s.segment, s.frames) for s in segments] == [
         ("u", 0, (4,)),
         ("v", 0, (1, 2, 3)),
         ("v", 1, (5, 6)),
         ("v", 2, (9,)),
     ]
-    segments, _ = ann.group_videos(entries, max_gap=1)  # one missing frame tolerated
+    segments, _ = seq.group_videos(entries, max_gap=1)  # one missing frame tolerated
     assert [s.frames for s in segments if s.video == "v"] == [(1, 2, 3, 5, 6), (9,)]
-    segments, _ = ann.group_videos(entries, max_gap=2)
+    segments, _ = seq.group_videos(entries, max_gap=2)
     assert [s.frames for s in segments if s.video == "v"] == [(1, 2, 3, 5, 6, 9)]
 
 
 def test_group_videos_reports_duplicate_frame_numbers():
-    segments, duplicates = ann.group_videos([("v", 1, "v_1"), ("v", 2, "v_2"), ("v", 1, "v_001")])
+    segments, duplicates = seq.group_videos([("v", 1, "v_1"), ("v", 2, "v_2"), ("v", 1, "v_001")])
     assert segments[0].items == ("v_1", "v_2")
     assert [d[0] for d in duplicates] == ["v_001"]
 
@@ -209,45 +211,45 @@ def test_group_videos_reports_duplicate_frame_numbers():
     ],
 )
 def test_clip_starts(n, length, stride, expected):
-    assert ann.clip_starts(n, length, stride) == expected
+    assert seq.clip_starts(n, length, stride) == expected
 
 
 def test_clip_starts_cover_every_frame():
     for n in range(1, 30):
         for length in range(1, 7):
             for stride in range(1, length + 1):
-                covered = {s + i for s in ann.clip_starts(n, length, stride) for i in range(length)}
+                covered = {s + i for s in seq.clip_starts(n, length, stride) for i in range(length)}
                 assert covered == (set(range(n)) if n >= length else set())
-                assert all(s + length <= n for s in ann.clip_starts(n, length, stride))
+                assert all(s + length <= n for s in seq.clip_starts(n, length, stride))
 
 
 @pytest.mark.parametrize("length, stride", [(4, 5), (4, 0), (0, 1)])
 def test_clip_starts_rejects_strides_that_drop_frames(length, stride):
     with pytest.raises(ValueError):
-        ann.clip_starts(10, length, stride)
+        seq.clip_starts(10, length, stride)
 
 
 def test_split_videos_deterministic_whole_videos():
     names = [f"vid{i}" for i in range(10)]
-    a = ann.split_videos(names, 0.3)
-    assert a == ann.split_videos(list(reversed(names)), 0.3)  # listing order does not matter
+    a = seq.split_videos(names, 0.3)
+    assert a == seq.split_videos(list(reversed(names)), 0.3)  # listing order does not matter
     assert sorted(a) == sorted(names)
     assert sum(v == "val" for v in a.values()) == 3
     # Adding a video moves no other video.
-    b = ann.split_videos(names + ["vid10"], 0.3)
+    b = seq.split_videos(names + ["vid10"], 0.3)
     moved = [n for n in names if a[n] != b[n]]
     assert len(moved) <= 1
 
 
 def test_split_videos_edge_cases():
     # At least one val video as soon as there are two videos and val_fraction > 0; never all of them.
-    assert sorted(ann.split_videos(["a", "b"], 0.1).values()) == ["train", "val"]
-    assert sorted(ann.split_videos(["a", "b", "c"], 0.01).values()) == ["train", "train", "val"]
-    assert sorted(ann.split_videos(["a", "b"], 0.9).values()) == ["train", "val"]
-    assert ann.split_videos(["only"], 0.5) == {"only": "train"}
-    assert set(ann.split_videos(["a", "b"], 0.0).values()) == {"train"}
+    assert sorted(seq.split_videos(["a", "b"], 0.1).values()) == ["train", "val"]
+    assert sorted(seq.split_videos(["a", "b", "c"], 0.01).values()) == ["train", "train", "val"]
+    assert sorted(seq.split_videos(["a", "b"], 0.9).values()) == ["train", "val"]
+    assert seq.split_videos(["only"], 0.5) == {"only": "train"}
+    assert set(seq.split_videos(["a", "b"], 0.0).values()) == {"train"}
     with pytest.raises(ValueError):
-        ann.split_videos(["a"], 1.0)
+        seq.split_videos(["a"], 1.0)
 
 
 # ---------------------------------------------------------------------------

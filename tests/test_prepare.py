@@ -23,6 +23,7 @@ from pipeline import prepare as stage
 from ssd.data.sources import report as reasons
 from pipeline.prepare import main
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.shards import SHARD_NAME, iter_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -631,7 +632,7 @@ def test_ir_video_splits_without_splits_file_are_whole_and_deterministic(tmp_pat
     split_of = {}
     for s in samples(tmp_path, "ir"):
         assert split_of.setdefault(s["meta"]["video"], s["split"]) == s["split"]
-    assert split_of == ann.split_videos(["clipA", "clipB"], 0.5)
+    assert split_of == seq.split_videos(["clipA", "clipB"], 0.5)
     assert sorted(split_of.values()) == ["train", "val"]
 
 

@@ -15,7 +15,7 @@ from typing import Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.shards import ShardWriter
 from ssd.data.sources.clean import clean_frame
 from ssd.data.sources.decode import DecodedVideo, LoadedImage, ordered_map, run_task
@@ -77,7 +77,7 @@ class ClipWriter:
         if len(seg) < L:
             self.report.skip(video.file, SHORT_VIDEO, f"{span}: {len(seg)} frames < {L}", defect=False)
             return False
-        starts = ann.clip_starts(len(seg), L, self.clips.stride)
+        starts = seq.clip_starts(len(seg), L, self.clips.stride)
         st = self.stats[split]
         written = False
         for start in starts:
@@ -113,7 +113,7 @@ class ClipWriter:
 
     def _segments(self, name: str, frames: list) -> list[list]:
         """Split a video at gaps larger than max_gap and where the frame size changes."""
-        runs, _ = ann.group_videos(((name, f[0].number, f) for f in frames), self.clips.max_gap)
+        runs, _ = seq.group_videos(((name, f[0].number, f) for f in frames), self.clips.max_gap)
         out = []
         for run_ in runs:
             current: list = []

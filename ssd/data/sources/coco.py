@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 
 from ssd.bounds import Names
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources.records import Frame, Listing, Obj, Video, check_split_names, read_required
 from ssd.data.sources.report import ANNOTATION_WITHOUT_IMAGE, DUPLICATE_IMAGE, Report
 from ssd.errors import InputError
@@ -148,7 +149,7 @@ def read(root: Path, layout: CocoLayout, report: Report) -> Listing:
     declared: dict[int, str] = {}
     for split in layout.splits:
         found, objects, path, _ = _split(root, layout, split, report, declared)
-        frames += [_frame(im, objects, path, split) for im in sorted(found, key=lambda im: ann.natural_key(im.file))]
+        frames += [_frame(im, objects, path, split) for im in sorted(found, key=lambda im: seq.natural_key(im.file))]
     return Listing("frames", str(root), "coco", list(layout.splits), frames, _names(declared))
 
 
@@ -165,7 +166,7 @@ def read_videos(root: Path, layout: CocoLayout, report: Report) -> Listing:
                 report.skip(path, NOT_IN_VIDEO, f"image {im.id} ({im.file})")
                 continue
             by_video.setdefault(im.video, []).append(im)
-        for vid in sorted(by_video, key=lambda v: ann.natural_key(names.get(v, str(v)))):
+        for vid in sorted(by_video, key=lambda v: seq.natural_key(names.get(v, str(v)))):
             ims = sorted(by_video[vid], key=lambda im: im.frame)
             name = names.get(vid, str(vid))
             frames = []

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import cv2
 
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data import images
 from ssd.data.sources.report import (
     CORRUPT_IMAGE,
@@ -147,12 +148,12 @@ def decode_video(kind: str, path: str, name: str, quality: int, max_pixels: int)
 def _decode_folder(folder: Path, quality: int, max_pixels: int) -> DecodedVideo:
     files = sorted(
         (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-        key=lambda p: ann.natural_key(p.name),
+        key=lambda p: seq.natural_key(p.name),
     )
     problems = []
     numbered: dict[int, Path] = {}
     for p in files:
-        number = ann.trailing_number(p.stem)
+        number = seq.trailing_number(p.stem)
         if number is None:
             problems.append((str(p), FRAME_WITHOUT_NUMBER, ""))
         elif number in numbered:

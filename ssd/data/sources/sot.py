@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources.decode import IMAGE_SUFFIXES
 from ssd.data.sources.records import Frame, Listing, Obj, Video, read_text
 from ssd.data.sources.report import (
@@ -77,9 +78,9 @@ def _box_list(path: Path, report: Report) -> Lines | None:
 def _image_files(folder: Path, report: Report) -> list[tuple[int, Path]]:
     """(number, file) of the images in ``folder``, by the number in their names."""
     numbered = []
-    for p in sorted(folder.iterdir(), key=lambda p: ann.natural_key(p.name)):
+    for p in sorted(folder.iterdir(), key=lambda p: seq.natural_key(p.name)):
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-            number = ann.trailing_number(p.stem)
+            number = seq.trailing_number(p.stem)
             if number is None:
                 report.skip(p, FRAME_WITHOUT_NUMBER)
             else:
@@ -113,7 +114,7 @@ def _merge(per_target: list[Lines]) -> Lines:
 
 
 def _otb(folder: Path, split: str, layout: OtbLayout, report: Report) -> Video | None:
-    files = sorted(folder.glob("groundtruth_rect*.txt"), key=lambda p: ann.natural_key(p.name))
+    files = sorted(folder.glob("groundtruth_rect*.txt"), key=lambda p: seq.natural_key(p.name))
     lists = [_box_list(p, report) for p in files]
     if any(lines is None for lines in lists):
         return None
@@ -198,7 +199,7 @@ def read(root: Path, layout: OtbLayout | LasotLayout | AntiUavLayout, report: Re
         raise InputError(f"{root}: directory not found")
     reader, pattern = READERS[fmt]
     pattern = pattern or layout.label_file
-    folders = sorted({p.parent for p in root.rglob(pattern)}, key=lambda p: ann.natural_key(p.name))
+    folders = sorted({p.parent for p in root.rglob(pattern)}, key=lambda p: seq.natural_key(p.name))
     if fmt == "otb":  # an OTB-like folder with frames but no box list is worth a report
         for img in sorted(root.glob(f"*/{layout.images_dir}")):
             if img.parent not in folders:

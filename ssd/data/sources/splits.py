@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Sequence
 
 from ssd.bounds import AtLeast, Below
-from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources.records import check_split_names
 from ssd.data.sources.report import LISTED_VIDEO_MISSING, VIDEO_IN_TWO_SPLITS, Report
 from ssd.errors import InputError
@@ -42,7 +42,7 @@ def assign_splits(
         return ["train", "val"], {n: "train" for n in names}
     if (root / cfg.splits_file).is_file():
         return read_splits_file(root / cfg.splits_file, names, report)
-    return ["train", "val"], ann.split_videos(names, cfg.val_fraction)
+    return ["train", "val"], seq.split_videos(names, cfg.val_fraction)
 
 
 def read_splits_file(path: Path, names: Sequence[str], report: Report) -> tuple[list[str], dict[str, str]]:

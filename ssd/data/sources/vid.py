@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ssd.bounds import Names
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources import voc
 from ssd.data.sources.decode import IMAGE_SUFFIXES
 from ssd.data.sources.records import Frame, Listing, Video, check_split_names
@@ -54,17 +55,17 @@ class VidLayout:
 def _snippets(folder: Path) -> list[Path]:
     """Every folder under ``folder`` that holds XML files, in natural order."""
     found = {p.parent for p in folder.rglob("*.xml")}
-    return sorted(found, key=lambda p: ann.natural_key(str(p.relative_to(folder))))
+    return sorted(found, key=lambda p: seq.natural_key(str(p.relative_to(folder))))
 
 
 def _frames(xml_dir: Path, img_dir: Path, rename: dict[str, str], report: Report) -> list[Frame]:
     images = {p.stem: p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if img_dir.is_dir() else {}
     xmls = {p.stem: p for p in xml_dir.iterdir() if p.suffix.lower() == ".xml"}
-    for stem in sorted(set(images) - set(xmls), key=ann.natural_key):
+    for stem in sorted(set(images) - set(xmls), key=seq.natural_key):
         report.skip(images[stem], IMAGE_WITHOUT_ANNOTATION)
     frames = []
-    for stem in sorted(xmls, key=ann.natural_key):
-        number = ann.trailing_number(stem)
+    for stem in sorted(xmls, key=seq.natural_key):
+        number = seq.trailing_number(stem)
         if stem not in images:
             report.skip(xmls[stem], ANNOTATION_WITHOUT_IMAGE, f"no {stem}.JPEG in {img_dir}")
             continue

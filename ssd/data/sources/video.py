@@ -11,6 +11,7 @@ from typing import Annotated, Sequence
 
 from ssd.bounds import Between, Names
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources.decode import VIDEO_SUFFIXES
 from ssd.data.sources.records import Listing, Obj, Video, read_text
 from ssd.data.sources.report import (
@@ -72,7 +73,7 @@ def _discover(root: Path, layout: VideoLayout, report: Report) -> list[_Found]:
                 found[p.stem] = ("file", p)
     annotations = _paired(_annotation_files(root / layout.annotations_dir, report), found, layout, root)
     out = []
-    for name in sorted(set(found) | set(annotations), key=ann.natural_key):
+    for name in sorted(set(found) | set(annotations), key=seq.natural_key):
         # Each unpaired file is reported on its side; names that differ are paired only by `pairs`.
         if name not in annotations:
             report.skip(found[name][1], VIDEO_WITHOUT_ANNOTATION)

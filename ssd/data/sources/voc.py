@@ -14,6 +14,7 @@ from typing import Sequence
 
 from ssd.bounds import Names
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources.decode import IMAGE_SUFFIXES
 from ssd.data.sources.records import Frame, Listing, Obj, read_required
 from ssd.data.sources.report import (
@@ -51,7 +52,7 @@ def scan(
     images = _images_by_stem(img_dir, report)
     listed, list_file = _split_lists(root / splits_dir, splits, lambda i: i in xmls or i in images)
     pairs = []
-    for id_ in sorted(set(xmls) | set(images) | set(listed), key=ann.natural_key):
+    for id_ in sorted(set(xmls) | set(images) | set(listed), key=seq.natural_key):
         xml, image, named = xmls.get(id_), images.get(id_), listed.get(id_)
         if xml is None and image is None:
             report.skip(list_file[id_], LISTED_BUT_MISSING, id_)

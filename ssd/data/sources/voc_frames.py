@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ssd.bounds import Names
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources import voc
 from ssd.data.sources.records import Listing, Video, check_split_names
 from ssd.data.sources.report import VIDEO_IN_TWO_SPLITS, Report
@@ -24,23 +25,23 @@ class VocFramesLayout:
     images_dir: str = "JPEGImages"  # <id>.jpg|jpeg|png
     splits_dir: str = "ImageSets/Main"  # <split>.txt frame id lists
     splits: Names = ("train", "val")  # a video listed in several goes to the first of these
-    frame_id_pattern: str = ann.DEFAULT_FRAME_ID_PATTERN  # groups `video` and `frame`; default: <video>_<digits>
+    frame_id_pattern: str = seq.DEFAULT_FRAME_ID_PATTERN  # groups `video` and `frame`; default: <video>_<digits>
 
     def __post_init__(self) -> None:
         check_split_names(self.splits)
         try:
-            ann.compile_frame_pattern(self.frame_id_pattern)
+            seq.compile_frame_pattern(self.frame_id_pattern)
         except ValueError as e:
             raise ValueError(f"frame_id_pattern: {e}") from None
 
 
 def read(root: Path, layout: VocFramesLayout, report: Report) -> Listing:
-    pattern = ann.compile_frame_pattern(layout.frame_id_pattern)
+    pattern = seq.compile_frame_pattern(layout.frame_id_pattern)
     pairs = voc.scan(root, layout.annotations_dir, layout.images_dir, layout.splits_dir, layout.splits, report)
     by_video: dict[str, list] = {}
     for pair in pairs:
         try:
-            video, number = ann.split_frame_id(pair.id, pattern)
+            video, number = seq.split_frame_id(pair.id, pattern)
         except ann.AnnotationError as e:
             report.skip(pair.xml, e.reason, e.detail)
             continue
@@ -48,8 +49,8 @@ def read(root: Path, layout: VocFramesLayout, report: Report) -> Listing:
         if record is not None:
             by_video.setdefault(video, []).append((number, pair, record))
     videos = []
-    for name in sorted(by_video, key=ann.natural_key):
-        entries = sorted(by_video[name], key=lambda e: (e[0], ann.natural_key(e[1].id)))
+    for name in sorted(by_video, key=seq.natural_key):
+        entries = sorted(by_video[name], key=lambda e: (e[0], seq.natural_key(e[1].id)))
         named = [s for s in layout.splits if any(s in pair.splits for _, pair, _ in entries)]
         first_xml = entries[0][1].xml
         if len(named) > 1:

@@ -17,6 +17,7 @@ import yaml
 
 from ssd.bounds import Names
 from ssd.data import annotations as ann
+from ssd.data import sequences as seq
 from ssd.data.sources.decode import IMAGE_SUFFIXES
 from ssd.data.sources.records import Frame, Listing, Obj, check_split_names, read_required
 from ssd.data.sources.report import ANNOTATION_WITHOUT_IMAGE, UNREADABLE_FILE, Report
@@ -99,9 +100,9 @@ def read(root: Path, layout: YoloLayout, report: Report) -> Listing:
         if not img_dir.is_dir():
             raise InputError(f"{img_dir}: directory not found (split {split!r} is configured)")
         images, labels = _files(img_dir, IMAGE_SUFFIXES), _files(lbl_dir, (".txt",))
-        for rel in sorted(set(labels) - set(images), key=ann.natural_key):
+        for rel in sorted(set(labels) - set(images), key=seq.natural_key):
             report.skip(labels[rel], ANNOTATION_WITHOUT_IMAGE, f"no image {rel}.* in {img_dir}")
-        for rel in sorted(images, key=ann.natural_key):
+        for rel in sorted(images, key=seq.natural_key):
             label = labels.get(rel)
             if label is None:
                 report.fix(images[rel], BACKGROUND_IMAGE, f"no {rel}.txt in {lbl_dir}", defect=False)
