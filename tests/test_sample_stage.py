@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import pipeline.sample as sample_stage
+import pipeline.sample_files as sample_files
 from ssd.data.synthetic import IR_CLASSES, VOC_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,14 +203,14 @@ def test_another_seed_gives_other_data(generated: Path, tmp_path: Path):
 
 
 def test_a_failed_run_leaves_nothing_that_looks_complete(tmp_path: Path, monkeypatch):
-    real = sample_stage._write_voc_image
+    real = sample_files.write_voc_image
 
     def failing(job, index, split):
         if index == 10:
             raise RuntimeError("killed midway")
         return real(job, index, split)
 
-    monkeypatch.setattr(sample_stage, "_write_voc_image", failing)
+    monkeypatch.setattr(sample_files, "write_voc_image", failing)
     with pytest.raises(RuntimeError, match="killed midway"):
         sample_stage.main(["--params", str(_write_params(tmp_path, workers=1))])
     assert list((tmp_path / "out").iterdir()) == []
@@ -223,7 +224,7 @@ def test_a_failed_rerun_keeps_the_previous_output(tmp_path: Path, monkeypatch):
     def failing(job, index, split):
         raise RuntimeError("killed midway")
 
-    monkeypatch.setattr(sample_stage, "_write_ir_video", failing)
+    monkeypatch.setattr(sample_files, "write_ir_video", failing)
     with pytest.raises(RuntimeError):
         sample_stage.main(["--params", str(params), "--set", "seed=9"])
     assert {d: _tree(tmp_path / "out" / d) for d in ("voc", "ir")} == before
