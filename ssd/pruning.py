@@ -37,8 +37,7 @@ a 1x1 probe convolution stands in for each cell, so the graph decides the
 cell's input and output channels together with the layers around it; the
 cell's own hidden and bottleneck units are then scored by the L1 norm of their
 filters (a hidden unit: its four gate filters) and cut here with the library's
-low-level ``prune_conv_out_channels`` / ``prune_conv_in_channels`` (see the
-section on temporal models below).
+low-level ``prune_conv_out_channels`` / ``prune_conv_in_channels`` (:mod:`ssd.pruning_cells`).
 """
 
 from __future__ import annotations
@@ -51,8 +50,9 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ssd.lstm import BottleneckConvLSTMCell
 from ssd.models.vgg import L2Norm
+
+from ssd.pruning_cells import CellProbe, kept_count, plan_cell, prune_cell, temporal_cells
 
 # Recording and rebuilding the widths of a pruned model: ssd.pruned_widths (named here too).
 from ssd.pruned_widths import ARCH_KEY, Widths, check_recorded, module_widths, rebuild_model, resize_modules  # noqa: F401
@@ -131,16 +131,17 @@ def prune_model(model: nn.Module, config: PruneConfig, image_size: int | None = 
     size = int(image_size or model.image_size)
     names = {m: n for n, m in model.named_modules()}
     ignored = _ignored_modules(model, config.ignore)
-    cells = _temporal_cells(model)
+    cells = temporal_cells(model)
     frozen = {key for key, cell in cells.items() if any(m in ignored for m in cell.modules())}
     # Decided before anything is cut, so that a ratio that is too high leaves the model whole.
-    cell_plans = {key: _plan_cell(cell, f"temporal.{key}", config, key in frozen) for key, cell in cells.items()}
+    cell_plans = {key: plan_cell(cell, f"temporal.{key}", config.ratio, config.round_to, key in frozen)
+                  for key, cell in cells.items()}
     shapes_before = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     widths_before = module_widths(model)
 
     was_training = model.training
     model.eval()  # the tracing forward must not update batch-norm statistics
-    probes = {key: _CellProbe(cell) for key, cell in cells.items()}
+    probes = {key: CellProbe(cell) for key, cell in cells.items()}
     for key, probe in probes.items():
         model.temporal[key] = probe
         names[probe.conv] = f"temporal.{key}"
@@ -196,7 +197,7 @@ def prune_model(model: nn.Module, config: PruneConfig, image_size: int | None = 
         model.train(was_training)
 
     for key, cell in cells.items():
-        groups.update(_prune_cell(cell, f"temporal.{key}", cell_plans[key], cut[key]["in"], cut[key]["out"]))
+        groups.update(prune_cell(cell, f"temporal.{key}", cell_plans[key], cut[key]["in"], cut[key]["out"]))
     with torch.no_grad():
         was_training = model.training
         model.eval()
@@ -268,13 +269,6 @@ def _group_label(group: Any, graph: Any, names: Mapping[nn.Module, str]) -> str:
     return names[group[0].dep.target.module]
 
 
-def _kept(n: int, keep: float, round_to: int | None) -> int:
-    """Channels kept of ``n`` when ``keep`` of them should stay: rounded to ``round_to``, at least one."""
-    step = round_to or 1
-    k = math.floor(keep / step + 0.5) * step
-    return int(min(n, max(k, step, 1)))
-
-
 def _choose(
     plan: Sequence[tuple[nn.Module, Callable, Tensor]], names: Mapping[nn.Module, str], config: PruneConfig
 ) -> list[list[int]]:
@@ -291,7 +285,7 @@ def _choose(
                     f"ratio {config.ratio} would leave no channel of the {n} of {names[root]}; "
                     "lower the ratio or add the layer to ignore"
                 )
-            counts.append(n - _kept(n, target, config.round_to))
+            counts.append(n - kept_count(n, target, config.round_to))
     else:
         # Global ranking: remove the lowest normalised scores across all groups, skipping a
         # group once it has lost max_layer_ratio of its channels.
@@ -309,118 +303,8 @@ def _choose(
             if taken[g] < caps[g]:
                 taken[g] += 1
                 done += 1
-        counts = [n - _kept(n, n - t, config.round_to) if t else 0 for n, t in zip(sizes, taken)]
+        counts = [n - kept_count(n, n - t, config.round_to) if t else 0 for n, t in zip(sizes, taken)]
     return [torch.argsort(s, stable=True)[:c].tolist() for (_, _, s), c in zip(plan, counts)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Temporal models: the Bottleneck ConvLSTM cells, pruned by hand
-#
-# A cell (ssd.lstm.BottleneckConvLSTMCell) has three sets of channels of its own besides its input
-# x (M channels) and output (O):
-#   - hidden units u (N): h and c channel u, the unit's four gate filters (rows u, N+u, 2N+u, 3N+u
-#     of gates[1]), its recurrent input (channel M+u of bottleneck[0] and column M+u of
-#     bottleneck[1]) and its column of the projection; without a projection h *is* the output,
-#     and the hidden units are the output channels the graph chose;
-#   - bottleneck units v (N_b): row v of bottleneck[1], channel v of gates[0], column v of gates[1];
-#   - inputs and outputs, which belong to the groups of the layers around the cell.
-# Torch-Pruning can't trace the recurrence, so while the graph is built and pruned a _CellProbe (a
-# 1x1 convolution from M to O channels) stands in for each cell: the graph decides the cell's
-# inputs and outputs with the layers around it, and the cell's own units are chosen here by the
-# L1 norm of their filters, with the same ratio and rounding (in global mode too: the cell's
-# units are not ranked against the graph's channels).
-
-
-class _CellProbe(nn.Module):
-    """Stands in for a cell while the graph is traced and pruned: ``x -> (conv1x1(x), state)``.
-
-    Zero weights: the probe adds nothing to the importance of the channels around it.
-    """
-
-    def __init__(self, cell: BottleneckConvLSTMCell):
-        super().__init__()
-        self.conv = nn.Conv2d(cell.in_channels, cell.out_channels, 1, bias=False)
-        nn.init.zeros_(self.conv.weight)
-        self.conv.to(cell.gates[1].weight.device)
-        self.init_state = cell.init_state  # the model asks its cells for the zero state
-
-    def forward(self, x: Tensor, state: Any = None) -> tuple[Tensor, Any]:
-        return self.conv(x), state
-
-
-def _temporal_cells(model: nn.Module) -> dict[str, BottleneckConvLSTMCell]:
-    """A temporal model's cells by their key in ``model.temporal`` (none for other models)."""
-    if not getattr(model, "is_temporal", False):
-        return {}
-    temporal = getattr(model, "temporal", None)
-    if not isinstance(temporal, nn.ModuleDict) or not all(isinstance(c, BottleneckConvLSTMCell) for c in temporal.values()):
-        raise ValueError("a temporal model can be pruned only with its Bottleneck ConvLSTM cells in model.temporal")
-    return dict(temporal.items())
-
-
-def _lowest(scores: Tensor, count: int) -> list[int]:
-    return sorted(torch.argsort(scores, stable=True)[:count].tolist())
-
-
-def _plan_cell(cell: BottleneckConvLSTMCell, name: str, config: PruneConfig, frozen: bool) -> dict[str, list[int] | None]:
-    """The hidden and bottleneck units to remove (``None``: hidden units follow the outputs)."""
-    n, nb = cell.hidden_channels, cell.bottleneck[1].out_channels
-    if frozen or config.ratio == 0:
-        return {"hidden": [] if cell.project is not None else None, "bottleneck": []}
-    for units, what in ((n, "hidden"), (nb, "bottleneck")):
-        if units * (1.0 - config.ratio) < 1:
-            raise ValueError(
-                f"ratio {config.ratio} would leave no {what} unit of the {units} of {name}; "
-                "lower the ratio or add the cell to ignore"
-            )
-    with torch.no_grad():
-        # Li et al.'s L1 norm of a unit's filters: its four gate filters, its bottleneck filter.
-        gate_l1 = cell.gates[1].weight.abs().flatten(1).sum(1).view(4, n).sum(0)
-        bottleneck_l1 = cell.bottleneck[1].weight.abs().flatten(1).sum(1)
-    hidden = None
-    if cell.project is not None:
-        hidden = _lowest(gate_l1.cpu(), n - _kept(n, n * (1.0 - config.ratio), config.round_to))
-    bottleneck = _lowest(bottleneck_l1.cpu(), nb - _kept(nb, nb * (1.0 - config.ratio), config.round_to))
-    return {"hidden": hidden, "bottleneck": bottleneck}
-
-
-def _prune_cell(
-    cell: BottleneckConvLSTMCell,
-    name: str,
-    plan: Mapping[str, list[int] | None],
-    inputs: Sequence[int],
-    outputs: Sequence[int],
-) -> dict[str, tuple[int, int]]:
-    """Cut ``cell``'s removed input channels, output channels, hidden and bottleneck units."""
-    import torch_pruning as tp
-
-    m, n, nb = cell.in_channels, cell.hidden_channels, cell.bottleneck[1].out_channels
-    hidden = list(outputs) if plan["hidden"] is None else list(plan["hidden"])
-    bottleneck = list(plan["bottleneck"] or [])
-    concat = [*inputs, *(m + u for u in hidden)]  # the bottleneck reads cat(x, h)
-    dw_b, pw_b = cell.bottleneck[0], cell.bottleneck[1]
-    dw_g, pw_g = cell.gates[0], cell.gates[1]
-    if concat:
-        tp.prune_depthwise_conv_out_channels(dw_b, concat)
-        tp.prune_conv_in_channels(pw_b, concat)
-    if bottleneck:
-        tp.prune_conv_out_channels(pw_b, bottleneck)
-        tp.prune_depthwise_conv_out_channels(dw_g, bottleneck)
-        tp.prune_conv_in_channels(pw_g, bottleneck)
-    if hidden:
-        tp.prune_conv_out_channels(pw_g, [g * n + u for g in range(4) for u in hidden])  # gates i, f, g, o
-    if cell.project is not None:
-        if hidden:
-            tp.prune_conv_in_channels(cell.project, hidden)
-        if outputs:
-            tp.prune_conv_out_channels(cell.project, list(outputs))
-    cell.in_channels = m - len(inputs)
-    cell.hidden_channels = n - len(hidden)
-    cell.out_channels = cell.project.out_channels if cell.project is not None else cell.hidden_channels
-    report = {f"{name}.bottleneck": (nb, nb - len(bottleneck))}
-    if plan["hidden"] is not None:  # otherwise counted with the output group
-        report[f"{name}.hidden"] = (n, cell.hidden_channels)
-    return report
 
 
 # ---------------------------------------------------------------------------------------------
