@@ -18,7 +18,9 @@ import torch
 import yaml
 
 from pipeline import benchmark
+from pipeline.bench import chain as bench_chain
 from pipeline.bench import models as bench_models
+from pipeline.bench import peer as bench_peer
 from shardgen import CLASSES, write_frame_dataset
 from test_prepare import BASE_ITEMS, BASE_SPLITS, make_voc
 from ssd.model_file import save_model_file
@@ -194,7 +196,7 @@ def test_bad_input_is_one_line_and_exit_code_2(project, monkeypatch, capsys, tmp
 
 def test_models_section_decodes_a_given_image(project, tmp_path):
     image = tmp_path / "frame.jpg"
-    image.write_bytes(bench_models.synthetic_jpeg(80, 60, seed=1))
+    image.write_bytes(bench_chain.synthetic_jpeg(80, 60, seed=1))
     result = bench_models.run([str(project / "models" / "tiny.pt")], batch=2, repeats=1, throughput_repeats=1,
                               warmup=0, source_image=str(image), peer=False)  # fmt: skip
     assert result["source_size"] == "80x60" and list(result["models"]) == ["tiny"]
@@ -212,7 +214,7 @@ def test_time_steps_chains_the_steps_and_counts_only_the_repeats():
         calls.append("second")
         return value + 1
 
-    seconds, last = bench_models.time_steps([("a", first), ("b", second)], repeats=3, warmup=2, device=torch.device("cpu"))
+    seconds, last = bench_chain.time_steps([("a", first), ("b", second)], repeats=3, warmup=2, device=torch.device("cpu"))
     assert list(seconds) == ["a", "b"] and all(s >= 0 for s in seconds.values())
     assert last == 2 and calls == ["first", "second"] * 5
 
@@ -231,12 +233,12 @@ def test_lstm_without_a_listed_ssdlite_of_its_arch_gets_a_random_one():
 
 def test_peer_steps_are_its_own_forward():
     torch.manual_seed(0)
-    peer = bench_models.build_peer(num_classes=3, image_size=64)
-    jpeg = bench_models.synthetic_jpeg(96, 72)
-    _, split = bench_models.time_steps(
-        bench_models.peer_steps(peer, jpeg, 1, torch.device("cpu")), repeats=1, warmup=0, device=torch.device("cpu")
+    peer = bench_peer.build_peer(num_classes=3, image_size=64)
+    jpeg = bench_chain.synthetic_jpeg(96, 72)
+    _, split = bench_chain.time_steps(
+        bench_peer.peer_steps(peer, jpeg, 1, torch.device("cpu")), repeats=1, warmup=0, device=torch.device("cpu")
     )
-    image = torch.from_numpy(bench_models.decode_rgb(jpeg)).permute(2, 0, 1).float() / 255
+    image = torch.from_numpy(bench_chain.decode_rgb(jpeg)).permute(2, 0, 1).float() / 255
     with torch.no_grad():
         whole = peer([image])
         features = list(peer.backbone(peer.transform([image])[0].tensors).values())

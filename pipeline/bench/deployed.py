@@ -43,7 +43,8 @@ import cv2
 import torch
 from torch import nn
 
-from pipeline.bench.models import PARTS, Step, _ms, decode_rgb, model_steps, synthetic_jpeg, time_steps
+from pipeline.bench.chain import PARTS, Step, decode_rgb, part_ms, synthetic_jpeg, time_steps
+from pipeline.bench.models import model_steps
 from ssd.fold import fold_batchnorm
 from ssd.model_file import load_model_file
 from ssd.onnx_detector import DetectionGraph, load_detection_graph, load_onnx_detector
@@ -96,7 +97,7 @@ def alternate(models: dict[str, Any], jpeg: bytes, batch: int, repeats: int, war
             steps = model_steps(model, jpeg, batch, CPU, PostProcessor(model.priors, postprocess))
         chain += [(f"{name}/{part}", fn) for part, fn in steps]
     seconds, _ = time_steps(chain, repeats, warmup, CPU)
-    return {name: _ms({part: seconds[f"{name}/{part}"] for part in PARTS}) for name in models}
+    return {name: part_ms({part: seconds[f"{name}/{part}"] for part in PARTS}) for name in models}
 
 
 def camera_loop(raw: nn.Module, detect: DetectionGraph, jpeg: bytes, rounds: int, block: int, warmup: int,
@@ -120,7 +121,7 @@ def camera_loop(raw: nn.Module, detect: DetectionGraph, jpeg: bytes, rounds: int
             seconds, _ = time_steps(steps, block, warmup, CPU)
             for part in PARTS:
                 parts[name][part].append(seconds[part])
-    ms = {name: _ms({p: statistics.median(v) for p, v in by_part.items()}) for name, by_part in parts.items()}
+    ms = {name: part_ms({p: statistics.median(v) for p, v in by_part.items()}) for name, by_part in parts.items()}
     post = _graph_post_ms(ms["graph"], ms["python"])
     return {"python_ms": ms["python"], "graph_ms": ms["graph"], "graph_post_ms": round(post, 3),
             "post_share": round(post / ms["graph"]["total"], 4),

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from pipeline.bench.models import synthetic_jpeg
+from pipeline.bench.chain import synthetic_jpeg
 from ssd.data.loader import RawSample, decode_sample
 from ssd.data.transforms import AugmentConfig, train_transform
 

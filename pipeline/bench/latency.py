@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from pipeline.bench.models import time_steps
+from pipeline.bench.chain import time_steps
 
 
 def cpu_latency_ms(
@@ -17,7 +17,7 @@ def cpu_latency_ms(
     """Median wall time of one forward of each model on the CPU, in milliseconds.
 
     The models run alternately, one forward each per round (the benchmark's
-    :func:`pipeline.bench.models.time_steps`), so a change in the machine's load hits all
+    :func:`pipeline.bench.chain.time_steps`), so a change in the machine's load hits all
     of them alike and their ratio stays meaningful on a shared machine. Copies of the
     models are timed in eval mode (the caller's are left where they are). A temporal
     model carries its state from call to call, as when streaming a video.

@@ -27,7 +27,7 @@ post-processing hits its ``top_k`` limits (its worst case); a trained model's sc
 peaked and far fewer candidates reach NMS. ``candidates_per_image`` (class scores above
 the threshold, of the measured frame) tells which case a figure is.
 
-The peer: torchvision's ``ssdlite320_mobilenet_v3_large`` (random weights, the classes of
+The peer (:mod:`pipeline.bench.peer`): torchvision's ``ssdlite320_mobilenet_v3_large`` (random weights, the classes of
 the first unpruned frame model listed), its transform set to that model's input size, end to end
 with its own code and the same post-processing thresholds as ours, split the same way:
 ``pre`` = decode + float conversion + its transform (normalise, resize, batch);
@@ -46,17 +46,15 @@ change in the machine's load hits both alike.
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision.transforms.v2 import functional as TF
 
+from pipeline.bench.chain import Step, decode_rgb, part_ms, part_shares, rounded_ratio, synthetic_jpeg, time_steps
+from pipeline.bench.peer import build_peer, measure_peer
 from ssd.data.transforms import eval_transform
 from ssd.model_file import load_model_file
 from ssd.models import build_model
@@ -64,10 +62,6 @@ from ssd.models.lstm_ssd import TEMPORAL_ARCH_KEYS
 from ssd.postprocess import PostprocessConfig, PostProcessor
 from ssd.pruning import ARCH_KEY, count_macs_params
 
-#: One step of a timed chain: a name and a function of the previous step's output.
-Step = tuple[str, Callable[[Any], Any]]
-
-PARTS = ("pre", "forward", "post")
 
 
 def run(
@@ -138,83 +132,7 @@ def run(
 
 
 # ---------------------------------------------------------------------------------------------
-# Timing
-
-
-def time_steps(steps: Sequence[Step], repeats: int, warmup: int, device: torch.device) -> tuple[dict[str, float], Any]:
-    """Run the chain ``steps`` ``warmup + repeats`` times; median seconds of each step over the last ``repeats``.
-
-    Each step gets the previous step's output (the first gets ``None``). On CUDA the device is
-    synchronised around every step, so each one's queued kernels are counted in its own time.
-    Returns the medians and the last run's final output.
-    """
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name, _ in steps}
-    value: Any = None
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            value = None
-            sync()
-            t0 = time.perf_counter()
-            for name, fn in steps:
-                value = fn(value)
-                sync()
-                t1 = time.perf_counter()
-                if i >= warmup:
-                    times[name].append(t1 - t0)
-                t0 = t1
-    return {name: statistics.median(t) for name, t in times.items()}, value
-
-
-def _ms(seconds: dict[str, float]) -> dict[str, float]:
-    ms = {part: round(seconds[part] * 1e3, 3) for part in PARTS}
-    ms["total"] = round(sum(seconds[part] for part in PARTS) * 1e3, 3)
-    return ms
-
-
-def _shares(seconds: dict[str, float]) -> dict[str, float]:
-    total = sum(seconds[part] for part in PARTS)
-    return {part: round(seconds[part] / total, 4) for part in PARTS}
-
-
-def _ratio(a: float, b: float) -> float:
-    return round(a / b, 3)
-
-
-# ---------------------------------------------------------------------------------------------
 # Our models
-
-
-def synthetic_jpeg(width: int, height: int, quality: int = 90, seed: int = 0) -> bytes:
-    """A ``width`` x ``height`` JPEG with the detail of a photo: smooth colour fields, shapes, sensor noise.
-
-    A flat or pure-noise image would decode faster or slower than a real frame: JPEG decoding
-    time follows the amount of detail.
-    """
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, (max(2, height // 40), max(2, width // 40), 3), dtype=np.uint8)
-    img = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
-    for _ in range(12):
-        x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
-        r = int(rng.integers(max(2, min(width, height) // 30), max(3, min(width, height) // 6)))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            cv2.circle(img, (x, y), r, colour, -1)
-        else:
-            cv2.rectangle(img, (x, y), (x + r, y + r), colour, -1)
-    img = np.clip(img.astype(np.int16) + rng.normal(0, 6, img.shape).astype(np.int16), 0, 255).astype(np.uint8)
-    ok, data = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise RuntimeError("OpenCV could not encode the benchmark frame")
-    return data.tobytes()
-
-
-def decode_rgb(data: bytes) -> np.ndarray:
-    """JPEG bytes -> uint8 ``[H, W, 3]`` RGB, as the loaders decode (EXIF orientation ignored)."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if bgr is None:
-        raise ValueError(f"cannot decode the benchmark frame ({len(data)} bytes)")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _temporal(model: nn.Module) -> bool:
@@ -276,7 +194,7 @@ def measure_model(
     eval_post, _ = time_steps([("post", lambda _: evaluation(logits, deltas))], repeats, warmup, device)
     rate, _ = time_steps(model_steps(model, jpeg, batch, device, postprocessor), throughput_repeats, warmup, device)
     arch = getattr(model, "arch", {})
-    per_batch = _ms(rate)
+    per_batch = part_ms(rate)
     return {
         "arch": str(arch.get("name", type(model).__name__)),
         "mode": "streaming" if _temporal(model) else "frame",
@@ -287,8 +205,8 @@ def measure_model(
         "num_priors": int(model.priors.shape[0]),
         "params": params,
         "macs": macs,
-        "latency_ms": _ms(latency),
-        "share": _shares(latency),
+        "latency_ms": part_ms(latency),
+        "share": part_shares(latency),
         "candidates_per_image": candidates,
         "detections_per_image": len(detections[0]["labels"]),
         "post_eval_config_ms": round(eval_post["post"] * 1e3, 3),
@@ -346,103 +264,8 @@ def compare_lstm(name: str, models: dict[str, nn.Module], device: torch.device, 
         "random_reference": "yes" if random else "no",
         "lstm_forward_ms": round(seconds["lstm"] * 1e3, 3),
         "ssdlite_forward_ms": round(seconds["ssdlite"] * 1e3, 3),
-        "forward_ratio": _ratio(seconds["lstm"], seconds["ssdlite"]),
+        "forward_ratio": rounded_ratio(seconds["lstm"], seconds["ssdlite"]),
     }
     if lstm.arch.get(ARCH_KEY):
         result["note"] = "the LSTM-SSD is pruned, the reference is not"
     return result
-
-
-# ---------------------------------------------------------------------------------------------
-# The torchvision peer
-
-
-def build_peer(num_classes: int, image_size: int, config: PostprocessConfig = PostprocessConfig()) -> nn.Module:
-    """torchvision's SSDLite320-MobileNetV3-Large, random weights, run at ``image_size`` with our thresholds."""
-    from torchvision.models.detection import ssdlite320_mobilenet_v3_large
-
-    peer = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=num_classes)
-    # The builder fixes 320 x 320 (its kwargs would also reach the backbone builder): its
-    # transform resizes every image to fixed_size, so that is where our size goes.
-    peer.transform.min_size = (image_size,)
-    peer.transform.max_size = image_size
-    peer.transform.fixed_size = (image_size, image_size)
-    peer.score_thresh = config.score_threshold
-    peer.topk_candidates = config.top_k
-    peer.nms_thresh = config.nms_threshold
-    peer.detections_per_img = config.max_detections
-    return peer.eval()
-
-
-def peer_steps(peer: nn.Module, jpeg: bytes, batch: int, device: torch.device) -> list[Step]:
-    """torchvision's ``SSD.forward`` in eval mode, cut into pre -> forward -> post (same calls, same order)."""
-    frames = [jpeg] * batch
-
-    def pre(_: Any) -> tuple[Any, list[tuple[int, int]]]:
-        # Its input: a list of float [0, 1] images of any size.
-        images = [TF.to_dtype(torch.from_numpy(decode_rgb(f)).permute(2, 0, 1).to(device), torch.float32, scale=True)
-                  for f in frames]  # fmt: skip
-        sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
-        image_list, _ = peer.transform(images)
-        return image_list, sizes
-
-    def forward(x: tuple[Any, list[tuple[int, int]]]) -> tuple:
-        image_list, sizes = x
-        features = list(peer.backbone(image_list.tensors).values())
-        return image_list, sizes, features, peer.head(features)
-
-    def post(x: tuple) -> list[dict[str, Tensor]]:
-        image_list, sizes, features, head_outputs = x
-        anchors = peer.anchor_generator(image_list, features)
-        detections = peer.postprocess_detections(head_outputs, anchors, image_list.image_sizes)
-        return peer.transform.postprocess(detections, image_list.image_sizes, sizes)
-
-    return [("pre", pre), ("forward", forward), ("post", post)]
-
-
-class _PeerNetwork(nn.Module):
-    """The peer's backbone and head as one module of one tensor, for counting multiply-adds."""
-
-    def __init__(self, peer: nn.Module):
-        super().__init__()
-        self.backbone, self.head = peer.backbone, peer.head
-
-    def forward(self, images: Tensor) -> dict[str, Tensor]:
-        return self.head(list(self.backbone(images).values()))
-
-
-def measure_peer(
-    peer: nn.Module, ours: Sequence[Step], jpeg: bytes, device: torch.device, repeats: int, warmup: int
-) -> dict[str, Any]:
-    """The peer's latency at batch 1, split as ours, and its network's cost at its input size.
-
-    ``ours``: the batch-1 chain of the model it is compared with. Both chains run alternately
-    in one loop (the peer's ignores what ours returns), so a change in the machine's load hits
-    both alike; ``ours_ms`` is our latency from that loop, ``ratio`` and ``forward_ratio``
-    ours over the peer's.
-    """
-    size = int(peer.transform.fixed_size[0])
-    macs, params = count_macs_params(_PeerNetwork(peer), size)
-    steps = peer_steps(peer, jpeg, 1, device)
-    both = [(f"ours_{name}", fn) for name, fn in ours] + [(f"peer_{name}", fn) for name, fn in steps]
-    seconds, detections = time_steps(both, repeats, warmup, device)
-    ours_s = {part: seconds[f"ours_{part}"] for part in PARTS}
-    latency = {part: seconds[f"peer_{part}"] for part in PARTS}
-    with torch.inference_mode():  # its scores, as ours: how much its post-processing had to sift
-        (_, pre), (_, forward), _ = steps
-        logits = forward(pre(None))[3]["cls_logits"]
-        candidates = int((torch.softmax(logits.float(), dim=-1)[..., 1:] > peer.score_thresh).sum())
-    return {
-        "model": "torchvision ssdlite320_mobilenet_v3_large",
-        "image_size": size,
-        "num_classes": int(peer.head.classification_head.num_columns),
-        "params": params,
-        "macs": macs,
-        "latency_ms": _ms(latency),
-        "share": _shares(latency),
-        "candidates_per_image": candidates,
-        "detections_per_image": len(detections[0]["labels"]),
-        "ours_ms": _ms(ours_s)["total"],
-        "ratio": _ratio(sum(ours_s.values()), sum(latency.values())),
-        "forward_ratio": _ratio(ours_s["forward"], latency["forward"]),
-    }
