@@ -60,7 +60,7 @@ def test_with_a_gpu_device_node_torch_counts_the_gpus(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
     monkeypatch.setattr(launch, "DEVICES", tmp_path)
     assert launch.gpu_count() == (3 if not sys.platform.startswith("linux") else 0)
-    for node in ("nvidia0", "kfd"):
+    for node in ("nvidia0", "nvidia3", "kfd", "dxg"):  # CUDA, ROCm, WSL2
         (tmp_path / node).touch()
         assert launch.gpu_count() == 3
         (tmp_path / node).unlink()
