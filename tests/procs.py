@@ -37,3 +37,15 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 def max_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+#: Python lines that start OpenCV's thread pool and make it run in the process they are part of:
+#: the parent whose forked workers a test checks (a child that calls cv2.setNumThreads after this
+#: waits for ever unless the pool was stopped for the fork: ssd.data.workers).
+RUN_OPENCV_POOL = """
+import cv2, numpy as np
+cv2.setNumThreads(2)
+image = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
+for _ in range(5):
+    cv2.GaussianBlur(cv2.resize(image, (2500, 2500)), (15, 15), 0)
+"""

@@ -19,6 +19,7 @@ from torch.testing import assert_close
 
 import ssd.data.loader as loader_module
 import ssd.data.samples as samples_module
+from procs import RUN_OPENCV_POOL
 from ssd.data.loader import Batch, Sample, collate, eval_loader, train_loader
 from ssd.data.transforms import AugmentConfig, train_transform
 
@@ -652,16 +653,13 @@ def test_two_ranks_get_equal_batches_and_different_data(tmp_path, frame_shards):
 
 AFTER_OPENCV_THREADS = """
 import sys
-import cv2, numpy as np
+import cv2
 from shardgen import write_frame_dataset
 from pipeline.datasets import read_manifest
 from ssd.data.loader import batches, eval_loader
 from pathlib import Path
 shards = write_frame_dataset(Path(sys.argv[1]), {"val": [5]})
-cv2.setNumThreads(2)
-image = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
-for _ in range(5):  # OpenCV's thread pool starts and runs in this process
-    cv2.GaussianBlur(cv2.resize(image, (2500, 2500)), (15, 15), 0)
+""" + RUN_OPENCV_POOL + """
 loader = eval_loader(read_manifest(shards).shard_paths("val"), image_size=32, rank=0, world_size=1,
                      batch_size=2, num_workers=1)
 print(sum(b.images.shape[0] for b in batches(loader)), cv2.getNumThreads())

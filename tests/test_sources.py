@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from procs import RUN_OPENCV_POOL
 from ssd.data.sources.decode import ordered_map
 from ssd.data.sources.records import Frame, Listing, Obj, Video, classes, sample_key
 
@@ -34,14 +35,9 @@ def test_ordered_map_keeps_order_and_bounds_what_is_in_flight():
         assert list(imap(_square, range(5))) == [0, 1, 4, 9, 16]
 
 
-AFTER_OPENCV_THREADS = """
-import cv2, numpy as np
+AFTER_OPENCV_THREADS = RUN_OPENCV_POOL + """
 from ssd.data.sources.decode import ordered_map
 from test_sources import _square
-cv2.setNumThreads(2)
-image = np.random.default_rng(0).integers(0, 255, (1500, 1500, 3), dtype=np.uint8)
-for _ in range(5):  # OpenCV's thread pool starts and runs in this process
-    cv2.GaussianBlur(cv2.resize(image, (2500, 2500)), (15, 15), 0)
 with ordered_map(2, window=3) as imap:
     print(list(imap(_square, range(6))))
 print(cv2.getNumThreads())
