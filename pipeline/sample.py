@@ -44,6 +44,7 @@ from pipeline.config import ConfigError, load_config, load_params
 from pipeline.stage import arg_parser, run
 from ssd.atomic import atomic_dir
 from ssd.data.synthetic import video_splits
+from ssd.data.workers import opencv_one_thread
 
 log = logging.getLogger("pipeline.sample")
 
@@ -150,7 +151,7 @@ def write_sample(cfg: SampleConfig) -> None:
         voc_results: dict[int, dict] = {}
         ir_results: dict[int, dict] = {}
         with _workers(cfg.workers) as pool:
-            # Probe the video writer in a worker: the parent then never uses OpenCV before forking.
+            # Probe the video writer in a worker: the parent does no OpenCV work of its own.
             probe = pool.apply(files.probe_video, (ir_tmp,)) if pool else files.probe_video(ir_tmp)
             job = replace(job, video=probe)
             work = functools.partial(_work, job)
@@ -194,9 +195,13 @@ def _workers(n: int) -> Iterator[multiprocessing.pool.Pool | None]:
     if n == 1:
         yield None
         return
-    # fork: the workers need not import anything again; spawn where there is no fork.
+    # fork: the workers need not import anything again; spawn where there is no fork. Forked
+    # workers inherit OpenCV at one thread, its pool stopped here for the fork (a child that set
+    # it itself after this process's pool had run could wait for ever: ssd.data.workers);
+    # spawned ones start afresh and set it.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = multiprocessing.get_context(method).Pool(n, initializer=_init_worker)
+    with opencv_one_thread():
+        pool = multiprocessing.get_context(method).Pool(n, initializer=_init_worker if method == "spawn" else None)
     try:
         yield pool
     finally:

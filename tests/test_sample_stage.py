@@ -16,6 +16,7 @@ import yaml
 
 import pipeline.sample as sample_stage
 import pipeline.sample_files as sample_files
+from procs import RUN_OPENCV_POOL
 from ssd.data.synthetic import IR_CLASSES, VOC_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,3 +256,24 @@ def test_bad_values_are_one_line_errors(tmp_path: Path, capsys, override: str, m
     assert sample_stage.main(["--params", str(params), "--set", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+AFTER_OPENCV_THREADS = RUN_OPENCV_POOL + """
+import sys
+import pipeline.sample as stage
+print(stage.main(["--params", sys.argv[1]]), cv2.getNumThreads())
+"""
+
+
+def test_the_worker_pool_starts_after_opencv_threads_ran_in_the_parent(tmp_path: Path):
+    """The stage run in a process whose OpenCV pool had run (a notebook, a test, a caller's own
+    pipeline): its forked workers set OpenCV's threads and waited for ever, unless the pool is
+    stopped for the fork (ssd.data.workers). OpenCV's setting is the caller's again after."""
+    params = _write_params(tmp_path, workers=2)
+    tests = Path(__file__).resolve().parent
+    done = subprocess.run([sys.executable, "-c", AFTER_OPENCV_THREADS, str(params)], cwd=tests.parent,
+                          capture_output=True, text=True, timeout=120,
+                          env={"PYTHONPATH": f"{tests.parent}:{tests}", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["0", "2"]
+    assert len(list((tmp_path / "out" / "voc" / "JPEGImages").iterdir())) == 20
