@@ -1,4 +1,7 @@
+import importlib
 import os
+from pathlib import Path
+from typing import NamedTuple
 
 # As in pipeline/__init__.py: passive OpenMP waiting, set before anything imports torch, so
 # tests running beside subprocesses (loader workers, two-process runs) don't starve them.
@@ -17,3 +20,28 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class Ran(NamedTuple):
+    returncode: int
+    stderr: str
+
+
+@pytest.fixture
+def stage_main(capsys, monkeypatch):
+    """``stage_main(name, *args, cwd=...)``: ``pipeline.<name>.main(args)`` run in this process, in
+    ``cwd``; its exit code and stderr. What the command line runs, without a new interpreter
+    importing torch (5-7 s a call on 2 cores); the command line's own path keeps its subprocess
+    tests. The Accelerate state a stage may create is reset after."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    def run(name: str, *args: str, cwd: Path) -> Ran:
+        monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            code = importlib.import_module(f"pipeline.{name}").main(list(args))
+        finally:
+            AcceleratorState._reset_state(True)
+            PartialState._reset_state()
+        return Ran(code, capsys.readouterr().err)
+    return run

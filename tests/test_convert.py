@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -32,24 +30,6 @@ def env() -> dict:
 def stage(name: str, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"pipeline.{name}", *args], cwd=cwd, env=env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-@dataclass
-class Ran:
-    returncode: int
-    stderr: str
-
-
-@pytest.fixture
-def stage_here(capsys, monkeypatch):
-    """A stage run in this process through its ``main(argv)``, in ``cwd``: what its command line runs,
-    without starting an interpreter and importing torch again (5-7 s a call on 2 cores)."""
-    def run(name: str, *args: str, cwd: Path) -> Ran:
-        monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        code = importlib.import_module(f"pipeline.{name}").main(list(args))
-        return Ran(code, capsys.readouterr().err)
-    return run
 
 
 def checkpoints(folder: Path) -> dict[str, Path]:
@@ -82,10 +62,10 @@ def project(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("fmt, checkpoint", [("ssd.pytorch", "ssd300_mAP_77.43_v2.pth"),
                                              ("ssds.pytorch", "mobilenet_v2_ssd_lite.pth"),
                                              ("torchvision-ssdlite320", "ssdlite.pth")])
-def test_converted_models_run_through_evaluate_detect_and_export(project, fmt, checkpoint, stage_here):
-    # The evaluation runs as its own process (Accelerate's state is per process); the others in this one.
+def test_converted_models_run_through_evaluate_detect_and_export(project, fmt, checkpoint, stage_main):
+    # The evaluation through its command line, the other stages through main() in this process.
     model = f"models/{fmt}.pt"
-    result = stage_here("convert", f"foreign/{checkpoint}", "--out", model, "--classes", ",".join(CLASSES), cwd=project)
+    result = stage_main("convert", f"foreign/{checkpoint}", "--out", model, "--classes", ",".join(CLASSES), cwd=project)
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"wrote {model}" in result.stderr
     _, info = load_model_file(project / model)
@@ -99,11 +79,11 @@ def test_converted_models_run_through_evaluate_detect_and_export(project, fmt, c
     metrics = json.loads((project / "metrics" / f"eval-{fmt}.json").read_text())
     assert metrics["images"] == 4 and 0 <= metrics["map_voc"] <= 1
 
-    result = stage_here("detect", model, "frames", "--out", f"out/{fmt}.mp4", "--device", "cpu", cwd=project)
+    result = stage_main("detect", model, "frames", "--out", f"out/{fmt}.mp4", "--device", "cpu", cwd=project)
     assert result.returncode == 0, result.stderr[-2000:]
     assert len((project / "out" / f"{fmt}.jsonl").read_text().splitlines()) == 3
 
-    result = stage_here("export", model, "--out", f"out/{fmt}.onnx", "--verify", cwd=project)
+    result = stage_main("export", model, "--out", f"out/{fmt}.onnx", "--verify", cwd=project)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "onnxruntime matches PyTorch" in result.stderr
 
@@ -150,18 +130,18 @@ def test_fine_tuning_a_converted_coco_model_on_the_voc_sample(project, voc_sampl
     assert tuned.arch["name"] == "ssdlite_mobilenet_v3_large"
 
 
-def test_convert_errors_are_one_line(project, stage_here):
+def test_convert_errors_are_one_line(project, stage_main):
     # The first from the command line, the others through main() (the same error path, in this process)
     (project / "noise.pth").write_bytes(b"not a checkpoint")
     bad = stage("convert", "noise.pth", "--out", "models/x.pt", cwd=project)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: noise.pth: not a readable")
     torch.save({"conv1.weight": torch.zeros(1)}, project / "resnet.pth")
-    unknown = stage_here("convert", "resnet.pth", "--out", "models/x.pt", cwd=project)
+    unknown = stage_main("convert", "resnet.pth", "--out", "models/x.pt", cwd=project)
     last = unknown.stderr.strip().splitlines()[-1]
     assert unknown.returncode == 2 and last.startswith("error: resnet.pth: no known format has keys like conv1.weight")
-    unnamed = stage_here("convert", "foreign/ssdlite.pth", "--out", "models/x.pt", cwd=project)
+    unnamed = stage_main("convert", "foreign/ssdlite.pth", "--out", "models/x.pt", cwd=project)
     assert unnamed.returncode == 2 and "the format doesn't name them: give --classes with 2 names" in unnamed.stderr
-    same = stage_here("convert", "foreign/ssdlite.pth", "--out", "foreign/ssdlite.pth", "--classes", "a,b", cwd=project)
+    same = stage_main("convert", "foreign/ssdlite.pth", "--out", "foreign/ssdlite.pth", "--classes", "a,b", cwd=project)
     assert same.returncode == 2 and "is the checkpoint itself" in same.stderr
     for result in (bad, unknown, unnamed, same):
         assert "Traceback" not in result.stderr

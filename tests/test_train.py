@@ -90,27 +90,6 @@ def run_train(cwd: Path, procs: int = 1, *extra: str, timeout: float = 240) -> s
     return subprocess.run(launch(cwd, procs, *extra), cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture
-def train_here(capsys, monkeypatch):
-    """``(exit code, stderr)`` of ``pipeline.train.main(args)`` run in this process, in ``cwd``:
-    for the refusals, which stop before training, without a new interpreter importing torch
-    (6 s each on 2 cores; the command line's own path is tested by the subprocess tests)."""
-    from accelerate.state import AcceleratorState, PartialState
-
-    import pipeline.train as train_mod
-
-    def run(cwd: Path, *args: str) -> tuple[int, str]:
-        monkeypatch.chdir(cwd)
-        capsys.readouterr()
-        try:
-            code = train_mod.main(list(args))
-        finally:
-            AcceleratorState._reset_state(True)
-            PartialState._reset_state()
-        return code, capsys.readouterr().err
-    return run
-
-
 def trace(cwd: Path, rank: int) -> list[dict]:
     path = cwd / "runs" / "tiny" / f"trace-rank{rank}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -355,8 +334,8 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         (["validation.modes=[video]"], "mode 'video' needs clip shards, these are frames"),
     ],
 )
-def test_bad_config_is_a_one_line_error(tmp_path, overrides, message, train_here):
-    code, stderr = train_here(workdir(tmp_path), *sum((["--set", o] for o in overrides), []))
+def test_bad_config_is_a_one_line_error(tmp_path, overrides, message, stage_main):
+    code, stderr = stage_main("train", *sum((["--set", o] for o in overrides), []), cwd=workdir(tmp_path))
     assert code == 2
     assert stderr.strip().splitlines()[-1].startswith("error: ")
     assert message in stderr
@@ -498,8 +477,8 @@ TRAJECTORY_KEYS = [
 
 
 @pytest.mark.parametrize("overrides, message", TRAJECTORY_KEYS, ids=lambda v: v[0] if isinstance(v, list) else "")
-def test_resuming_with_a_changed_training_key_is_refused(kept_checkpoints, overrides, message, train_here):
-    code, stderr = train_here(kept_checkpoints, *sum((["--set", o] for o in overrides), []))
+def test_resuming_with_a_changed_training_key_is_refused(kept_checkpoints, overrides, message, stage_main):
+    code, stderr = stage_main("train", *sum((["--set", o] for o in overrides), []), cwd=kept_checkpoints)
     assert code == 2, stderr[-2000:]
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: checkpoints/tiny/step-00000004: the checkpoint was trained with other settings")
