@@ -102,7 +102,7 @@ def stage_paths(name: str) -> tuple[set[str], set[str]]:
     from pipeline.eval_outputs import EvalPaths
     from pipeline.evaluate import EvaluateConfig
     from pipeline.prepare import PrepareConfig
-    from pipeline.prune import PruneStageConfig
+    from pipeline.prune_config import PruneStageConfig
     from pipeline.sample import SampleConfig
     from pipeline.train_config import RunPaths, TrainConfig
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from ssd.data import ir_degradation
 from ssd.data.synthetic_common import (
     IR_CLASSES,
     _IR_STREAM,
@@ -26,17 +27,6 @@ _IR_SIZE = {"person": (22.0, 46.0), "car": (30.0, 62.0), "bike": (16.0, 26.0)}
 _IR_SPEED = {"person": (0.3, 1.0), "car": (0.8, 2.0), "bike": (0.6, 1.5)}
 # Largest angle between the heading and the horizontal (radians): vehicles keep to the road.
 _IR_HEADING = {"person": 0.8, "car": 0.2, "bike": 0.3}
-# Degradation events: (weight, shortest, longest run of frames).
-_EVENTS = {
-    "noise": (0.28, 2, 4),
-    "occlusion": (0.24, 2, 5),
-    "washout": (0.24, 2, 4),
-    "dark": (0.10, 1, 2),
-    "garbage": (0.09, 1, 2),
-    "frozen": (0.05, 1, 3),
-}
-_CLEAN_HEAD = 3  # clean frames at the start of a video, so memory has something to hold
-_CLEAN_GAP = 2  # clean frames between two degradation events
 _MIN_INSIDE = 0.25  # an object with less of its area inside the frame is not annotated
 _SHIFT = 4  # sub-pixel bits for OpenCV drawing
 _ONE = 1 << _SHIFT
@@ -80,9 +70,9 @@ def ir_video(seed: int, index: int, spec: IrSpec = IrSpec()) -> SyntheticVideo:
     count occurs even in tiny data sets) of random classes, moving on smooth
     paths (at most about 3 px per frame). Exactly
     ``round(spec.degraded_fraction * spec.frames)`` frames are degraded, in
-    runs of 1-5 frames after at least :data:`_CLEAN_HEAD` clean frames at the
-    start and :data:`_CLEAN_GAP` between runs (fewer when a short video
-    cannot fit them). Objects mostly outside the frame (under a quarter of
+    runs of 1-5 frames after at least ``CLEAN_HEAD`` clean frames at the
+    start and ``CLEAN_GAP`` between runs (fewer when a short video cannot fit
+    them; :mod:`ssd.data.ir_degradation`). Objects mostly outside the frame (under a quarter of
     their area inside) are left out of that frame's annotations; no object is
     ``difficult``.
     """
@@ -95,11 +85,11 @@ def ir_video(seed: int, index: int, spec: IrSpec = IrSpec()) -> SyntheticVideo:
     sigma = float(rng.uniform(2.0, 4.0))
     agc = (float(rng.uniform(0, 4)), float(rng.uniform(20, 60)), float(rng.uniform(0, 2 * math.pi)))
     tracks = [_ir_track(rng, k + 1, T, W, H, scale) for k in range(1 + index % spec.max_objects)]
-    degradation = _schedule(rng, T, spec.degraded_fraction)
+    degradation = ir_degradation.schedule(rng, T, spec.degraded_fraction)
 
     # Objects first: occluders are placed from where the objects will be.
     drawings = [[_ir_draw(track, t) for track in tracks] for t in range(T)]
-    bands = _occluder_bands(rng, degradation, drawings, W, H)
+    bands = ir_degradation.occluder_bands(rng, degradation, drawings, W, H)
 
     frames = np.empty((T, H, W), np.uint8)
     instances = np.zeros((T, H, W), np.int8)
@@ -121,7 +111,7 @@ def ir_video(seed: int, index: int, spec: IrSpec = IrSpec()) -> SyntheticVideo:
         if kind == "frozen" and previous is not None:
             out = previous.copy()
         else:
-            out = np.clip(np.rint(_degrade(rng, f, kind)), 0, 255).astype(np.uint8)
+            out = np.clip(np.rint(ir_degradation.degrade(rng, f, kind)), 0, 255).astype(np.uint8)
         frames[t] = out
         if not kind:
             previous = out
@@ -232,41 +222,6 @@ def _ir_background(rng, h: int, w: int, scene: str) -> np.ndarray:
     return cv2.GaussianBlur(f, (0, 0), float(rng.uniform(0.8, 1.6)))
 
 
-def _schedule(rng, T: int, share: float) -> list[str]:
-    """Which frames are degraded and how: exactly ``round(share * T)`` of them, in short runs."""
-    n_bad = int(round(share * T))
-    if n_bad <= 0:
-        return [""] * T
-    kinds = list(_EVENTS)
-    weights = np.array([_EVENTS[k][0] for k in kinds])
-    events: list[tuple[str, int]] = []
-    left = n_bad
-    while left > 0:
-        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
-        length = min(int(rng.integers(_EVENTS[kind][1], _EVENTS[kind][2] + 1)), left)
-        events.append((kind, length))
-        left -= length
-    clean = T - n_bad
-    head, gap = _CLEAN_HEAD, _CLEAN_GAP
-    while head + gap * (len(events) - 1) > clean:  # a short video: squeeze the clean stretches
-        if gap > 1 or (gap == 1 and head <= 1):
-            gap -= 1
-        else:
-            head -= 1
-        if gap < 0:
-            gap, head = 0, 0
-            break
-    spare = clean - head - gap * (len(events) - 1)
-    # Spread the spare clean frames over the head, the gaps and the tail.
-    cuts = np.sort(rng.integers(0, spare + 1, size=len(events)))
-    extra = np.diff(np.concatenate([[0], cuts, [spare]]))
-    out: list[str] = [""] * (head + int(extra[0]))
-    for i, (kind, length) in enumerate(events):
-        out += [kind] * length
-        out += [""] * ((gap if i < len(events) - 1 else 0) + int(extra[i + 1]))
-    return out
-
-
 def _ir_draw(track: _Track, t: int) -> tuple[int, int, np.ndarray, np.ndarray]:
     """Render ``track`` at frame ``t``: ``(x0, y0, patch float32 [h, w], mask bool [h, w])``.
 
@@ -373,74 +328,3 @@ def _ir_annotations(tracks, drawings, inst, W: int, H: int) -> tuple[ObjectAnnot
             )
         )
     return tuple(out)
-
-
-def _occluder_bands(rng, degradation, drawings, W: int, H: int) -> dict[int, tuple[int, int, np.ndarray]]:
-    """For each run of ``occlusion`` frames, a cold full-height band hiding one object throughout.
-
-    Returns ``{frame: (x0, x1, cold float32 [H, >= x1 - x0])}``.
-    """
-    bands = {}
-    t = 0
-    while t < len(degradation):
-        if degradation[t] != "occlusion":
-            t += 1
-            continue
-        end = t
-        while end < len(degradation) and degradation[end] == "occlusion":
-            end += 1
-        # An object that is in view throughout the run, if any.
-        spans = []
-        for k in range(len(drawings[t])):
-            xs = []
-            for u in range(t, end):
-                x0, _, _, mask = drawings[u][k]
-                cols = np.nonzero(mask.any(axis=0))[0] + x0
-                cols = cols[(cols >= 0) & (cols < W)]
-                xs.append((cols.min(), cols.max() + 1) if cols.size else None)
-            if all(x is not None for x in xs):
-                spans.append((min(x[0] for x in xs), max(x[1] for x in xs)))
-        if spans:
-            lo, hi = spans[int(rng.integers(len(spans)))]
-        else:
-            lo = int(rng.integers(0, W - 8))
-            hi = lo + 8
-        b0 = max(0, int(lo) - int(rng.integers(2, 11)))
-        b1 = min(W, int(hi) + int(rng.integers(2, 11)))
-        level = float(rng.uniform(15, 40))
-        cold = level + 4.0 * _smooth_noise(rng, (4, 3), (H, b1 - b0))
-        for u in range(t, end):
-            bands[u] = (b0, b1, cold)
-        t = end
-    return bands
-
-
-def _degrade(rng, f: np.ndarray, kind: str) -> np.ndarray:
-    """Apply one degradation to a float frame (``""`` and ``"occlusion"``: unchanged)."""
-    H, W = f.shape
-    if kind == "noise":  # gain drops, blotches of object size, heavy grain, dead pixels
-        m = float(f.mean())
-        g = float(rng.uniform(0.25, 0.45))
-        blotch = _smooth_noise(rng, (max(H // 8, 2), max(W // 8, 2)), (H, W)) * float(rng.uniform(30, 45))
-        grain = rng.standard_normal((H, W), np.float32) * float(rng.uniform(45, 70))
-        out = m + g * (f - m) + blotch + grain
-        out += rng.normal(0, 12, W)
-        dead = rng.random((H, W)) < rng.uniform(0.03, 0.07)
-        out[dead] = rng.choice(np.array([0.0, 255.0]), size=int(dead.sum()))
-        return out
-    if kind == "washout":  # contrast collapsed around a bright level
-        c = float(rng.uniform(0.02, 0.06))
-        blotch = _smooth_noise(rng, (max(H // 10, 2), max(W // 10, 2)), (H, W)) * float(rng.uniform(2, 5))
-        grain = rng.standard_normal((H, W), np.float32) * float(rng.uniform(2, 4))
-        level = float(rng.uniform(150, 230))
-        return level + c * (f - float(f.mean())) + blotch + grain
-    if kind == "dark" or kind == "frozen":  # frozen with nothing to repeat: a dark frame
-        return float(rng.uniform(2, 12)) + rng.normal(0, 1.5, (H, W))
-    if kind == "garbage":  # a decoder's blocks and streaks
-        block = int(rng.choice([4, 8, 16]))
-        blocks = rng.uniform(0, 255, (H // block + 1, W // block + 1)).astype(np.float32)
-        out = np.kron(blocks, np.ones((block, block), np.float32))[:H, :W].copy()
-        rows = rng.random(H) < 0.15
-        out[rows] = rng.uniform(0, 255, (int(rows.sum()), 1))
-        return out
-    return f
