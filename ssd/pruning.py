@@ -163,34 +163,8 @@ def prune_model(model: nn.Module, config: PruneConfig, image_size: int | None = 
             # L2Norm's per-channel scale follows its input's channels (dim 0).
             unwrapped_parameters=[(m.weight, 0) for m in model.modules() if isinstance(m, L2Norm)],
         )
-        importance = tp.importance.MagnitudeImportance(
-            p=1, group_reduction="mean", normalizer="mean" if config.mode == "global" else None
-        )
-        plan = []  # (root module, pruning function, scores)
-        labels = []  # each group's name in the result
-        for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=[nn.Conv2d]):
-            _check_group(group, names)
-            scores = importance(group)
-            if scores is None:
-                continue
-            plan.append((group[0].dep.target.module, group[0].dep.handler, scores.detach().float().cpu()))
-            labels.append(_group_label(group, graph, names))
-        removed = _choose(plan, names, config)
-
-        groups: dict[str, tuple[int, int]] = {}
-        probe_of = {probe.conv: key for key, probe in probes.items()}
-        cut: dict[str, dict[str, list[int]]] = {key: {"in": [], "out": []} for key in probes}
-        for (root, handler, scores), idxs, label in zip(plan, removed, labels):
-            groups[label] = (len(scores), len(scores) - len(idxs))
-            if not idxs:
-                continue
-            group = graph.get_pruning_group(root, handler, idxs)
-            for dep, dep_idxs in group:  # what the graph cut from a cell's inputs and outputs
-                key = probe_of.get(dep.target.module)
-                if key is not None:
-                    side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
-                    cut[key][side] = sorted(int(i) for i in dep_idxs)
-            group.prune()
+        plan, labels = _score_groups(graph, ignored, names, config)
+        groups, cut = _cut_groups(graph, plan, _choose(plan, names, config), labels, probes)
     finally:
         for key, cell in cells.items():
             model.temporal[key] = cell
@@ -208,16 +182,65 @@ def prune_model(model: nn.Module, config: PruneConfig, image_size: int | None = 
     if outputs_after != outputs_before:  # the head's predictors are ignored: can't happen
         raise RuntimeError(f"pruning changed the output shapes {outputs_before} -> {outputs_after}")
 
-    widths_after = module_widths(model)
     check_recorded(model, shapes_before)
-    changed = {n: w for n, w in widths_after.items() if widths_before.get(n) != w}
+    widths = _record_widths(model, widths_before)
+    before = sum(b for b, _ in groups.values())
+    after = sum(a for _, a in groups.values())
+    return PruneResult(channels_before=before, channels_after=after, groups=groups, widths=widths)
+
+
+def _score_groups(graph, ignored: set[nn.Module], names: dict[nn.Module, str], config: PruneConfig
+                  ) -> tuple[list[tuple[nn.Module, Any, Tensor]], list[str]]:
+    """Every prunable group of the dependency graph with its channels' L1 scores:
+    ``[(root module, pruning function, scores)]`` and each group's name."""
+    import torch_pruning as tp
+
+    importance = tp.importance.MagnitudeImportance(
+        p=1, group_reduction="mean", normalizer="mean" if config.mode == "global" else None
+    )
+    plan = []
+    labels = []
+    for group in graph.get_all_groups(ignored_layers=list(ignored), root_module_types=[nn.Conv2d]):
+        _check_group(group, names)
+        scores = importance(group)
+        if scores is None:
+            continue
+        plan.append((group[0].dep.target.module, group[0].dep.handler, scores.detach().float().cpu()))
+        labels.append(_group_label(group, graph, names))
+    return plan, labels
+
+
+def _cut_groups(graph, plan, removed: list[list[int]], labels: list[str], probes: dict[str, CellProbe]
+                ) -> tuple[dict[str, tuple[int, int]], dict[str, dict[str, list[int]]]]:
+    """Remove the chosen channels of every group. Returns each group's ``(before, after)`` widths
+    and, per temporal cell, the channels the graph cut from its input (``"in"``) and output
+    (``"out"``), which :func:`prune_cell` then removes inside the cell."""
+    groups: dict[str, tuple[int, int]] = {}
+    probe_of = {probe.conv: key for key, probe in probes.items()}
+    cut: dict[str, dict[str, list[int]]] = {key: {"in": [], "out": []} for key in probes}
+    for (root, handler, scores), idxs, label in zip(plan, removed, labels):
+        groups[label] = (len(scores), len(scores) - len(idxs))
+        if not idxs:
+            continue
+        group = graph.get_pruning_group(root, handler, idxs)
+        for dep, dep_idxs in group:  # what the graph cut from a cell's inputs and outputs
+            key = probe_of.get(dep.target.module)
+            if key is not None:
+                side = "out" if graph.is_out_channel_pruning_fn(dep.handler) else "in"
+                cut[key][side] = sorted(int(i) for i in dep_idxs)
+        group.prune()
+    return groups, cut
+
+
+def _record_widths(model: nn.Module, widths_before: dict[str, Any]) -> dict[str, Any]:
+    """Record the widths that changed in ``model.arch`` (merged with an earlier pruning's), so
+    that :func:`rebuild_model` can rebuild the model; returns them."""
+    changed = {n: w for n, w in module_widths(model).items() if widths_before.get(n) != w}
     arch = dict(getattr(model, "arch", None) or {})
     widths = {**arch.get(ARCH_KEY, {}), **changed}
     if hasattr(model, "arch") and widths:
         model.arch = {**arch, ARCH_KEY: widths}
-    before = sum(b for b, _ in groups.values())
-    after = sum(a for _, a in groups.values())
-    return PruneResult(channels_before=before, channels_after=after, groups=groups, widths=widths)
+    return widths
 
 
 def _outputs(model: nn.Module, images: Tensor) -> list[Tensor]:
