@@ -22,8 +22,6 @@ Step = tuple[str, Callable[[Any], Any]]
 PARTS = ("pre", "forward", "post")
 
 
-
-
 def time_steps(steps: Sequence[Step], repeats: int, warmup: int, device: torch.device) -> tuple[dict[str, float], Any]:
     """Run the chain ``steps`` ``warmup + repeats`` times; median seconds of each step over the last ``repeats``.
 
@@ -64,6 +62,23 @@ def part_shares(seconds: dict[str, float]) -> dict[str, float]:
 
 def rounded_ratio(a: float, b: float) -> float:
     return round(a / b, 3)
+
+
+def frame_figures(params: int, macs: int, latency: dict[str, float], class_logits: torch.Tensor,
+                  score_threshold: float, detections: list[dict[str, Any]]) -> dict[str, Any]:
+    """The figures our models and the torchvision peer both report for one frame: cost, the batch-1
+    ``latency`` (seconds per part) in milliseconds and shares, and what the post-processing had to
+    sift: ``candidates_per_image``, the class scores (softmax of ``class_logits [1, P, C]``, the
+    background at 0 left out) above ``score_threshold``, and the detections it kept."""
+    scores = torch.softmax(class_logits.float(), dim=-1)[..., 1:]
+    return {
+        "params": params,
+        "macs": macs,
+        "latency_ms": part_ms(latency),
+        "share": part_shares(latency),
+        "candidates_per_image": int((scores > score_threshold).sum()),
+        "detections_per_image": len(detections[0]["labels"]),
+    }
 
 
 def synthetic_jpeg(width: int, height: int, quality: int = 90, seed: int = 0) -> bytes:

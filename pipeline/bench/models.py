@@ -53,7 +53,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pipeline.bench.chain import Step, decode_rgb, part_ms, part_shares, rounded_ratio, synthetic_jpeg, time_steps
+from pipeline.bench.chain import (
+    Step, decode_rgb, frame_figures, part_ms, rounded_ratio, synthetic_jpeg, time_steps,
+)
 from pipeline.bench.peer import build_peer, measure_peer
 from ssd.data.transforms import eval_transform
 from ssd.model_file import load_model_file
@@ -61,7 +63,6 @@ from ssd.models import build_model
 from ssd.models.lstm_ssd import TEMPORAL_ARCH_KEYS
 from ssd.postprocess import PostprocessConfig, PostProcessor
 from ssd.pruning import ARCH_KEY, count_macs_params
-
 
 
 def run(
@@ -187,7 +188,6 @@ def measure_model(
     with torch.inference_mode():  # one more frame, untimed: what the post-processing had to sift
         (_, pre), (_, forward), (_, post) = steps
         logits, deltas = forward(pre(None))
-        candidates = int((torch.softmax(logits.float(), dim=-1)[..., 1:] > config.score_threshold).sum())
         detections = post((logits, deltas))
     # The evaluation's post-processing on the same outputs (timed alone: it needs no fresh frame).
     evaluation = PostProcessor(model.priors, PostprocessConfig()).to(device)
@@ -203,12 +203,7 @@ def measure_model(
         "width_mult": float(arch.get("width_mult", 1.0)),
         "num_classes": int(model.num_classes),
         "num_priors": int(model.priors.shape[0]),
-        "params": params,
-        "macs": macs,
-        "latency_ms": part_ms(latency),
-        "share": part_shares(latency),
-        "candidates_per_image": candidates,
-        "detections_per_image": len(detections[0]["labels"]),
+        **frame_figures(params, macs, latency, logits, config.score_threshold, detections),
         "post_eval_config_ms": round(eval_post["post"] * 1e3, 3),
         "throughput": {
             "batch": batch,

@@ -11,11 +11,9 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms.v2 import functional as TF
 
-from pipeline.bench.chain import PARTS, Step, decode_rgb, part_ms, part_shares, rounded_ratio, time_steps
+from pipeline.bench.chain import PARTS, Step, decode_rgb, frame_figures, part_ms, rounded_ratio, time_steps
 from ssd.postprocess import PostprocessConfig
 from ssd.pruning import count_macs_params
-
-
 
 
 def build_peer(num_classes: int, image_size: int, config: PostprocessConfig = PostprocessConfig()) -> nn.Module:
@@ -92,17 +90,11 @@ def measure_peer(
     with torch.inference_mode():  # its scores, as ours: how much its post-processing had to sift
         (_, pre), (_, forward), _ = steps
         logits = forward(pre(None))[3]["cls_logits"]
-        candidates = int((torch.softmax(logits.float(), dim=-1)[..., 1:] > peer.score_thresh).sum())
     return {
         "model": "torchvision ssdlite320_mobilenet_v3_large",
         "image_size": size,
         "num_classes": int(peer.head.classification_head.num_columns),
-        "params": params,
-        "macs": macs,
-        "latency_ms": part_ms(latency),
-        "share": part_shares(latency),
-        "candidates_per_image": candidates,
-        "detections_per_image": len(detections[0]["labels"]),
+        **frame_figures(params, macs, latency, logits, peer.score_thresh, detections),
         "ours_ms": part_ms(ours_s)["total"],
         "ratio": rounded_ratio(sum(ours_s.values()), sum(latency.values())),
         "forward_ratio": rounded_ratio(ours_s["forward"], latency["forward"]),

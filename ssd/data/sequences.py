@@ -27,7 +27,6 @@ DEFAULT_FRAME_ID_PATTERN = r"^(?P<video>.+)[_-]\D*(?P<frame>\d+)$"
 (``seq01_000123`` -> ``("seq01", 123)``, ``walk-f10`` -> ``("walk", 10)``)."""
 
 
-
 def compile_frame_pattern(pattern: str) -> re.Pattern[str]:
     """Compile a frame id pattern; it must have the named groups ``video`` and ``frame``.
 
