@@ -100,3 +100,15 @@ def report(accelerator, what: str) -> None:
         log.warning("NOT USING THE GPUs: %s; running on the CPU. Install a torch build for this machine's "
                     "driver (https://pytorch.org/get-started/locally/)", problem)
         log.warning("!" * 80)
+
+
+def reset_accelerate() -> None:
+    """Forget Accelerate's process-wide state (``AcceleratorState``, ``PartialState``,
+    ``GradientState``), so that the next ``Accelerator`` made in this process is set up by its
+    own settings (mixed precision, ...) instead of clashing with an earlier one's: for stages
+    that run other stages' code in one process (prune: evaluate, train, evaluate), and for tests
+    and benchmarks that run several."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()

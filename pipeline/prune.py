@@ -61,6 +61,7 @@ from torch import nn
 
 from pipeline.bench.latency import cpu_latency_ms
 from pipeline.config import choose_section, load_config, load_params, to_dict
+from pipeline.device import reset_accelerate
 from pipeline.prune_config import LatencyConfig, PruneDistill, PruneStageConfig
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd import atomic
@@ -86,16 +87,6 @@ def _speed(before: nn.Module, after: nn.Module, image_size: int, cfg: LatencyCon
     return out
 
 
-def _fresh_accelerate() -> None:
-    # evaluate() and train() each set up Accelerate's process-wide state for themselves (and
-    # end it); reset it between them so that the second one's settings (mixed precision, ...)
-    # take effect instead of clashing with the first one's.
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
 def _evaluate(cfg: PruneStageConfig, model_path: Path, name: str, work: Path) -> dict[str, Any] | None:
     """The evaluate stage's metrics of ``model_path`` (its own files go to ``work``); None if disabled."""
     if not cfg.evaluate.enabled:
@@ -109,7 +100,7 @@ def _evaluate(cfg: PruneStageConfig, model_path: Path, name: str, work: Path) ->
         voc_metric=e.voc_metric, examples=0,
         metrics_dir=str(work), plots_dir=str(work), reports_dir=str(work), runs_dir=str(work),
     )
-    _fresh_accelerate()
+    reset_accelerate()
     return evaluate(ecfg)
 
 
@@ -134,7 +125,7 @@ def _finetune(
         models_dir=str(work), metrics_dir=str(work), plots_dir=str(work),
         runs_dir=cfg.runs_dir, checkpoints_dir=cfg.checkpoints_dir,
     )
-    _fresh_accelerate()
+    reset_accelerate()
     return train(tcfg, restart=restart)
 
 

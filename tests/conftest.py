@@ -33,7 +33,7 @@ def stage_main(capsys, monkeypatch):
     ``cwd``; its exit code and stderr. What the command line runs, without a new interpreter
     importing torch (5-7 s a call on 2 cores); the command line's own path keeps its subprocess
     tests. The Accelerate state a stage may create is reset after."""
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
     def run(name: str, *args: str, cwd: Path) -> Ran:
         monkeypatch.chdir(cwd)
@@ -41,7 +41,6 @@ def stage_main(capsys, monkeypatch):
         try:
             code = importlib.import_module(f"pipeline.{name}").main(list(args))
         finally:
-            AcceleratorState._reset_state(True)
-            PartialState._reset_state()
+            reset_accelerate()
         return Ran(code, capsys.readouterr().err)
     return run

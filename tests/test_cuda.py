@@ -60,10 +60,9 @@ def random_targets(count: int, boxes: int = 3) -> list[dict[str, torch.Tensor]]:
 
 def accelerator_for(precision: str):
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate()
     return Accelerator(cpu=DEVICE == "cpu", mixed_precision=precision)
 
 

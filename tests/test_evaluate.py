@@ -406,7 +406,7 @@ def test_a_gap_in_frame_numbers_or_a_new_video_starts_a_new_sequence():
 
 
 def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch):
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
     model = CountingTemporalModel(tiny_model())
     path = tmp_path / "lstm.pt"
@@ -422,21 +422,19 @@ def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch)
         assert settings(tmp_path, "lstm")["mode"] == "video" and video["images"] == 12
         assert model.seen == [[t] for t in range(8)] + [[t] for t in range(4)]
         assert len(list((tmp_path / "reports" / "lstm" / "examples").glob("*.png"))) == 2
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate()
         model.seen.clear()
         assert evaluate_mod.main(["--set", "mode=per_frame", "--set", "name=lstm-per-frame"]) == 0
         per_frame = json.loads((tmp_path / "metrics" / "eval-lstm-per-frame.json").read_text())
         assert settings(tmp_path, "lstm-per-frame")["mode"] == "per_frame" and per_frame["images"] == 12
         assert all(s == [0] * len(s) for s in model.seen)
     finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate()
 
 
 def test_stage_runs_an_lstm_ssd_model_file_in_video_mode(clips, tmp_path, monkeypatch):
     """The real temporal model, through its model file, once its builder is registered."""
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
     from ssd.models import BUILDERS, build_model
 
@@ -451,8 +449,7 @@ def test_stage_runs_an_lstm_ssd_model_file_in_video_mode(clips, tmp_path, monkey
     try:
         assert evaluate_mod.main([]) == 0
     finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate()
     metrics = json.loads((tmp_path / "metrics" / "eval-lstm.json").read_text())
     assert settings(tmp_path, "lstm")["mode"] == "video" and metrics["images"] == 12
 

@@ -295,7 +295,7 @@ def test_a_log_file_gets_plain_progress_lines_not_a_bar(reference_run):
 def test_no_better_validation_for_patience_validations_stops_early(tmp_path, monkeypatch):
     """In-process, with a validation that never improves: the run stops after the patience, exit 0,
     its outputs those of the step it stopped at."""
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
     import pipeline.train as train_mod
     from pipeline.config import from_dict
@@ -309,8 +309,7 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
     try:
         assert train_mod.train(cfg) == 0
     finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate()
     summary = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
     assert summary["steps"] == 6  # best at step 2, no better at 4 and 6
     assert summary["val"] == {"map": 0.25, "best_map": 0.25, "best_step": 2, "seconds": summary["val"]["seconds"]}
@@ -528,7 +527,7 @@ def test_a_checkpoint_past_the_new_step_count_is_refused(kept_checkpoints):
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     """In-process, with the loss poisoned from the third step on."""
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
     import pipeline.train as train_mod
     from pipeline.config import from_dict
@@ -552,8 +551,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         with pytest.raises(train_mod.StageError, match=r"step 5: loss not finite for 3 consecutive steps; last sample keys: train_"):
             train_mod.train(cfg)
     finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate()
 
 
 def test_several_training_sections_need_a_section_and_a_wrong_one_is_named(tmp_path):

@@ -17,7 +17,7 @@ PLAIN = {**TRAIN, "steps": 4, "checkpoint_every": 4, "log_every": 1, "trace": Fa
 
 def train_in_process(cwd, monkeypatch, **overrides):
     """Train ``PLAIN`` with ``overrides`` in ``cwd``; the model file's state dict and the logged losses."""
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
     import pipeline.train as train_mod
     from pipeline.config import from_dict
@@ -27,8 +27,7 @@ def train_in_process(cwd, monkeypatch, **overrides):
     try:
         train_mod.train(cfg)
     finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate()
     model, _ = load_model_file(cwd / "models" / "tiny.pt")
     rows = list(csv.DictReader(open(cwd / "plots" / "train-tiny.csv")))
     return model.state_dict(), [float(row["loss"]) for row in rows]

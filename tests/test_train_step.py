@@ -10,7 +10,7 @@ from shardgen import write_frame_dataset
 
 @pytest.fixture(params=[0])
 def tiny_run(tmp_path, request):
-    from accelerate.state import AcceleratorState, PartialState
+    from pipeline.device import reset_accelerate
 
     from pipeline.config import from_dict
     from pipeline.train import TrainConfig
@@ -27,8 +27,7 @@ def tiny_run(tmp_path, request):
     try:
         yield setup(cfg, restart=True)
     finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate()
 
 
 def test_a_step_the_loss_scaler_skips_leaves_the_ema_alone(tiny_run, monkeypatch):

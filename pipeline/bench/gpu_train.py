@@ -124,7 +124,6 @@ def training_loop(name: str, precision: str, batch: int, steps: int, shards: str
     """``pipeline.train`` for ``steps`` steps from ``shards``: images/s (the median of its logged
     windows after the first) and its data-wait fraction. ``colour_on_device``: the workers leave
     the colour change to the training process (``photometric_device``); else SSD's augmentation."""
-    from accelerate.state import AcceleratorState, PartialState
 
     from pipeline.config import from_dict
     from pipeline.train import TrainConfig, train
@@ -142,8 +141,7 @@ def training_loop(name: str, precision: str, batch: int, steps: int, shards: str
     try:
         code = train(cfg, restart=True)
     finally:
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        device_setup.reset_accelerate()
     if code != 0:
         raise RuntimeError(f"pipeline.train exited {code}")
     metrics = json.loads((workdir / "metrics" / f"train-{run_name}.json").read_text())
