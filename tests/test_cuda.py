@@ -139,7 +139,10 @@ def test_evaluation_on_the_gpu_equals_the_cpus(tmp_path):
     from test_evaluate import train_on
 
     shards = read_manifest(write_frame_dataset(tmp_path / "voc", {"val": [6, 4]})).shard_paths("val")
-    model = train_on(shards, steps=40)
+    # Imperfect detections, so that a score the GPU rounds differently could change the figure:
+    # the tiny model (trained on the CPU) reaches VOC07 mAP 0.03 after 40 steps, 0.58 after 50
+    # and 1.0 after 60-80.
+    model = train_on(shards, steps=50)
     maps = []
     for where in ("cpu", DEVICE):
         m = model.to(where).eval()
@@ -147,7 +150,7 @@ def test_evaluation_on_the_gpu_equals_the_cpus(tmp_path):
         loader = eval_loader(shards, image_size=64, rank=0, world_size=1, batch_size=4, num_workers=0)
         acc = predict(m, post, loader, "frames", where)
         maps.append(acc.voc(len(CLASSES)).map07)
-    assert maps[0] > 0.1  # detections worth comparing
+    assert 0.1 < maps[0] < 0.99  # detections worth comparing
     assert maps[1] == pytest.approx(maps[0], abs=1e-4)
 
 
