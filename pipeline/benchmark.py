@@ -22,7 +22,9 @@ Sections (``sections`` of the ``benchmark`` params, or ``--only``), each a modul
 - ``feed`` (:mod:`pipeline.bench.feed`): decode + full SSD augmentation per loader worker at
   300 px on VOC-sized JPEGs, and the workers a GPU's training rate needs;
 - ``gpu`` (:mod:`pipeline.bench.gpu`, not in the CPU run's sections): the GPU check's training
-  and inference figures against torchvision's, run by ``scripts/gpu_check.sh``.
+  and inference figures against torchvision's, run by ``scripts/gpu_check.sh``;
+- ``kernels`` (:mod:`pipeline.bench.kernels`, not in the CPU run's sections): ONNX Runtime's
+  int8 and float convolution kernels by channel width: the widths a pruning should avoid.
 
 Outputs: ``out`` (``metrics/benchmark.json``, for ``dvc metrics diff``): measurements only
 (timings, ratios, sizes, counts): the headline figures (``postprocess_share.<model>``: post-processing over
@@ -146,6 +148,14 @@ def _gpu(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
     return {"gpu": gpu.run(**settings, device=device)}
 
 
+def _kernels(cfg: BenchmarkConfig, device: str) -> dict[str, Any]:
+    from pipeline.bench import kernels
+
+    if device != "cpu":
+        raise StageError("benchmark.kernels times ONNX Runtime on the CPU: run it with benchmark.device cpu")
+    return {"kernels": kernels.run(**to_dict(cfg.kernels))}
+
+
 SECTIONS: dict[str, Section] = {
     "models": _models,
     "postprocess": _postprocess,
@@ -155,6 +165,7 @@ SECTIONS: dict[str, Section] = {
     "deployed": _deployed,
     "feed": _feed,
     "gpu": _gpu,
+    "kernels": _kernels,
 }
 
 

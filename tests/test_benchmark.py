@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -314,3 +315,52 @@ def test_feed_samples_are_frames_the_training_transform_reads():
         sample = decode_sample(raw, "frames", train_transform(64, AugmentConfig()))
         assert sample.image.shape == (3, 64, 64) and sample.size == (120, 90)
     assert len({raw.images[0] for raw in samples}) == 4  # four different pictures
+
+
+@pytest.mark.parametrize("kind", ["depthwise", "pointwise"])
+def test_kernel_graphs_compute_the_same_convolution_in_float_and_int8(kind):
+    import onnxruntime as ort
+    from pipeline.bench.kernels import conv_graph
+
+    # Inputs below 0.5 (uint8 up to 128): AVX2 without VNNI adds uint8 x int8 products in pairs into
+    # int16, which saturates with inputs near 255 and weights near 127 (why ONNX Runtime's quantizer
+    # has reduce_range); this test is about the graphs, not that.
+    x = np.random.default_rng(1).random((1, 16, 12, 12), dtype=np.float32) * 0.5
+    outs = []
+    for int8 in (False, True):
+        session = ort.InferenceSession(conv_graph(kind, 16, 12, 2, int8), providers=["CPUExecutionProvider"])
+        outs.append(session.run(None, {"x": x})[0])
+    assert outs[0].shape == outs[1].shape == (1, 16, 6, 6)
+    # The int8 graph's output step is 0.05 (and its range [-6.4, 6.35]): it rounds, nothing more.
+    assert np.abs(outs[0]).max() > 0.1 and np.abs(outs[0] - outs[1]).max() < 0.04
+
+
+def test_kernels_section_times_each_width_in_both_formats(tmp_path):
+    from pipeline.bench import kernels
+
+    result = kernels.run(kinds=["depthwise", "pointwise"], widths=[8, 16], size=8, strides=[1, 2], repeats=2, warmup=1)
+    for kind in ("depthwise", "pointwise"):
+        assert set(result[kind]) == {"stride_1", "stride_2"}
+        for row in result[kind].values():
+            assert set(row) == {"8", "16"}
+            assert all(r["int8_us"] > 0 and r["float_us"] > 0 for r in row.values())
+        assert set(result["slower_than_wider"][kind]) == {"stride_1", "stride_2"}
+
+
+def test_slower_than_wider_names_the_widths_a_wider_one_beats():
+    from pipeline.bench.kernels import slower_than_wider
+
+    assert slower_than_wider({8: 132.0, 16: 110.0, 24: 205.0, 32: 165.0, 48: 386.0}) == [8, 24]
+    assert slower_than_wider({8: 1.0, 16: 2.0, 32: 3.0}) == []
+
+
+def test_kernels_section_is_not_in_the_cpu_run_and_refuses_a_bad_kind(project, monkeypatch, capsys, tmp_path):
+    from pipeline.bench.config import BenchmarkConfig
+
+    assert "kernels" not in BenchmarkConfig().sections
+    monkeypatch.chdir(project)
+    out = tmp_path / "never.json"
+    assert benchmark.main(["--only", "kernels", "--set", "kernels.kinds=[grouped]", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "benchmark.kernels: unknown kind 'grouped'" in err[0], err
+    assert not out.exists()

@@ -227,6 +227,31 @@ class GpuBench:
 
 
 @dataclass(frozen=True)
+class KernelsBench:
+    """ONNX Runtime's convolution kernels by channel width (pipeline.bench.kernels; not in the CPU run's sections)."""
+
+    kinds: tuple[str, ...] = ("depthwise", "pointwise")
+    widths: tuple[int, ...] = (8, 16, 24, 32, 40, 48, 64, 96)
+    size: int = 160
+    """Input side: the sample SSDLite's block 2 sees 160x160 at a 320 px input, 80x80 at 160 px."""
+    strides: tuple[int, ...] = (1, 2)
+    repeats: int = 200
+    warmup: int = 20
+
+    def __post_init__(self) -> None:
+        from pipeline.bench.kernels import KINDS
+
+        for kind in self.kinds:
+            if kind not in KINDS:
+                raise ConfigError(f"benchmark.kernels: unknown kind {kind!r}; known: {', '.join(KINDS)}")
+        if not self.kinds or not self.widths or not self.strides:
+            raise ConfigError("benchmark.kernels: list at least one kind, one width and one stride")
+        _positive("kernels", size=self.size, repeats=self.repeats, warmup=self.warmup,
+                  **{f"widths[{i}]": w for i, w in enumerate(self.widths)},
+                  **{f"strides[{i}]": s for i, s in enumerate(self.strides)})
+
+
+@dataclass(frozen=True)
 class BenchmarkConfig:
     sections: tuple[str, ...] = ("models", "postprocess", "loader", "train_step", "convert", "feed")
     """Which benchmarks to run, in order."""
@@ -248,3 +273,4 @@ class BenchmarkConfig:
     deployed: DeployedBench = field(default_factory=DeployedBench)
     feed: FeedBench = field(default_factory=FeedBench)
     gpu: GpuBench = field(default_factory=GpuBench)
+    kernels: KernelsBench = field(default_factory=KernelsBench)
