@@ -48,7 +48,6 @@ class EvalPaths:
         )
 
 
-
 def write_outputs(cfg: Any, paths: EvalPaths, shards: list[str], kind: str, mode: str, classes: list[str],
                   acc: DetectionAccumulator, seconds: float) -> dict[str, Any]:
     """Compute the metrics of ``acc`` and write every output; returns the metrics."""

@@ -23,6 +23,7 @@ from ssd.postprocess import PostprocessConfig
 
 ValidationMode = Literal["auto", "frames", "video", "per_frame"]
 
+
 @dataclass(frozen=True)
 class PriorsParams:
     min_sizes: tuple[float, ...]

@@ -27,7 +27,6 @@ Widths = dict[str, dict[str, int]]
 ARCH_KEY = "pruned"
 
 
-
 def _conv_widths(m: nn.Conv2d) -> dict[str, int]:
     return {"in_channels": m.in_channels, "out_channels": m.out_channels, "groups": m.groups}
 
