@@ -345,6 +345,7 @@ def test_kernels_section_times_each_width_in_both_formats(tmp_path):
             assert set(row) == {"8", "16"}
             assert all(r["int8_us"] > 0 and r["float_us"] > 0 for r in row.values())
         assert set(result["slower_than_wider"][kind]) == {"stride_1", "stride_2"}
+    assert isinstance(result["cpu"], str) and isinstance(result["onnxruntime"], str)  # for the setup file
 
 
 def test_slower_than_wider_names_the_widths_a_wider_one_beats():

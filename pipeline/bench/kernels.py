@@ -21,6 +21,7 @@ that of a wider width in the list: the widths a pruning ``round_to`` should avoi
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import tempfile
 from pathlib import Path
@@ -97,10 +98,27 @@ def slower_than_wider(times: dict[int, float]) -> list[int]:
     return [w for i, w in enumerate(widths) if any(times[v] < times[w] for v in widths[i + 1:])]
 
 
+def cpu_description() -> str:
+    """The CPU's model name and whether it has VNNI (which changes ONNX Runtime's int8 kernels)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no AVX2'})"
+
+
 def run(kinds: Sequence[str], widths: Sequence[int], size: int, strides: Sequence[int], repeats: int,
         warmup: int) -> dict[str, Any]:
-    """The figures described in the module docstring."""
-    out: dict[str, Any] = {}
+    """The figures described in the module docstring, and (strings: the setup file's) the CPU and
+    the ONNX Runtime version."""
+    import onnxruntime as ort
+
+    out: dict[str, Any] = {"cpu": cpu_description(), "onnxruntime": ort.__version__,
+                           "graph": f"1 x C x {size} x {size}, one thread, {repeats} runs"}
     flagged: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ssd-kernels-") as tmp:
         for kind in kinds:
