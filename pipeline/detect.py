@@ -130,6 +130,11 @@ class FolderSource:
             if match is None:
                 raise StageError(f"{p}: no frame number in the file name (frames are ordered by it)")
             numbered.append((int(match.group(1)), p.name, p))
+        numbered.sort()
+        for (n, _, first), (m, _, second) in zip(numbered, numbered[1:]):
+            if n == m:  # two videos' frames in one folder (a VOC JPEGImages folder): their order is unknown
+                raise StageError(f"{path}: {first.name} and {second.name} both have frame number {n}; "
+                                 "give a folder of one video's frames")
         self.numbers = [n for n, _, _ in sorted(numbered)]
         self.files = [p for _, _, p in sorted(numbered)]
         self.fps = float(fps) if fps else DEFAULT_FOLDER_FPS
@@ -148,9 +153,11 @@ class FolderSource:
 
 
 def _read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    from ssd.data.images import read_image_file
+
+    image, why = read_image_file(path)
     if image is None:
-        raise StageError(f"{path}: not a readable image")
+        raise StageError(f"{path}: {why}")
     return image
 
 

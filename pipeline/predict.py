@@ -130,18 +130,10 @@ def _image_targets(inputs: Inputs, kind: str, out: Path) -> list[Path]:
 
 def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
     """``(RGB image, None)`` or ``(None, why it can't be used)``."""
-    from ssd.data.images import decode_checked
+    from ssd.data.images import read_image_file
 
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        return None, e.strerror or type(e).__name__
-    bgr, corrupt = decode_checked(data, cv2.IMREAD_COLOR)
-    if bgr is None:
-        return None, "not a readable image"
-    if corrupt:
-        return None, f"corrupt image data ({corrupt})"
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None
+    bgr, why = read_image_file(path)
+    return (None, why) if bgr is None else (cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), None)
 
 
 def _batches(paths: list[Path], size: int) -> Iterator[list[tuple[int, Path, np.ndarray]]]:

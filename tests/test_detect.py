@@ -302,3 +302,62 @@ def test_codec_missing(files, tmp_path, capfd):
 def test_missing_model(files, tmp_path, capfd):
     assert main([str(tmp_path / "none.pt"), str(files["video"]), "--out", str(tmp_path / "o.mp4")]) == 2
     assert "model file not found" in one_error_line(capfd)
+
+
+def jpeg_with_orientation(bgr: np.ndarray, orientation: int) -> bytes:
+    """The JPEG of ``bgr`` (pixels as stored) with an EXIF orientation tag, as phone cameras write them."""
+    import io
+
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buffer = io.BytesIO()
+    Image.fromarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)).save(buffer, "JPEG", quality=95, exif=exif)
+    return buffer.getvalue()
+
+
+def test_a_corrupt_jpeg_frame_is_an_error_not_garbage_detections(files, tmp_path, capfd):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 60, (HEIGHT, WIDTH, 3), dtype=np.uint8)
+    for i in range(3):  # noisy: the compressed pixels, not the header, are most of the file
+        cv2.imwrite(str(folder / f"f{i}.jpg"), moving_square(i) // 2 + noise)
+    whole = (folder / "f1.jpg").read_bytes()
+    (folder / "f1.jpg").write_bytes(whole[: len(whole) // 2])  # libjpeg fills the rest with grey, and says so
+    assert cv2.imread(str(folder / "f1.jpg")) is not None  # OpenCV alone returns a whole image
+    out = tmp_path / "out"
+    assert main([str(files["ssdlite"]), str(folder), "--out", str(out / "o.mp4"), "--device", "cpu"]) == 2
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    # (OpenCV's imdecode refuses some truncated JPEGs that its imread returns half grey.)
+    assert line.startswith("error: ") and "f1.jpg" in line, line
+    assert "corrupt image data" in line or "not a readable image" in line, line
+    assert list(out.iterdir()) == []
+
+
+def test_frames_of_two_videos_with_the_same_numbers_are_refused(files, tmp_path, capfd):
+    """A VOC JPEGImages folder holds every video's frame 1, 2, ...: interleaved, they'd carry one
+    video's LSTM state into the other's frames."""
+    folder = tmp_path / "JPEGImages"
+    folder.mkdir()
+    for video in ("day", "night"):
+        for i in range(1, 3):
+            cv2.imwrite(str(folder / f"{video}_{i}.png"), moving_square(i))
+    out = tmp_path / "o.mp4"
+    assert main([str(files["lstm"]), str(folder), "--out", str(out), "--device", "cpu"]) == 2
+    line = one_error_line(capfd)
+    assert "day_1.png" in line and "night_1.png" in line and "frame number 1" in line, line
+    assert not out.exists()
+
+
+def test_exif_orientation_is_ignored_as_in_training(files, tmp_path):
+    """Annotations and training use the stored pixels (docs/data-format.md); so does detect."""
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):  # 96x80 frames; orientation 6 would show them as 80x96
+        (folder / f"f{i}.jpg").write_bytes(jpeg_with_orientation(moving_square(i), 6 if i == 1 else 1))
+    jsonl = tmp_path / "o.jsonl"
+    assert main([str(files["ssdlite"]), str(folder), "--out", str(tmp_path / "o.mp4"), "--jsonl", str(jsonl),
+                 "--score-threshold", str(THRESHOLD), "--device", "cpu"]) == 0
+    stored = [cv2.imread(str(folder / f"f{i}.jpg"), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) for i in range(3)]
+    assert_same_detections(read_jsonl(jsonl), expected_detections(files["ssdlite"], stored, THRESHOLD), first=0)

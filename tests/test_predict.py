@@ -142,3 +142,24 @@ def test_bad_requests_are_one_line_errors_and_write_nothing(project, args, messa
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}"), result.stderr[-500:]
     assert sorted(p.relative_to(project) for p in project.rglob("*")) == before
+
+
+def test_exif_orientation_is_ignored_as_in_training(project, tmp_path):
+    """A phone photo's orientation tag: boxes and the drawn copy stay in the stored pixels, as the
+    annotations and the training data are (docs/data-format.md), and the detections are those of
+    the stored pixels."""
+    from test_detect import jpeg_with_orientation
+
+    stored = photo(np.random.default_rng(5), 120, 200)
+    tagged = tmp_path / "phone.jpg"
+    tagged.write_bytes(jpeg_with_orientation(stored, 6))  # shown upright as 120 wide, 200 high
+    plain = tmp_path / "plain.png"
+    cv2.imwrite(str(plain), cv2.imread(str(tagged), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION))
+    out = tmp_path / "out"
+    result = run(str(project / "model.pt"), str(tagged), str(plain), "--out", str(out),
+                 "--score-threshold", str(THRESHOLD), "--device", "cpu", cwd=project)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert cv2.imread(str(out / "phone.jpg"), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION).shape == (120, 200, 3)
+    records = json.loads((out / "detections.json").read_text())
+    got, same = records_of(records, str(tagged)), records_of(records, str(plain))
+    assert len(got["labels"]) > 0 and unmatched(same, got, box_tol=0.02, score_tol=1e-6) == []

@@ -4,7 +4,8 @@ decode that notices corrupt JPEG data.
 - :func:`header_size` reads width and height without decoding the pixels (Pillow reads only
   the header when it opens a file), so a small file that would decode into gigabytes can be
   refused before it is decoded.
-- :func:`decode_checked` decodes with OpenCV and reports what libjpeg says about the data.
+- :func:`decode_checked` decodes with OpenCV and reports what libjpeg says about the data;
+  :func:`read_image_file` reads a file with it (what the inference tools read images with).
   A JPEG whose entropy-coded data is damaged decodes without an error: libjpeg only prints
   "Corrupt JPEG data: ..." or "Premature end of JPEG file" on the process's standard error
   and fills the damaged blocks with garbage. Neither OpenCV, Pillow nor torchvision report
@@ -58,6 +59,25 @@ def decode_checked(data: bytes, flags: int) -> tuple[np.ndarray | None, str | No
         if line and line not in problems:  # anything else the decoder said is the user's to see
             print(line, file=sys.stderr)
     return pixels, problems[0] if problems else None
+
+
+def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray | None, str | None]:
+    """``(BGR uint8 [H, W, 3], None)`` of an image file, or ``(None, why it can't be used)``.
+
+    The pixels as stored: EXIF orientation is ignored, as everywhere in the project (the
+    annotations and the training data refer to the stored pixels). A JPEG whose data libjpeg
+    reports damaged is refused (``corrupt image data (...)``), not returned half grey.
+    """
+    try:
+        data = open(path, "rb").read()
+    except OSError as e:
+        return None, e.strerror or type(e).__name__
+    bgr, corrupt = decode_checked(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        return None, "not a readable image"
+    if corrupt:
+        return None, f"corrupt image data ({corrupt})"
+    return bgr, None
 
 
 @contextlib.contextmanager
