@@ -14,7 +14,9 @@ calibrate on, and returns the int8 graph ONNX Runtime's quantizer makes of it:
 
 A temporal graph (LSTM-SSD) keeps its explicit state inputs and outputs, in float: the
 calibration feeds each frame with the state the float graph computed for the frame before
-it (zeros where a sequence starts), so the state's ranges are those of real streaming.
+it (zeros where a sequence starts), so the state's ranges are those of real streaming; the
+``relu6`` of the cell state stays float, so that the state keeps its own range
+(:func:`_clips_of_graph_outputs`).
 
 The graph's inputs and outputs stay float32: an int8 file is a drop-in replacement for the
 float one (:class:`ssd.onnx_detector.OnnxDetector` runs either).
@@ -100,11 +102,12 @@ def quantize_int8(
         # Runtime's symbolic one gives up on the LSTM-SSD state paths ("Incomplete symbolic shape
         # inference").
         quant_pre_process(str(float_path), str(pre_path), skip_symbolic_shape=True)
+        output_clips = _clips_of_graph_outputs(onnx.load(str(pre_path)))
         quantize_static(
             str(pre_path), str(out_path), reader,
             quant_format=QuantFormat.QDQ, per_channel=per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            calibrate_method=methods[method], nodes_to_exclude=list(exclude),
+            calibrate_method=methods[method], nodes_to_exclude=[*exclude, *output_clips],
             extra_options={"CalibTensorRangeSymmetric": False},
         )
         if reader.count == 0:
@@ -113,7 +116,7 @@ def quantize_int8(
     quantized = sorted({n.op_type for n in _dequantized_consumers(proto)})
     report = {"method": method, "per_channel": per_channel, "calibration_frames": reader.count,
               "format": "QDQ, activations uint8, weights int8", "quantized_ops": quantized,
-              "excluded_nodes": list(exclude)}
+              "excluded_nodes": list(exclude), "float_clips_of_outputs": output_clips}
     # The float graph's entries (arch, classes, ...), then the quantizer's own, then ours.
     set_metadata(proto, {**{p.key: p.value for p in source.metadata_props},
                          **{p.key: p.value for p in proto.metadata_props}, "quantization": report})
@@ -146,6 +149,20 @@ def leading_nodes(data: bytes, convolutions: int) -> list[str]:
             break
         names.append(node.name)
     return names
+
+
+def _clips_of_graph_outputs(proto: Any) -> list[str]:
+    """Names of the Clip / Relu nodes that read a graph output (LSTM-SSD: ``relu6(c)`` of the
+    cell state ``c``, itself the output ``new_state_1``).
+
+    ONNX Runtime's quantizer gives a Clip's input tensor the Clip's range when no other node
+    reads it (``adjust_tensor_ranges``: the activation is then dropped from the int8 graph), and
+    a graph output does not count as a reader: the int8 graph's cell state came out clipped at
+    6 while the float graph's reached 108 on a sample video. Left in float, the Clip keeps its
+    input's own calibrated range.
+    """
+    outputs = {o.name for o in proto.graph.output}
+    return [n.name for n in proto.graph.node if n.op_type in ("Clip", "Relu") and n.input and n.input[0] in outputs]
 
 
 def _dequantized_consumers(proto: Any) -> list[Any]:

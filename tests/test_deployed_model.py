@@ -197,6 +197,33 @@ def test_lstm_int8_streams_with_its_state(tmp_path):
     assert float((fresh - q_logits).abs().max()) > 0.05  # the state streamed through the int8 graph matters
 
 
+def test_lstm_int8_cell_state_keeps_its_own_range(tmp_path):
+    """The cell state ``c`` is a graph output and the input of ``relu6(c)``. ONNX Runtime's
+    quantizer gives the input of a Clip the Clip's range when nothing else reads it, and it does
+    not count graph outputs as readers: the int8 graph's ``c`` came out clipped at 6 (the float
+    graph's reached 108 on a 48-frame sample video), so every frame after carried another state."""
+    shards = write_clip_dataset(tmp_path / "ir", {"train": [8, 8, 8]}, clip_length=4, size=48)
+    model = lstm_model()
+    [cell] = model.temporal.values()
+    hidden = cell.hidden_channels
+    with torch.no_grad():  # gates i, f, o open, g = relu6(10) = 6: c grows by 6 every frame
+        cell.gates[-1].weight.zero_()
+        cell.gates[-1].bias.copy_(torch.tensor([8.0, 8.0, 10.0, 8.0]).repeat_interleave(hidden))
+    data = deployable_onnx(model)
+    quantized, _ = quantize_int8(data, calibration(shards, 48))
+    save_onnx(tmp_path / "f.onnx", data)
+    save_onnx(tmp_path / "q.onnx", quantized)
+    fp32, q8 = load_onnx_detector(tmp_path / "f.onnx")[0], load_onnx_detector(tmp_path / "q.onnx")[0]
+    frames = torch.rand(4, 1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    state = q_state = None
+    for frame in frames:
+        _, _, state = fp32(frame, state)
+        _, _, q_state = q8(frame, q_state)
+    c, q_c = state[1], q_state[1]  # (h, c) of the one cell
+    assert float(c.max()) == pytest.approx(24.0, abs=0.1)  # 4 frames x 6
+    assert float((q_c - c).abs().max()) < 0.5  # the calibrated range (0 to 24) in 255 steps, not 0 to 6
+
+
 def test_calibration_picks_spread_frames_and_whole_runs(tmp_path):
     entries = [type("E", (), {"sort_key": (f"v{v}", f)})() for v in range(5) for f in range(10)]
     runs = pick(entries, "frames_from_clips", count=12, run_length=4)
