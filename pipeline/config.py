@@ -45,7 +45,9 @@ def load_params(path: str | Path) -> dict:
         line = raw[: e.start].count(b"\n") + 1
         raise ConfigError(f"{path}: line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save the file as UTF-8") from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: line {e.line}: key {e.key!r} given twice (first on line {e.first})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -54,6 +56,30 @@ def load_params(path: str | Path) -> dict:
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     _check_acyclic(data, str(path), [])
     return data
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping with a key given twice is refused: PyYAML keeps
+    the last value silently, while DVC's parser refuses the file, so a direct run and `dvc repro`
+    would read different settings. (A key that overrides one merged in with ``<<`` is fine.)"""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(key, line, seen[key])
+            seen.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _check_acyclic(node: Any, path: str, parents: list[int], key: str = "") -> None:
@@ -236,6 +262,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
+        if value is None:  # `--set x=null` or a section whose lines are all commented out: say so
+            raise ConfigError(f"{key}: null; give its keys ({{}} for the defaults)")
         return from_dict(tp, value, key)
     if origin in (tuple, list, Sequence) or tp in (tuple, list):
         if not isinstance(value, (list, tuple)):

@@ -37,7 +37,17 @@ def resolve_mixed_precision(section_value: str | None, key: str) -> str | None:
 
 
 def resolve_compile(section_value: str | None, key: str) -> str | None:
-    """The ``dynamo_backend`` (torch.compile backend) to give ``Accelerator`` (None: the launcher's)."""
+    """The ``dynamo_backend`` (torch.compile backend) to give ``Accelerator`` (None: the launcher's).
+
+    Raises:
+        ConfigError: a backend Accelerate does not know (its own error is a traceback), or one
+            that differs from the launcher's.
+    """
+    from accelerate.utils import DynamoBackend
+
+    if section_value is not None and section_value.upper() not in DynamoBackend.__members__:
+        known = ", ".join(m.lower() for m in DynamoBackend.__members__)
+        raise ConfigError(f"{key}: unknown torch.compile backend {section_value!r}; Accelerate knows: {known}")
     return _resolve(section_value, key, DYNAMO_ENV, "accelerate launch --dynamo_backend")
 
 

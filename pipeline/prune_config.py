@@ -10,6 +10,7 @@ from typing import Literal
 
 from pipeline.config import check_run_name
 from pipeline.train_config import DataConfig
+from ssd.bounds import Count, PositiveInt
 from ssd.distill import DistillWeights
 from ssd.loss import LossConfig
 from ssd.optim import OptimConfig
@@ -35,16 +36,16 @@ class FinetuneConfig:
     """A fifth of training's default learning rate: the weights are trained, only the damage of
     the cut needs repairing."""
     loss: LossConfig = field(default_factory=LossConfig)
-    seed: int = 0
+    seed: Count = 0
     """Seeds the data order and augmentation of the fine-tuning."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Through Accelerate; null: Accelerate's choice (as in training). fp16 needs a GPU."""
     channels_last: bool = False
     """Model and images in NHWC memory order, as the training key of that name (for GPUs; on a CPU
     it changes the batch norm's arithmetic, see that key)."""
-    checkpoint_every: int = 200
+    checkpoint_every: PositiveInt = 200
     """Steps between fine-tuning checkpoints (what a preempted run resumes from)."""
-    log_every: int = 10
+    log_every: PositiveInt = 10
     """Steps between log lines and plot rows."""
     distill: PruneDistill | None = None
     """Fine-tune the pruned model on the labels and on an unpruned teacher's outputs

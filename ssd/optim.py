@@ -72,7 +72,17 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     parameter group carries ``"backbone": bool`` (parameters named ``backbone.*``), so a
     schedule can hold the backbone still for a while (:func:`group_factors`), and its own
     learning rate, ``config.lr`` times the factor of ``config.lr_factors`` that applies.
+
+    Raises:
+        ValueError: an ``lr_factors`` prefix that names no trainable parameter (a misspelt
+            module name would otherwise change no learning rate, silently).
     """
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    for prefix in config.lr_factors:
+        if not any(_matches(name, prefix) for name in trainable):
+            tops = sorted({name.split(".")[0] for name in trainable})
+            raise ValueError(f"optim.lr_factors: {prefix!r} names no trainable parameter of the model "
+                             f"(its top-level modules: {', '.join(tops)})")
     buckets: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -93,8 +103,12 @@ def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimi
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
+def _matches(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix.rstrip(".") + ".")
+
+
 def _lr_factor_of(name: str, factors: dict[str, float]) -> float:
-    matches = [p for p in factors if name == p or name.startswith(p.rstrip(".") + ".")]
+    matches = [p for p in factors if _matches(name, p)]
     return float(factors[max(matches, key=len)]) if matches else 1.0
 
 

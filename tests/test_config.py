@@ -39,6 +39,9 @@ def test_defaults_and_nested_values():
         ({"opt": {"momentum": 0.9}}, "train.opt.momentum: unknown key; valid keys are: lr, name"),
         ({"sizes": 3}, "train.sizes: expected a list"),
         ({"path": 3}, "train.path: expected"),
+        # A section set to null (`--set opt=null`, or every line under `opt:` commented out) is
+        # not "the defaults": for data.augment the defaults are the full SSD augmentation.
+        ({"opt": None}, "train.opt: null; give its keys"),
     ],
 )
 def test_bad_values_are_one_line_errors(data, message):
@@ -58,6 +61,16 @@ def test_overrides_are_parsed_as_yaml_and_checked(tmp_path):
         load_config(Outer, params, "train", ["bogus=1"])
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["novalue"])
+
+
+def test_a_key_given_twice_in_the_params_file_is_an_error(tmp_path):
+    """PyYAML keeps the last of two equal keys; DVC's own parser refuses the file: a direct run
+    would train 1,200 steps where `dvc repro` stops."""
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  steps: 600\n  opt:\n    lr: 0.5\n  steps: 1200\n")
+    with pytest.raises(ConfigError) as e:
+        load_params(p)
+    assert str(e.value) == f"{p}: line 5: key 'steps' given twice (first on line 2)"
 
 
 def test_params_file_errors(tmp_path):

@@ -173,6 +173,11 @@ def test_without_finetuning_or_evaluation_the_pruned_weights_are_the_output(proj
         ("model=models/none.pt", "model file not found"),
         ("pruning.ignore=[nothing]", "matches no module"),
         ("finetune.control=false", "teacher 'control' needs finetune.control: true"),
+        # Checked with the section, as training checks them: they were a ZeroDivisionError and a
+        # NumPy traceback after the evaluations and the cut.
+        ("finetune.checkpoint_every=0", "prune.finetune.checkpoint_every: must be at least 1"),
+        ("finetune.seed=-1", "prune.finetune.seed: must be at least 0"),
+        ("finetune.log_every=0", "prune.finetune.log_every: must be at least 1"),
     ],
 )
 def test_bad_config_is_a_one_line_error(project, monkeypatch, capsys, override, message):

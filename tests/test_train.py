@@ -331,6 +331,9 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         (["ema.decay=1.0"], "train.ema.decay: must be less than 1, got 1.0"),
         (["validation.split=test"], "shards/manifest.json: no split 'test' (splits: train, val)"),
         (["validation.modes=[video]"], "mode 'video' needs clip shards, these are frames"),
+        # A prefix that names no parameter changed no learning rate, silently.
+        (["optim.lr_factors={temporl: 10}"], "optim.lr_factors: 'temporl' names no trainable parameter"),
+        (["compile=inductr"], "compile: unknown torch.compile backend 'inductr'"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message, stage_main):

@@ -196,7 +196,10 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
         )
     validator = Validator.of(cfg.validation, manifest, temporal) if cfg.validation.every else None
     teacher = load_teacher(cfg.distill.teacher, model, manifest.classes) if cfg.distill.teacher else None
-    optimizer = build_optimizer(model, cfg.optim)
+    try:
+        optimizer = build_optimizer(model, cfg.optim)
+    except ValueError as e:  # an lr_factors prefix that names nothing
+        raise StageError(str(e)) from None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, group_factors(optimizer, cfg.optim, cfg.steps, cfg.freeze_backbone_steps)
     )
