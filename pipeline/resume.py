@@ -44,7 +44,7 @@ def fingerprint(
     ``files`` (``{config key: path}``: the data manifest for ``data.shards``, the weights files;
     None: not used). The keys of ``files`` count by contents, not by path: the files may move."""
     config = _without(config, {**RESUME_SAFE, **files})
-    digests = {key: file_digest(path) if path else None for key, path in sorted(files.items())}
+    digests = {key: weights_digest(path) if path else None for key, path in sorted(files.items())}
     return {"config": config, "classes": list(classes), "mixed_precision": mixed_precision, "contents": digests}
 
 
@@ -77,6 +77,33 @@ def file_digest(path: str | os.PathLike) -> str | None:
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_digest(path: str | os.PathLike) -> str | None:
+    """SHA-256 of what a model file computes (architecture, input convention, classes, weights),
+    leaving out its ``meta``: a training's meta records its wall time and speed, so two runs that
+    trained the same weights (the prune stage's control, retrained after a preemption) write
+    different bytes. Any other file (a manifest, a foreign .pth): :func:`file_digest`."""
+    import json
+
+    import torch
+
+    from ssd.model_file import ModelFileError, read_model_file
+
+    path = Path(path)
+    if not path.is_file() or path.suffix not in (".pt", ".pth"):
+        return file_digest(path)
+    try:
+        payload = read_model_file(path)
+    except ModelFileError:
+        return file_digest(path)
+    h = hashlib.sha256()
+    described = {k: v for k, v in payload.items() if k not in ("meta", "state_dict")}
+    h.update(json.dumps(described, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(payload["state_dict"].items()):
+        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        h.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 

@@ -164,6 +164,34 @@ def test_without_finetuning_or_evaluation_the_pruned_weights_are_the_output(proj
         assert model(x)[0].shape == original(x)[0].shape
 
 
+def test_a_preempted_fine_tuning_resumes_with_the_control_as_teacher(project, tmp_path):
+    """The default recipe distils from the control. A preemption during the pruned model's
+    fine-tuning, then a rerun (what `dvc repro` does): the control is retrained to the same
+    weights, and the pruned model's fine-tuning resumes from its checkpoint. The control's file
+    records the rerun's wall time, so counted by bytes the resume was refused, every time."""
+    import signal
+    import time
+
+    from procs import kill_tree
+
+    sets = ["name=spot", "finetune.steps=40", "finetune.checkpoint_every=1", "evaluate.enabled=false",
+            f"metrics_dir={tmp_path / 'metrics'}", f"models_dir={tmp_path / 'models'}",
+            f"runs_dir={tmp_path / 'runs'}", f"checkpoints_dir={tmp_path / 'checkpoints'}"]
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.prune", *args], cwd=project, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    pruned_checkpoints = tmp_path / "checkpoints" / "spot-pruned"
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline and len(list(pruned_checkpoints.glob("step-*"))) < 1:
+        time.sleep(0.05)
+    kill_tree(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 75, out[-3000:]  # preempted: a rerun resumes
+    rerun = run(project, *args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stderr and "spot-pruned/step-" in rerun.stderr, rerun.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -58,3 +58,35 @@ def test_the_docs_list_every_safe_key():
     table = (ROOT / "docs" / "running-at-scale.md").read_text().split("## What is safe to change between runs")[1]
     documented = set(re.findall(r"`([a-z_.]+)`", table.split("**What reruns which stage")[0]))
     assert set(resume.RESUME_SAFE) <= documented
+
+
+def test_a_model_file_counts_by_its_weights_not_its_meta(tmp_path):
+    """The prune stage's control model is the distillation teacher of the pruned model's
+    fine-tuning. A rerun after a preemption retrains it to the same weights, but its file records
+    the rerun's wall time and speed: counted by bytes, the resume was refused, every time."""
+    import torch
+
+    from ssd.model_file import save_model_file
+    from ssd.models import ssdlite_mobilenet_v2
+
+    torch.manual_seed(0)
+    model = ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64)
+    (tmp_path / "manifest.json").write_text("{}")
+    teacher = tmp_path / "control.pt"
+    save_model_file(teacher, model, ["a", "b"], meta={"summary": {"wall_time_s": 61.2}})
+
+    def fingerprint() -> dict:
+        files = {"data.shards": tmp_path / "manifest.json", "distill.teacher": str(teacher)}
+        return resume.fingerprint(to_dict(from_dict(TrainConfig, {"name": "x"})), ["a", "b"], files, "no")
+
+    base = fingerprint()
+    save_model_file(teacher, model, ["a", "b"], meta={"summary": {"wall_time_s": 63.9}})  # the rerun
+    assert resume.differences(fingerprint(), base) == []
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    save_model_file(teacher, model, ["a", "b"], meta={"summary": {"wall_time_s": 61.2}})
+    [diff] = resume.differences(fingerprint(), base)
+    assert diff.startswith("contents.distill.teacher: ")
+    changed = fingerprint()
+    save_model_file(teacher, model, ["a", "c"], meta={})  # the same weights under other class names
+    assert resume.differences(fingerprint(), changed) != []
