@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pipeline.config import choose_section, load_config, load_params
-from pipeline.export import Int8Config, check_onnx_installed, export_detect, export_float, export_int8
+from pipeline.export import (Int8Config, check_calibration, check_onnx_installed, export_detect, export_float,
+                             export_int8)
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd import atomic
 from ssd.bounds import AtLeast, Below, Fraction, PositiveInt
@@ -105,6 +106,7 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
     with atomic.atomic_dir(out) as tmp:
         for entry, stem in zip(cfg.models, stems):
             model, info = load_model_file(entry.file)  # a bad file: InputError, one line from stage.run
+            check_calibration(info, entry.shards, cfg.int8.split if cfg.int8.enabled else None)
             data, report = export_float(model, info, entry.file, tmp / f"{stem}.onnx", opset=cfg.opset,
                                         fold=cfg.fold_batchnorm, simplify=cfg.simplify, tolerance=cfg.tolerance)
             figures[stem] = {"float": report}

@@ -102,17 +102,11 @@ def export_float(model: Any, info: dict[str, Any], source: str, out: Path, *, de
 def export_int8(model: Any, info: dict[str, Any], data: bytes, out: Path, shards: str,
                 cfg: Int8Config) -> dict[str, Any]:
     """Write the int8 graph of the float graph ``data`` to ``out``, calibrated on ``shards``; its report."""
-    from pipeline.datasets import read_manifest
     from ssd.data.calibration import calibration_frames
     from ssd.export import save_onnx
     from ssd.quantize import leading_nodes, quantize_int8
 
-    manifest = read_manifest(shards)
-    if list(info.get("class_names", [])) != manifest.classes:
-        raise StageError(f"{manifest.path}: its classes {manifest.classes} are not the model's "
-                         f"{info.get('class_names')}: calibrate on the model's own dataset")
-    if manifest.count(cfg.split, "frames") == 0:
-        raise StageError(f"{manifest.path}: split {cfg.split!r} has no frames to calibrate on")
+    manifest = check_calibration(info, shards, cfg.split)
     kind = "frames" if manifest.kind == "frames" else "frames_from_clips"
     frames = calibration_frames(manifest.shard_paths(cfg.split), image_size=int(model.image_size), kind=kind,
                                 count=cfg.frames, run_length=cfg.run_length)
@@ -122,6 +116,20 @@ def export_int8(model: Any, info: dict[str, Any], data: bytes, out: Path, shards
     save_onnx(out, quantized)
     return {"seconds": round(time.perf_counter() - start, 2), "mb": round(len(quantized) / 1e6, 3),
             **_graph_counts(quantized), "calibration": {"shards": shards, "split": cfg.split, **report}}
+
+
+def check_calibration(info: dict[str, Any], shards: str, split: str | None) -> Any:
+    """The manifest of ``shards`` if they hold the model's classes (and frames in ``split``; None:
+    classes only); a one-line StageError otherwise. Called before anything is written."""
+    from pipeline.datasets import read_manifest
+
+    manifest = read_manifest(shards)
+    if list(info.get("class_names", [])) != manifest.classes:
+        raise StageError(f"{manifest.path}: its classes {manifest.classes} are not the model's "
+                         f"{info.get('class_names')}: calibrate on the model's own dataset")
+    if split is not None and manifest.count(split, "frames") == 0:
+        raise StageError(f"{manifest.path}: split {split!r} has no frames to calibrate on")
+    return manifest
 
 
 def export_detect(model: Any, data: bytes, out: Path, postprocess: Any) -> dict[str, Any]:
@@ -170,6 +178,8 @@ def export(args: argparse.Namespace) -> int:
     if args.int8 and not args.calibration:
         raise StageError("--int8 needs --calibration SHARDS: the frames its activation ranges come from")
     outs = [Path(args.out)] + ([Path(args.int8)] if args.int8 else [])
+    if args.int8 and outs[1].resolve() == outs[0].resolve():
+        raise StageError(f"--int8 {args.int8}: the same file as --out; give the int8 graph its own name")
     for out in outs:
         if out.exists() and Path(args.model).exists() and out.samefile(args.model):
             raise StageError(f"{out}: is the input model file")
@@ -177,6 +187,8 @@ def export(args: argparse.Namespace) -> int:
     if args.calibration_frames < 1:
         raise StageError(f"--calibration-frames {args.calibration_frames}: must be positive")
     model, info = load_model_file(args.model)  # a bad file: InputError, one line from stage.run
+    if args.int8:
+        check_calibration(info, args.calibration, args.calibration_split)
     data, report = export_float(model, info, args.model, outs[0], decoded=args.decode, opset=args.opset,
                                 fold=not args.no_fold, simplify=not args.no_simplify,
                                 tolerance=args.tolerance if args.verify else None)

@@ -356,13 +356,15 @@ def test_onnx_evaluation_equals_the_pytorch_one(deployed):
     assert int8_metrics["voc07"]["map"] > 0.5 * torch_metrics["voc07"]["map"]
 
 
-def test_deploy_refuses_shards_of_other_classes_and_keeps_the_old_output(deployed, tmp_path):
+@pytest.mark.parametrize("int8", ["true", "false"])  # the classes were checked only for calibrating
+def test_deploy_refuses_shards_of_other_classes_and_keeps_the_old_output(deployed, tmp_path, int8):
     other = write_frame_dataset(tmp_path / "other", {"train": [4]})
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["classes"] = ["cat", "dog"]
     (other / "manifest.json").write_text(json.dumps(manifest))
     before = sorted((deployed / "models" / "deploy").iterdir())
-    result = run_stage("pipeline.deploy", deployed, "--set", f"models=[{{file: models/tiny.pt, shards: {other}}}]")
+    result = run_stage("pipeline.deploy", deployed, "--set", f"models=[{{file: models/tiny.pt, shards: {other}}}]",
+                       "--set", f"int8.enabled={int8}")
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "classes" in lines[0] and "Traceback" not in result.stderr

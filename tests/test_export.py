@@ -227,3 +227,28 @@ def test_cli_subprocess(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: missing.pt: model file not found"]
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int8_requests_that_cannot_be_done_write_nothing(tmp_path, capsys):
+    """The calibration shards are checked before the float graph is written, and --out and --int8
+    may not name one file (the int8 graph overwrote the float one, and the run said it wrote both)."""
+    from shardgen import write_frame_dataset
+
+    model_file = tmp_path / "ssdlite.pt"
+    torch.manual_seed(0)
+    save_model_file(model_file, ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64), ["a", "b"])
+    other = write_frame_dataset(tmp_path / "other", {"train": [4]})  # the shard generator's own classes
+    old = tmp_path / "out.onnx"
+    old.write_bytes(b"the previous export")
+    int8 = str(tmp_path / "out-int8.onnx")
+    cases = [
+        (["--int8", int8, "--calibration", str(other)], "classes"),
+        (["--int8", int8, "--calibration", str(tmp_path / "nowhere")], "nowhere"),
+        (["--int8", str(old), "--calibration", str(other)], "the same file as --out"),
+    ]
+    for extra, message in cases:
+        code = main([str(model_file), "--out", str(old), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and err[-1].startswith("error: ") and message in err[-1], (extra, err)
+        assert old.read_bytes() == b"the previous export"
+        assert not (tmp_path / "out-int8.onnx").exists()
