@@ -167,6 +167,18 @@ def load_config(
     return from_dict(cls, data, section)
 
 
+def check_name_follows_model(section: Mapping[str, Any] | None, overrides: Sequence[str]) -> None:
+    """Refuse ``--set model=...`` without ``--set name=...`` when the section names its outputs:
+    the other model's metrics and reports would overwrite those of the section's own model, under
+    its name. (A section without ``name`` names them after the model file: nothing to check.)"""
+    keys = {item.split("=", 1)[0].strip(): item for item in overrides if "=" in item}
+    if "model" in keys and "name" not in keys and (section or {}).get("name"):
+        raise ConfigError(
+            f"--set {keys['model']}: the results would be filed as {section['name']!r} (the name of the section's "
+            "own model), over its files; add --set name=<name>, or name=null for the model file's stem"
+        )
+
+
 def sections_of(cls: type, params: Mapping[str, Any]) -> list[str]:
     """The top-level sections of ``params`` that are valid ``cls`` configs, in file order."""
     found = []

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m pipeline.evaluate --section evaluate [--set model=models/other.pt ...]
+    python -m pipeline.evaluate --section evaluate [--set model=models/other.pt --set name=other ...]
     accelerate launch --multi_gpu --num_processes 2 -m pipeline.evaluate --section evaluate   # split across processes
 
 The ``--section`` of the params file (needed when it has several evaluate sections) is
@@ -76,7 +76,7 @@ import torch
 from torch import nn
 
 from pipeline import device
-from pipeline.config import check_run_name, choose_section, load_config, load_params
+from pipeline.config import check_name_follows_model, check_run_name, choose_section, load_config, load_params
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.eval_outputs import EvalPaths, write_outputs
 from pipeline.stage import StageError, arg_parser, check_writable, run
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
         params = load_params(args.params)
         section = choose_section(EvaluateConfig, params, args.section, "evaluate", args.params)
+        check_name_follows_model(params.get(section), args.overrides)
         cfg = load_config(EvaluateConfig, params, section, args.overrides, args.params)
         evaluate(cfg)
         return 0

@@ -60,7 +60,7 @@ import torch
 from torch import nn
 
 from pipeline.bench.latency import cpu_latency_ms
-from pipeline.config import choose_section, load_config, load_params, to_dict
+from pipeline.config import check_name_follows_model, choose_section, load_config, load_params, to_dict
 from pipeline.device import reset_accelerate
 from pipeline.prune_config import LatencyConfig, PruneDistill, PruneStageConfig
 from pipeline.stage import StageError, arg_parser, check_writable, run
@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             raise StageError("the prune stage runs as one process: python -m pipeline.prune")
         params = load_params(args.params)
         section = choose_section(PruneStageConfig, params, args.section, "prune", args.params)
+        check_name_follows_model(params.get(section), args.overrides)
         cfg = load_config(PruneStageConfig, params, section, args.overrides, args.params)
         return prune(cfg, restart=args.restart)
 

@@ -332,6 +332,9 @@ def test_bad_model_file_is_a_one_line_error(project, tmp_path, monkeypatch, caps
         ("split=test", "no split 'test'"),
         ("name=..", "name '..' is not a valid run name"),  # reports/.. would be replaced
         ("name=../elsewhere", "name '../elsewhere' is not a valid run name"),
+        # Another model under the section's name would overwrite that model's metrics and reports,
+        # labelled as that model (the usage line's own example did it).
+        ("model=models/other.pt", "--set model=models/other.pt: the results would be filed as 'tiny'"),
     ],
 )
 def test_bad_config_is_a_one_line_error(project, monkeypatch, capsys, override, message):
