@@ -92,6 +92,7 @@ class VideoSource:
     def __init__(self, path: Path):
         if not path.is_file():
             raise StageError(f"{path}: video not found")
+        self.path = path
         with _native_stderr_captured():  # FFmpeg's own complaints; our message says it in one line
             self._capture = cv2.VideoCapture(str(path))
             ok, first = self._capture.read() if self._capture.isOpened() else (False, None)
@@ -115,6 +116,13 @@ class VideoSource:
                 number += 1
         finally:
             self._capture.release()
+        read = number - 1
+        # A file cut short (a copy interrupted, a recording that crashed) decodes up to the cut and
+        # then reads as ended; its container still lists every frame. Counts that FFmpeg estimates
+        # from the duration (Matroska, WebM) can be off by a frame or two, hence the margin.
+        if self.length and self.length - read > max(2, self.length // 100):
+            raise StageError(f"{self.path}: the video ended after {read} of the {self.length} frames its container "
+                             "lists (truncated or damaged); nothing was written")
 
 
 class FolderSource:

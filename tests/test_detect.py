@@ -361,3 +361,23 @@ def test_exif_orientation_is_ignored_as_in_training(files, tmp_path):
                  "--score-threshold", str(THRESHOLD), "--device", "cpu"]) == 0
     stored = [cv2.imread(str(folder / f"f{i}.jpg"), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION) for i in range(3)]
     assert_same_detections(read_jsonl(jsonl), expected_detections(files["ssdlite"], stored, THRESHOLD), first=0)
+
+
+def test_a_truncated_video_is_an_error_not_a_shorter_output(files, tmp_path, capfd):
+    """A copy cut short: OpenCV reads the frames that are there and then reports the end of the
+    video; the container still lists them all. The run wrote the part and exited 0."""
+    whole = tmp_path / "whole.avi"
+    writer = cv2.VideoWriter(str(whole), cv2.VideoWriter_fourcc(*"MJPG"), 10, (WIDTH, HEIGHT))
+    assert writer.isOpened()
+    for i in range(48):
+        writer.write(moving_square(i % FRAMES))
+    writer.release()
+    cut = tmp_path / "cut.avi"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    out = tmp_path / "out"
+    assert main([str(files["ssdlite"]), str(whole), "--out", str(out / "whole.mp4"), "--device", "cpu"]) == 0
+    assert len(read_jsonl(out / "whole.jsonl")) == 48
+    assert main([str(files["ssdlite"]), str(cut), "--out", str(out / "cut.mp4"), "--device", "cpu"]) == 2
+    line = capfd.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: {cut}: the video ended after ") and "of the 48 frames" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["whole.jsonl", "whole.mp4"]
