@@ -224,7 +224,7 @@ MATRIX: dict[str, Case] = {
     "unwritable detect output": Case("detect", (MODEL, VIDEO, "--out", "params.yaml/o.avi", "--fourcc", "MJPG"),
                                      2, "params.yaml"),
     # -- model files
-    "model file missing": evaluate("model=models/none.pt", message="models/none.pt: model file not found"),
+    "model file missing": evaluate("model=models/none.pt", "name=none", message="models/none.pt: model file not found"),
     "zero-byte model file": evaluate(setup=write(MODEL, b""), message="models/tiny.pt: not a readable model file"),
     "random-byte model file": evaluate(setup=write(MODEL, bytes(range(256)) * 8), message="not a readable model file"),
     "raw state dict as model file": evaluate(

@@ -298,7 +298,8 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 def test_model_of_other_classes_is_refused(project, tmp_path):
     other = tmp_path / "pets.pt"
     save_model_file(other, tiny_model(), ["cat", "dog"])
-    result = run(stage("--set", f"model={other}", "--set", "metrics_dir=never"), project, timeout=120)
+    result = run(stage("--set", f"model={other}", "--set", "name=pets", "--set", "metrics_dir=never"), project,
+                 timeout=120)
     assert result.returncode == 2
     line = one_line_error(result)
     assert "['cat', 'dog']" in line and "['red', 'blue']" in line and str(other) in line
@@ -313,7 +314,7 @@ def test_bad_model_file_is_a_one_line_error(project, tmp_path, monkeypatch, caps
     elif problem == "raw state dict":
         torch.save(tiny_model().state_dict(), path)
     monkeypatch.chdir(project)
-    assert evaluate_mod.main(["--set", f"model={path}"]) == 2
+    assert evaluate_mod.main(["--set", f"model={path}", "--set", "name=broken"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
     (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
