@@ -181,6 +181,8 @@ def export(args: argparse.Namespace) -> int:
     if args.int8 and outs[1].resolve() == outs[0].resolve():
         raise StageError(f"--int8 {args.int8}: the same file as --out; give the int8 graph its own name")
     for out in outs:
+        if out.is_dir():
+            raise StageError(f"{out}: is a folder; give the .onnx file to write")
         if out.exists() and Path(args.model).exists() and out.samefile(args.model):
             raise StageError(f"{out}: is the input model file")
         check_writable(out.parent)

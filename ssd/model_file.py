@@ -76,6 +76,8 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{path}: model file not found")
     if path.stat().st_size == 0:
         raise ModelFileError(f"{path}: not a readable model file (the file is empty)")
+    if path.suffix.lower() == ".onnx":  # torch's own error would advise weights_only=False
+        raise ModelFileError(f"{path}: an ONNX graph, not a PyTorch model file (.pt)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or foreign file

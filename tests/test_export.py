@@ -245,6 +245,7 @@ def test_int8_requests_that_cannot_be_done_write_nothing(tmp_path, capsys):
         (["--int8", int8, "--calibration", str(other)], "classes"),
         (["--int8", int8, "--calibration", str(tmp_path / "nowhere")], "nowhere"),
         (["--int8", str(old), "--calibration", str(other)], "the same file as --out"),
+        (["--int8", str(tmp_path), "--calibration", str(other)], f"{tmp_path}: is a folder"),  # was a temp file's name
     ]
     for extra, message in cases:
         code = main([str(model_file), "--out", str(old), *extra])

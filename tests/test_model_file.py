@@ -78,3 +78,15 @@ def test_truncated_file_is_refused(model, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelFileError, match="not a readable model file"):
         load_model_file(path)
+
+
+def test_an_onnx_graph_is_named_as_such(model, tmp_path):
+    """predict and detect run model files; given the deployed .onnx, torch's own error advised
+    loading it with weights_only=False (unsafe, and useless)."""
+    from ssd.export import onnx_bytes
+
+    path = tmp_path / "m.onnx"
+    path.write_bytes(onnx_bytes(model))
+    with pytest.raises(ModelFileError) as e:
+        read_model_file(path)
+    assert str(e.value) == f"{path}: an ONNX graph, not a PyTorch model file (.pt)"
