@@ -37,14 +37,24 @@ RESUME_SAFE: dict[str, str] = {
 
 
 def fingerprint(
-    config: Mapping[str, Any], classes: list[str], files: Mapping[str, str | None], mixed_precision: str
+    config: Mapping[str, Any], classes: list[str], files: Mapping[str, str | None], mixed_precision: str,
+    shards: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The fingerprint of a run: ``config`` (a training section as a plain dict) without the
     :data:`RESUME_SAFE` keys, the classes, the mixed precision in use, and the SHA-256 of each of
     ``files`` (``{config key: path}``: the data manifest for ``data.shards``, the weights files;
-    None: not used). The keys of ``files`` count by contents, not by path: the files may move."""
+    None: not used). The keys of ``files`` count by contents, not by path: the files may move.
+
+    ``shards``: ``{shard name: size in bytes}`` of the dataset (``contents.data.shard_sizes``).
+    The manifest lists shards and counts samples; a dataset prepared again with other pixels or
+    boxes but the same counts (another JPEG quality, corrected annotations) has the same manifest
+    and, almost always, shards of other sizes. Their bytes are not hashed: that would read the
+    whole dataset at every start."""
     config = _without(config, {**RESUME_SAFE, **files})
     digests = {key: weights_digest(path) if path else None for key, path in sorted(files.items())}
+    if shards is not None:
+        listing = "\n".join(f"{name}\t{size}" for name, size in sorted(shards.items()))
+        digests["data.shard_sizes"] = hashlib.sha256(listing.encode()).hexdigest()
     return {"config": config, "classes": list(classes), "mixed_precision": mixed_precision, "contents": digests}
 
 

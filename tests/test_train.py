@@ -497,6 +497,14 @@ def test_resuming_with_changed_data_or_init_weights_is_refused(kept_checkpoints,
     result = run_train(cwd, 1, "--set", f"data.shards={shards}", timeout=120)
     assert result.returncode == 2 and "contents.data.shards: file " in result.stderr, result.stderr[-2000:]
 
+    # Re-prepared with other pixels (another JPEG quality, say): the same manifest, other shards.
+    rewritten = tmp_path / "rewritten-shards"
+    shutil.copytree(cwd / "shards", rewritten)
+    with open(sorted(rewritten.glob("*.tar"))[0], "ab") as f:
+        f.write(bytes(1024))  # two more zero blocks: still a valid tar, another size
+    result = run_train(cwd, 1, "--set", f"data.shards={rewritten}", timeout=120)
+    assert result.returncode == 2 and "contents.data.shard_sizes: " in result.stderr, result.stderr[-2000:]
+
     moved = tmp_path / "same-shards"
     shutil.copytree(cwd / "shards", moved)  # the same data elsewhere: not a change
     init_file(cwd / "init.pt", seed=1)  # the file the run started from, retrained since

@@ -104,6 +104,13 @@ def check_data(cfg: TrainConfig) -> tuple[Manifest, list[str], int]:
     return manifest, shards, num_samples
 
 
+def shard_sizes(manifest: Manifest) -> dict[str, int]:
+    """``{shard file name: bytes}`` of every split's shards (the validation split's too; a split
+    without shards, or a shard missing, is the business of whoever reads it)."""
+    paths = [manifest.root / name for split in manifest.splits.values() for name in split.get("shards") or []]
+    return {p.name: p.stat().st_size for p in sorted(paths) if p.is_file()}
+
+
 def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
 
@@ -184,7 +191,8 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     files = {"data.shards": manifest.path, "model.init_weights": cfg.model.init_weights,
              "model.from_file": cfg.model.from_file, "model.backbone_weights": cfg.model.backbone_weights,
              "distill.teacher": cfg.distill.teacher}
-    fp = resume.fingerprint(to_dict(cfg), manifest.classes, files, accelerator.mixed_precision)
+    fp = resume.fingerprint(to_dict(cfg), manifest.classes, files, accelerator.mixed_precision,
+                            shards=shard_sizes(manifest))
 
     set_seed(cfg.seed)
     model = build(cfg.model, manifest.classes)
