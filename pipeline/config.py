@@ -75,10 +75,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, (str, int, float, bool)):
+                continue  # a complex key: PyYAML refuses the unhashable ones itself
             line = key_node.start_mark.line + 1
-            if isinstance(key, (str, int, float, bool)) and key in seen:
+            if key in seen:
                 raise _DuplicateKey(key, line, seen[key])
-            seen.setdefault(key, line)
+            seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
 
