@@ -143,8 +143,8 @@ class FolderSource:
             if n == m:  # two videos' frames in one folder (a VOC JPEGImages folder): their order is unknown
                 raise StageError(f"{path}: {first.name} and {second.name} both have frame number {n}; "
                                  "give a folder of one video's frames")
-        self.numbers = [n for n, _, _ in sorted(numbered)]
-        self.files = [p for _, _, p in sorted(numbered)]
+        self.numbers = [n for n, _, _ in numbered]
+        self.files = [p for _, _, p in numbered]
         self.fps = float(fps) if fps else DEFAULT_FOLDER_FPS
         self.length = len(self.files)
         self._first = _read_image(self.files[0])

@@ -69,7 +69,8 @@ def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray | None, str | N
     reports damaged is refused (``corrupt image data (...)``), not returned half grey.
     """
     try:
-        data = open(path, "rb").read()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         return None, e.strerror or type(e).__name__
     bgr, corrupt = decode_checked(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
