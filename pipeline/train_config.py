@@ -94,6 +94,11 @@ class ModelConfig:
             arch["priors"] = to_dict(self.priors)
         return arch
 
+    def __post_init__(self) -> None:
+        ignored = [k for k in ("init_weights", "backbone_weights") if self.from_file and getattr(self, k)]
+        if ignored:
+            raise ValueError(f"from_file loads the whole model; {' and '.join(ignored)} would be ignored: give one")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -144,6 +149,10 @@ class ValidationConfig:
     """Loader worker processes per process while validating."""
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
     """Detections kept for the mAP (the evaluate stage's default: score 0.01, 200 per image)."""
+
+    def __post_init__(self) -> None:
+        if self.patience and not self.every:
+            raise ValueError(f"patience {self.patience} needs validations (every > 0); it would be ignored")
 
 
 @dataclass(frozen=True)

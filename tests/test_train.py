@@ -334,6 +334,10 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         # A prefix that names no parameter changed no learning rate, silently.
         (["optim.lr_factors={temporl: 10}"], "optim.lr_factors: 'temporl' names no trainable parameter"),
         (["compile=inductr"], "compile: unknown torch.compile backend 'inductr'"),
+        # Keys the run would have ignored without a word.
+        (["model.from_file=models/a.pt", "model.init_weights=models/b.pt"],
+         "train.model: from_file loads the whole model; init_weights would be ignored"),
+        (["validation.every=0", "validation.patience=3"], "train.validation: patience 3 needs validations (every > 0)"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message, stage_main):
