@@ -106,14 +106,14 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
     with atomic.atomic_dir(out) as tmp:
         for entry, stem in zip(cfg.models, stems):
             model, info = load_model_file(entry.file)  # a bad file: InputError, one line from stage.run
-            check_calibration(info, entry.shards, cfg.int8.split if cfg.int8.enabled else None)
+            manifest = check_calibration(info, entry.shards, cfg.int8.split if cfg.int8.enabled else None)
             data, report = export_float(model, info, entry.file, tmp / f"{stem}.onnx", opset=cfg.opset,
                                         fold=cfg.fold_batchnorm, simplify=cfg.simplify, tolerance=cfg.tolerance)
             figures[stem] = {"float": report}
             log.info("%s: float graph, %d nodes, %.2f MB, %.2g from PyTorch", stem, report["nodes"], report["mb"],
                      report["max_difference"])
             if cfg.int8.enabled:
-                q = export_int8(model, info, data, tmp / f"{stem}-int8.onnx", entry.shards, cfg.int8)
+                q = export_int8(model, data, tmp / f"{stem}-int8.onnx", manifest, cfg.int8)
                 figures[stem]["int8"] = q
                 log.info("%s: int8 graph, %d nodes, %.2f MB, %d calibration frames in %.1f s", stem, q["nodes"],
                          q["mb"], q["calibration"]["calibration_frames"], q["seconds"])

@@ -99,14 +99,13 @@ def export_float(model: Any, info: dict[str, Any], source: str, out: Path, *, de
     return data, report
 
 
-def export_int8(model: Any, info: dict[str, Any], data: bytes, out: Path, shards: str,
-                cfg: Int8Config) -> dict[str, Any]:
-    """Write the int8 graph of the float graph ``data`` to ``out``, calibrated on ``shards``; its report."""
+def export_int8(model: Any, data: bytes, out: Path, manifest: Any, cfg: Int8Config) -> dict[str, Any]:
+    """Write the int8 graph of the float graph ``data`` to ``out``, calibrated on the shards of
+    ``manifest`` (as :func:`check_calibration` returned it, before anything was written); its report."""
     from ssd.data.calibration import calibration_frames
     from ssd.export import save_onnx
     from ssd.quantize import leading_nodes, quantize_int8
 
-    manifest = check_calibration(info, shards, cfg.split)
     kind = "frames" if manifest.kind == "frames" else "frames_from_clips"
     frames = calibration_frames(manifest.shard_paths(cfg.split), image_size=int(model.image_size), kind=kind,
                                 count=cfg.frames, run_length=cfg.run_length)
@@ -115,7 +114,7 @@ def export_int8(model: Any, info: dict[str, Any], data: bytes, out: Path, shards
                                       exclude=leading_nodes(data, cfg.float_first))
     save_onnx(out, quantized)
     return {"seconds": round(time.perf_counter() - start, 2), "mb": round(len(quantized) / 1e6, 3),
-            **_graph_counts(quantized), "calibration": {"shards": shards, "split": cfg.split, **report}}
+            **_graph_counts(quantized), "calibration": {"shards": str(manifest.root), "split": cfg.split, **report}}
 
 
 def check_calibration(info: dict[str, Any], shards: str, split: str | None) -> Any:
@@ -189,8 +188,7 @@ def export(args: argparse.Namespace) -> int:
     if args.calibration_frames < 1:
         raise StageError(f"--calibration-frames {args.calibration_frames}: must be positive")
     model, info = load_model_file(args.model)  # a bad file: InputError, one line from stage.run
-    if args.int8:
-        check_calibration(info, args.calibration, args.calibration_split)
+    calibration = check_calibration(info, args.calibration, args.calibration_split) if args.int8 else None
     data, report = export_float(model, info, args.model, outs[0], decoded=args.decode, opset=args.opset,
                                 fold=not args.no_fold, simplify=not args.no_simplify,
                                 tolerance=args.tolerance if args.verify else None)
@@ -203,7 +201,7 @@ def export(args: argparse.Namespace) -> int:
         log.info("onnxruntime matches PyTorch: largest difference %.3g", report["max_difference"])
     if args.int8:
         cfg = Int8Config(split=args.calibration_split, frames=args.calibration_frames)
-        q = export_int8(model, info, data, outs[1], args.calibration, cfg)
+        q = export_int8(model, data, outs[1], calibration, cfg)
         log.info("wrote %s (int8, %d calibration frames, %.1f MB)", outs[1],
                  q["calibration"]["calibration_frames"], q["mb"])
     return 0
