@@ -58,6 +58,7 @@ import torch
 from ssd import atomic
 from pipeline.bench.config import BenchmarkConfig
 from pipeline.config import load_config, load_params, to_dict
+from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.data.shards import list_shards
 from ssd.model_file import ModelFileError, read_model_file
@@ -267,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise StageError(f"unknown benchmark section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
         check_inputs(cfg, names)
+        check_tracked(cfg, "benchmark", only=names)
         out = args.out or cfg.out
         check_writable(Path(out).parent, Path(cfg.setup).parent)
         result = benchmark(cfg, names)

@@ -30,6 +30,17 @@ class ConfigError(ValueError):
     """A configuration problem, with a one-line message meant for the user."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Reads:
+    """Marks a config field that names a file or folder the stage reads (``Annotated[str, Reads()]``,
+    or :data:`InputPath`). Under DVC such a path must be one of the stage's deps
+    (:mod:`pipeline.dvc_inputs`), or DVC would not rerun the stage when it changes."""
+
+
+#: A config field naming a file or folder the stage reads.
+InputPath = Annotated[str, Reads()]
+
+
 def load_params(path: str | Path) -> dict:
     """Read a params YAML file (UTF-8) into a dict (empty file: empty dict)."""
     path = Path(path)

@@ -35,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pipeline.config import choose_section, load_config, load_params
+from pipeline.config import InputPath, choose_section, load_config, load_params
 from pipeline.export import (Int8Config, check_calibration, check_onnx_installed, export_detect, export_float,
                              export_int8)
+from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd import atomic
 from ssd.bounds import AtLeast, Below, Fraction, PositiveInt
@@ -47,9 +48,9 @@ log = logging.getLogger("pipeline.deploy")
 
 @dataclass(frozen=True)
 class DeployModel:
-    file: str
+    file: InputPath
     """A model file (models/*.pt)."""
-    shards: str
+    shards: InputPath
     """The shards it was trained on: their classes are checked, the int8 graph calibrates on them."""
 
 
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         params = load_params(args.params)
         section = choose_section(DeployConfig, params, args.section, "deploy", args.params)
-        deploy(load_config(DeployConfig, params, section, args.overrides, args.params))
+        cfg = load_config(DeployConfig, params, section, args.overrides, args.params)
+        check_tracked(cfg, section)
+        deploy(cfg)
         return 0
 
     return run(body)

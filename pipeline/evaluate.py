@@ -76,9 +76,10 @@ import torch
 from torch import nn
 
 from pipeline import device
-from pipeline.config import check_name_follows_model, check_run_name, choose_section, load_config, load_params
+from pipeline.config import InputPath, check_name_follows_model, check_run_name, choose_section, load_config, load_params
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.eval_outputs import EvalPaths, write_outputs
+from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.bounds import Count, Fraction, PositiveInt
 from ssd.metrics import DetectionAccumulator, ImageRecord
@@ -92,10 +93,10 @@ Mode = Literal["auto", "frames", "video", "per_frame"]
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    model: str = "models/ssdlite_voc.pt"
+    model: InputPath = "models/ssdlite_voc.pt"
     """The model file to evaluate (written by the train stage), or an exported ``.onnx`` file (the deploy
     stage's, float or int8), run by ONNX Runtime with the same pre- and post-processing."""
-    shards: str = "data/shards/voc"
+    shards: InputPath = "data/shards/voc"
     """Directory with manifest.json and the {split}-NNNNNN.tar shards."""
     split: str = "val"
     """Which split of the manifest to evaluate on."""
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         section = choose_section(EvaluateConfig, params, args.section, "evaluate", args.params)
         check_name_follows_model(params.get(section), args.overrides)
         cfg = load_config(EvaluateConfig, params, section, args.overrides, args.params)
+        check_tracked(cfg, section)
         evaluate(cfg)
         return 0
 

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-from pipeline.config import ConfigError, load_config, load_params, to_dict
+from pipeline.config import ConfigError, InputPath, load_config, load_params, to_dict
+from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from ssd.bounds import Count, Names, PositiveInt
@@ -72,7 +73,7 @@ class VocConfig(voc.VocLayout):
 
     enabled: bool = True  # false: write an empty output with a manifest that says so
     format: Literal["voc", "coco", "yolo"] = "voc"  # which reader; coco and yolo read their sub-sections
-    root: str = "data/sample/voc"  # dataset root (what the sample stage writes)
+    root: InputPath = "data/sample/voc"  # dataset root (what the sample stage writes)
     out: str = "data/shards/voc"  # output directory; must match the stage's outs in dvc.yaml
     classes: Names | None = None  # null: discovered from the data (sorted); else others are skipped
     size_mismatch: SizeMismatch = "scale"  # XML size != image size: see ssd.data.sources.clean.SizeMismatch
@@ -103,7 +104,7 @@ class IrConfig:
     # which reader: frames (VOC-layout frame sequences), video (videos + box lists or gt.txt), coco (COCO-VID
     # JSON), vid (ImageNet VID), otb, lasot, antiuav (tracking sequences); each reads its own sub-section
     source: Literal["frames", "video", "coco", "vid", "otb", "lasot", "antiuav"] = "frames"
-    root: str = "data/sample/ir/frames"  # the dataset, in the layout `source` reads (dvc.yaml's deps read this key)
+    root: InputPath = "data/sample/ir/frames"  # the dataset, in the layout `source` reads (dvc.yaml's deps read this key)
     out: str = "data/shards/ir"  # output directory; must match the stage's outs in dvc.yaml
     classes: Names | None = None  # null: discovered from the data (sorted); else others are skipped
     clip_length: PositiveInt = 8  # frames per clip (LSTM-SSD unroll length)
@@ -266,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         cfg = load_config(PrepareConfig, load_params(args.params), "prepare", args.overrides, args.params)
+        check_tracked(cfg, "prepare")
         log.info("prepare: %s", json.dumps(to_dict(cfg)))
         prepare(cfg, strict=args.strict)
 

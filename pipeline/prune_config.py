@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import check_run_name
+from pipeline.config import InputPath, check_run_name
 from pipeline.train_config import DataConfig
 from ssd.bounds import Count, PositiveInt
 from ssd.distill import DistillWeights
@@ -67,7 +67,7 @@ class FinetuneConfig:
 class EvalSettings:
     enabled: bool = True
     """Evaluate before pruning, after pruning and after fine-tuning; false: mAP is null."""
-    shards: str = "data/shards/voc"
+    shards: InputPath = "data/shards/voc"
     """Directory with manifest.json and the {split}-NNNNNN.tar shards (the model's classes)."""
     split: str = "val"
     mode: Literal["auto", "frames", "video", "per_frame"] = "auto"
@@ -99,7 +99,7 @@ class LatencyConfig:
 
 @dataclass(frozen=True)
 class PruneStageConfig:
-    model: str = "models/ssdlite_voc.pt"
+    model: InputPath = "models/ssdlite_voc.pt"
     """The model file to prune (written by a train stage)."""
     name: str | None = None
     """Names the outputs; null: the model file's stem."""

@@ -53,6 +53,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import choose_section, load_config, load_params
+from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, run
 from pipeline.train_config import DataConfig, ModelConfig, PriorsParams, TrainConfig, ValidationConfig
 from pipeline.training.loop import loop
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         section = choose_section(TrainConfig, params, args.section, "train", args.params)
         cfg = load_config(TrainConfig, params, section, args.overrides, args.params)
+        check_tracked(cfg, section)
         return train(cfg, restart=args.restart)
 
     return run(body)

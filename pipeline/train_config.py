@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pipeline.config import check_run_name, to_dict
+from pipeline.config import InputPath, check_run_name, to_dict
 from ssd.bounds import AtLeast, Count, NonEmpty, PositiveFloat, PositiveInt, Unique
 from ssd.data.transforms import AugmentConfig
 from ssd.distill import DistillWeights
@@ -64,12 +64,12 @@ class ModelConfig:
     instead of replacing it (the paper)."""
     priors: PriorsParams | None = None
     """Prior layout; null: the architecture's reference layout scaled to image_size."""
-    backbone_weights: str | None = None
+    backbone_weights: InputPath | None = None
     """torchvision backbone state dict on disk (never downloaded); null: random init."""
-    from_file: str | None = None
+    from_file: InputPath | None = None
     """Start from the whole model in this model file (its architecture, pruned widths included,
     and its weights), e.g. to fine-tune a pruned model; the keys above are then ignored."""
-    init_weights: str | None = None
+    init_weights: InputPath | None = None
     """Copy the same-named, same-shaped weights of this model file into the model built from
     the keys above (e.g. a trained SSDLite into LSTM-SSD, or a converted COCO model into one for
     your classes: the class layers start fresh). The model takes the file's input convention."""
@@ -102,7 +102,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    shards: str = "data/shards/voc"
+    shards: InputPath = "data/shards/voc"
     """Directory with manifest.json and the {split}-NNNNNN.tar shards."""
     split: str = "train"
     """Which split of the manifest to train on."""
@@ -157,7 +157,7 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class DistillConfig(DistillWeights):
-    teacher: str | None = None
+    teacher: InputPath | None = None
     """A model file to learn from besides the labels (:mod:`ssd.distill`): same classes and priors
     as the model trained, a frame model; null: no distillation. The prune stage sets it to its
     fine-tuned control (or to the model it pruned)."""

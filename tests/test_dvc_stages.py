@@ -271,3 +271,26 @@ def test_preempted_training_stage_keeps_its_rows_and_only_its_imports_rerun_it(t
     with open(project / "ssd" / "loss.py", "a") as f:
         f.write("# a comment\n")
     assert "ssd/loss.py" in run([*DVC, "status", "train_voc"], project).stdout
+
+
+def test_a_file_the_stage_reads_but_dvc_does_not_track_stops_the_stage(tmp_path):
+    """`dvc exp run -S train_voc.model.init_weights=models/start.pt`: the real train_voc stage lists
+    no such dep, so DVC would never rerun it when the file changes. It used to train and exit 0."""
+    from shardgen import CLASSES, write_frame_dataset
+    from ssd.model_file import save_model_file
+    from ssd.models.ssdlite import ssdlite_mobilenet_v2
+
+    root = tmp_path / "project"
+    root.mkdir()
+    write_frame_dataset(root / "data" / "shards" / "voc", {"train": [9], "val": [6]})
+    (root / "models").mkdir()
+    save_model_file(root / "models" / "start.pt", ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25,
+                                                                        image_size=64), CLASSES)
+    train = {**TRAIN, "model": {**TRAIN["model"], "init_weights": "models/start.pt"}}
+    project = scratch_project(root, ["train_voc"], {"train_voc": train})
+    result = run([*DVC, "repro", "train_voc"], project, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert ("error: train_voc.model.init_weights: models/start.pt is not among the deps of the DVC stage "
+            "'train_voc'") in out, out[-3000:]
+    assert not (project / "models" / "tiny.pt").exists() and not (project / "checkpoints").exists()

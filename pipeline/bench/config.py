@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, InputPath
 from ssd.postprocess import PostprocessConfig
 
 
@@ -21,7 +21,7 @@ def _positive(where: str, **values: int) -> None:
 
 @dataclass(frozen=True)
 class ModelsBench:
-    files: tuple[str, ...] = (
+    files: tuple[InputPath, ...] = (
         "models/ssdlite_voc.pt",
         "models/ssdlite_voc-pruned.pt",
         "models/ssdlite_ir.pt",
@@ -40,7 +40,7 @@ class ModelsBench:
     """Width and height of the JPEG frame that pre-processing decodes (a typical camera frame)."""
     jpeg_quality: int = 90
     """Quality of the synthetic frame."""
-    source_image: str | None = None
+    source_image: InputPath | None = None
     """A JPEG file to decode instead of the synthetic frame (e.g. a frame of the data set: a
     trained model's post-processing has less to sift on frames like those it was trained on)."""
     peer: bool = True
@@ -71,7 +71,7 @@ class PostprocessBench:
 
 @dataclass(frozen=True)
 class LoaderBench:
-    shards: str = "data/shards/voc"
+    shards: InputPath = "data/shards/voc"
     """Directory of *.tar shards read by the training loader."""
     image_size: int = 160
     """Square training input (train_voc's model.image_size)."""
@@ -80,7 +80,7 @@ class LoaderBench:
     """Loader worker processes."""
     num_batches: int = 10
     """Timed batches after the first (whose start-up is reported apart)."""
-    voc_dir: str | None = None
+    voc_dir: InputPath | None = None
     """A VOC-layout directory to compare loose JPEG + XML files with the shards; null: skip."""
 
     def __post_init__(self) -> None:
@@ -89,9 +89,9 @@ class LoaderBench:
 
 @dataclass(frozen=True)
 class TrainStepBench:
-    model: str = "models/ssdlite_voc.pt"
+    model: InputPath = "models/ssdlite_voc.pt"
     """Model file whose arch is trained (a frame model; its weights are not used)."""
-    shards: str = "data/shards/voc"
+    shards: InputPath = "data/shards/voc"
     """Frame shards of the model's classes."""
     split: str = "train"
     batch_size: int = 16
@@ -107,7 +107,7 @@ class TrainStepBench:
 
 @dataclass(frozen=True)
 class ConvertBench:
-    voc_dir: str = "data/sample/voc"
+    voc_dir: InputPath = "data/sample/voc"
     """A VOC-layout dataset converted to frame shards (images per second, one worker)."""
     videos: int = 8
     """Synthetic videos converted to clip shards, after one alone: throughput and peak memory of both."""
@@ -124,14 +124,14 @@ class ConvertBench:
 
 @dataclass(frozen=True)
 class DeployedBench:
-    files: tuple[str, ...] = (
+    files: tuple[InputPath, ...] = (
         "models/ssdlite_voc.pt",
         "models/ssdlite_voc-pruned.pt",
         "models/ssdlite_ir.pt",
         "models/lstm_ir.pt",
     )
     """Model files timed in PyTorch; their graphs are {onnx_dir}/{stem}.onnx and {stem}-int8.onnx."""
-    onnx_dir: str = "models/deploy"
+    onnx_dir: InputPath = "models/deploy"
     """The deploy stage's out_dir."""
     pruned: tuple[str, str] = ("ssdlite_voc", "ssdlite_voc-pruned")
     """(unpruned, pruned) stems for the pruned_speedup ratios."""
@@ -193,7 +193,7 @@ class GpuBench:
     """Each loop run with the colour change made by the loader workers (SSD's augmentation) and
     left to the device (``data.augment.photometric_device``)."""
     loop_steps: int = 40
-    shards: str = "data/shards/voc"
+    shards: InputPath = "data/shards/voc"
     num_workers: int = 8
     """Loader workers of the real training loop."""
     inference_batch: int = 64

@@ -1,0 +1,110 @@
+"""Under DVC, every file a stage reads must be one of the stage's deps in dvc.yaml.
+
+DVC reruns a stage when one of its listed deps changes, and only then. A key that points the
+stage at a file dvc.yaml doesn't list (``dvc exp run -S train_voc.model.init_weights=mine.pt``,
+a model added to ``deploy.models``, a ``--set`` in a stage's command) runs once, and is then
+never rerun when that file changes: the versioned outputs would silently come from an older
+input. So when a stage runs under DVC (DVC sets ``DVC_STAGE`` and ``DVC_ROOT`` for a stage's
+command), :func:`check_tracked` compares the input paths of its configuration (the fields marked
+:class:`~pipeline.config.Reads`) with the stage's deps as DVC resolves them, and stops the run
+before any work with one line naming the key and the file. Run directly, nothing is checked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import typing
+from typing import Any, Collection, Iterator, Mapping, get_args, get_origin
+
+from pipeline.config import Reads
+from pipeline.stage import StageError
+
+log = logging.getLogger("pipeline")
+
+
+def input_paths(cfg: Any, where: str) -> list[tuple[str, str]]:
+    """``(key, path)`` for every :class:`~pipeline.config.Reads` field of the config dataclass
+    ``cfg`` and of the configs nested in it (in tuples too), ``key`` under ``where``. A nested
+    config with ``enabled: false`` reads nothing; a null path is left out."""
+    if getattr(cfg, "enabled", True) is False:
+        return []
+    found: list[tuple[str, str]] = []
+    hints = typing.get_type_hints(type(cfg), include_extras=True)
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{where}.{f.name}"
+        if _marked(hints[f.name]):
+            if isinstance(value, (tuple, list)):
+                found += [(f"{key}[{i}]", v) for i, v in enumerate(value) if isinstance(v, str)]
+            elif isinstance(value, str):
+                found.append((key, value))
+        else:
+            for sub_key, sub in _configs(value, key):
+                found += input_paths(sub, sub_key)
+    return found
+
+
+def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None,
+                  environ: Mapping[str, str] | None = None) -> None:
+    """:class:`~pipeline.stage.StageError` when the stage runs under DVC and one of its input paths
+    is neither a dep of the stage nor inside one. ``only``: the top-level keys that this run reads
+    (the benchmark's sections); default all."""
+    environ = os.environ if environ is None else environ
+    stage = environ.get("DVC_STAGE")
+    if not stage:
+        return
+    paths = [(k, p) for k, p in input_paths(cfg, section) if only is None or k.split(".")[1].split("[")[0] in only]
+    if not paths:
+        return
+    deps = _stage_deps(stage, environ.get("DVC_ROOT") or os.getcwd())
+    if deps is None:
+        return
+    for key, path in paths:
+        if not _covered(path, deps):
+            hint = f" (for example as ${{{key}}})" if "[" not in key else ""
+            raise StageError(
+                f"{key}: {path} is not among the deps of the DVC stage {stage!r}, so DVC would not rerun the stage "
+                f"when it changes; add it to the stage's deps in dvc.yaml{hint}, or run the stage without DVC"
+            )
+
+
+def _marked(tp: Any) -> bool:
+    """Whether the annotation ``tp`` is, or holds, a :class:`Reads` field."""
+    if get_origin(tp) is typing.Annotated and any(isinstance(m, Reads) for m in tp.__metadata__):
+        return True
+    return any(_marked(a) for a in get_args(tp) if a is not Ellipsis)
+
+
+def _configs(value: Any, key: str) -> Iterator[tuple[str, Any]]:
+    """The config dataclasses held by a field's value: itself, or the items of a tuple."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        yield key, value
+    elif isinstance(value, (tuple, list)):
+        for i, item in enumerate(value):
+            if dataclasses.is_dataclass(item) and not isinstance(item, type):
+                yield f"{key}[{i}]", item
+
+
+def _stage_deps(stage: str, root: str) -> list[str] | None:
+    """The absolute paths of the stage's deps, as DVC resolves them (templates filled from the
+    params); None, with a warning, when DVC can't say."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(root) as repo:
+            found = repo.stage.collect(stage)
+        return [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
+    except Exception as e:  # noqa: BLE001 - any failure of DVC's API only means we can't check
+        log.warning("can't read the deps of the DVC stage %r (%s: %s); not checking that DVC tracks this stage's "
+                    "input files", stage, type(e).__name__, e)
+        return None
+
+
+def _covered(path: str, deps: list[str]) -> bool:
+    """Whether ``path`` is one of ``deps`` or inside one (as given and with links resolved)."""
+    roots = {d for dep in deps for d in (dep, os.path.realpath(dep))}
+    for candidate in {os.path.abspath(path), os.path.realpath(path)}:
+        if any(candidate == d or candidate.startswith(d.rstrip(os.sep) + os.sep) for d in roots):
+            return True
+    return False
