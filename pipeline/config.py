@@ -154,11 +154,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "") -> 
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{key}: required key is missing")
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except ValueError as e:  # the dataclass's own checks (__post_init__)
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    # A key the built config would not read (``ignored_keys()``: key -> why) is refused when given.
+    for name, why in (obj.ignored_keys() if hasattr(obj, "ignored_keys") else {}).items():
+        if name in data:
+            raise ConfigError(f"{_join(where, name)}: {why}; remove it")
+    return obj
 
 
 def to_dict(cfg: Any) -> dict:

@@ -94,6 +94,18 @@ class ModelConfig:
             arch["priors"] = to_dict(self.priors)
         return arch
 
+    def ignored_keys(self) -> dict[str, str]:
+        """The keys this architecture does not read, with why (given ones are refused, never ignored)."""
+        reads = {
+            "taps": ("MobileNetV2 models", self.name in ("ssdlite_mobilenet_v2", "lstm_ssd_mobilenet_v2")),
+            "reduced_tail": ("MobileNetV3 models", self.name.endswith("mobilenet_v3_large")),
+            "width_mult": ("MobileNet models", self.name != "ssd300_vgg16"),
+            "extra_channels": ("SSDLite and LSTM-SSD models", self.name != "ssd300_vgg16"),
+        }
+        reads.update({k: ("LSTM-SSD models", self.name.startswith("lstm_ssd"))
+                      for k in ("placement", "state_reduction", "residual")})
+        return {k: f"only {who} read it (model.name is {self.name})" for k, (who, read) in reads.items() if not read}
+
     def __post_init__(self) -> None:
         ignored = [k for k in ("init_weights", "backbone_weights") if self.from_file and getattr(self, k)]
         if ignored:

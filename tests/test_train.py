@@ -338,6 +338,12 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         (["model.from_file=models/a.pt", "model.init_weights=models/b.pt"],
          "train.model: from_file loads the whole model; init_weights would be ignored"),
         (["validation.every=0", "validation.patience=3"], "train.validation: patience 3 needs validations (every > 0)"),
+        # ... and keys the chosen architecture does not read.
+        (["model.residual=true"], "train.model.residual: only LSTM-SSD models read it (model.name is "
+                                  "ssdlite_mobilenet_v2); remove it"),
+        (["model.name=ssd300_vgg16", "model.width_mult=0.5"], "train.model.width_mult: only MobileNet models read it"),
+        (["model.reduced_tail=false"], "train.model.reduced_tail: only MobileNetV3 models read it"),
+        (["model.name=ssdlite_mobilenet_v3_large", "model.taps=[6, 13]"], "train.model.taps: only MobileNetV2 models"),
     ],
 )
 def test_bad_config_is_a_one_line_error(tmp_path, overrides, message, stage_main):
