@@ -1,7 +1,7 @@
 """Under DVC, every file a stage reads must be one of the stage's deps in dvc.yaml.
 
 DVC reruns a stage when one of its listed deps changes, and only then. A key that points the
-stage at a file dvc.yaml doesn't list (``dvc exp run -S train_voc.model.init_weights=mine.pt``,
+stage at a file dvc.yaml doesn't list (``dvc exp run -S +train_voc.model.init_weights=mine.pt``,
 a model added to ``deploy.models``, a ``--set`` in a stage's command) runs once, and is then
 never rerun when that file changes: the versioned outputs would silently come from an older
 input. So when a stage runs under DVC (DVC sets ``DVC_STAGE`` and ``DVC_ROOT`` for a stage's

@@ -211,7 +211,7 @@ MATRIX: dict[str, Case] = {
     "no classes": prepare("voc.classes=[]", message="prepare.voc.classes: must not be empty"),
     "duplicate class names": prepare("voc.classes=[cat, dog, cat]", message="'cat' is listed twice"),
     "empty split list": prepare("voc.splits=[]", message="prepare.voc.splits: must not be empty"),
-    "image size too small for SSD300-VGG16": train("model.name=ssd300_vgg16", "model.image_size=64",
+    "image size too small for SSD300-VGG16": train("model={name: ssd300_vgg16, image_size: 64}",
                                                    message="image_size 64 is too small for this architecture"),
     "run name ..": train("name=..", message="not a valid run name"),
     "run name escaping the project": train("name=../../escape", message="not a valid run name"),

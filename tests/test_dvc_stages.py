@@ -274,7 +274,7 @@ def test_preempted_training_stage_keeps_its_rows_and_only_its_imports_rerun_it(t
 
 
 def test_a_file_the_stage_reads_but_dvc_does_not_track_stops_the_stage(tmp_path):
-    """`dvc exp run -S train_voc.model.init_weights=models/start.pt`: the real train_voc stage lists
+    """`dvc exp run -S +train_voc.model.init_weights=models/start.pt`: the real train_voc stage lists
     no such dep, so DVC would never rerun it when the file changes. It used to train and exit 0."""
     from shardgen import CLASSES, write_frame_dataset
     from ssd.model_file import save_model_file
