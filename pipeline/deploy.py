@@ -39,7 +39,7 @@ from pipeline.config import InputPath, choose_section, load_config, load_params
 from pipeline.export import (Int8Config, check_calibration, check_onnx_installed, export_detect, export_float,
                              export_int8)
 from pipeline.dvc_inputs import check_tracked
-from pipeline.stage import StageError, arg_parser, check_writable, run
+from pipeline.stage import StageError, arg_parser, check_replaceable, check_writable, run
 from ssd import atomic
 from ssd.bounds import AtLeast, Below, Fraction, PositiveInt
 
@@ -103,6 +103,9 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
         raise StageError(f"deploy.models: the files' names (stems) must differ: {stems}")
     out = Path(cfg.out_dir)
     check_writable(out.parent, Path(cfg.metrics).parent)
+    inputs = {f"deploy.models[{i}].{k}": getattr(m, k) for i, m in enumerate(cfg.models) for k in ("file", "shards")}
+    check_replaceable(out, "deploy.out_dir", lambda p: all(f.suffix == ".onnx" and f.is_file() for f in p.iterdir()),
+                      "a folder of ONNX graphs (what this stage writes)", inputs)
     figures: dict[str, Any] = {}
     with atomic.atomic_dir(out) as tmp:
         for entry, stem in zip(cfg.models, stems):

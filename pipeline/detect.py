@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from ssd import atomic
+from ssd.data.sources.decode import cut_short
 from pipeline.stage import StageError, check_writable, run
 
 log = logging.getLogger("pipeline.detect")
@@ -117,10 +118,7 @@ class VideoSource:
         finally:
             self._capture.release()
         read = number - 1
-        # A file cut short (a copy interrupted, a recording that crashed) decodes up to the cut and
-        # then reads as ended; its container still lists every frame. Counts that FFmpeg estimates
-        # from the duration (Matroska, WebM) can be off by a frame or two, hence the margin.
-        if self.length and self.length - read > max(2, self.length // 100):
+        if self.length and cut_short(self.length, read):
             raise StageError(f"{self.path}: the video ended after {read} of the {self.length} frames its container "
                              "lists (truncated or damaged); nothing was written")
 

@@ -46,7 +46,7 @@ from typing import Callable, Literal, Sequence
 
 from pipeline.config import ConfigError, InputPath, load_config, load_params, to_dict
 from pipeline.dvc_inputs import check_tracked
-from pipeline.stage import StageError, arg_parser, check_writable, run
+from pipeline.stage import StageError, arg_parser, check_replaceable, check_writable, run
 from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from ssd.bounds import Count, Names, PositiveInt
 from ssd.data.sources import coco, sot, vid, video, voc, voc_frames, yolo
@@ -202,11 +202,16 @@ def convert_ir(cfg: PrepareConfig, report: Report, out: Path) -> dict:
 
 
 def _check_written(name: str, manifest: dict, report: Report, allow_empty: bool) -> None:
-    """No sample at all, or an empty configured split, is a :class:`StageError` saying what was found."""
+    """No sample, no class or not one box, or an empty configured split, is a :class:`StageError`
+    saying what was found (a dataset of background images only is a wrong class list or format)."""
     source = manifest.get("source", name)
     counts = {s: v["samples"] for s, v in manifest["splits"].items()}
     if sum(counts.values()) == 0:
         raise StageError(f"{source}: no {name} sample was written; {report.hint(source)}")
+    if not manifest.get("classes"):
+        raise StageError(f"{source}: no {name} class was found (an empty class list); {report.hint(source)}")
+    if sum(v.get("boxes", 0) for v in manifest["splits"].values()) == 0:
+        raise StageError(f"{source}: {sum(counts.values())} {name} samples but not one box; {report.hint(source)}")
     empty = [s for s, n in counts.items() if n == 0]
     if empty and not allow_empty:
         sizes = ", ".join(f"{s} {n}" for s, n in counts.items())
@@ -244,9 +249,22 @@ def _disabled(name: str, out: Path, kind: str) -> None:
     log.info("%s: disabled in params; wrote an empty %s", name, out)
 
 
+def _check_outputs(cfg: PrepareConfig) -> None:
+    """Each ``out`` is replaced whole: it must hold no dataset root nor the other output, and an
+    existing one must be a prepared dataset (its manifest), never a folder of the user's."""
+    sections = {"voc": cfg.voc, "ir": cfg.ir}
+    roots = {f"prepare.{n}.root": s.root for n, s in sections.items() if s.enabled}
+    for name, section in sections.items():
+        other = "ir" if name == "voc" else "voc"
+        check_replaceable(section.out, f"prepare.{name}.out", lambda p: (p / "manifest.json").is_file(),
+                          "a prepared dataset (it has no manifest.json)",
+                          {**roots, f"prepare.{other}.out": sections[other].out})
+
+
 def prepare(cfg: PrepareConfig, strict: bool = False) -> dict[str, dict]:
     """Convert the configured datasets; returns their manifests by name (``voc``, ``ir``)."""
     check_writable(Path(cfg.voc.out).parent, Path(cfg.ir.out).parent)
+    _check_outputs(cfg)
     manifests = {}
     for name, section, convert, kind in (("voc", cfg.voc, convert_voc, "frames"), ("ir", cfg.ir, convert_ir, "clips")):
         out = Path(section.out)

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from pipeline import sample_files as files
 from pipeline.config import ConfigError, load_config, load_params
-from pipeline.stage import arg_parser, run
+from pipeline.stage import arg_parser, check_replaceable, run
 from ssd.atomic import atomic_dir
 from ssd.data.synthetic import video_splits
 from ssd.data.workers import opencv_one_thread
@@ -132,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(body)
 
 
+#: What the sample's folders hold: an existing folder with anything else is not replaced.
+VOC_ENTRIES = frozenset({"Annotations", "ImageSets", "JPEGImages", "classes.txt"})
+IR_ENTRIES = frozenset({"README.txt", "frames", "video"})
+
+
 def write_sample(cfg: SampleConfig) -> None:
     """Generate both data sets and write them to ``cfg.voc.out_dir`` and ``cfg.ir.out_dir``."""
     start = time.monotonic()
@@ -141,6 +146,9 @@ def write_sample(cfg: SampleConfig) -> None:
     tasks = [("ir", i, s) for i, s in enumerate(splits)]
     tasks += [("voc", i, "train" if i < n_train else "val") for i in range(n_train + n_val)]
 
+    for key, out, other, names in (("voc", cfg.voc.out_dir, "ir", VOC_ENTRIES), ("ir", cfg.ir.out_dir, "voc", IR_ENTRIES)):
+        check_replaceable(out, f"sample.{key}.out_dir", lambda p, n=names: {e.name for e in p.iterdir()} <= n,
+                          "a generated sample", {f"sample.{other}.out_dir": getattr(cfg, other).out_dir})
     with atomic_dir(cfg.voc.out_dir) as voc_tmp, atomic_dir(cfg.ir.out_dir) as ir_tmp:
         for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
             (voc_tmp / d).mkdir(parents=True)

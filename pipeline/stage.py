@@ -14,7 +14,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from pipeline.config import ConfigError
 from ssd.errors import InputError
@@ -57,6 +57,23 @@ def check_writable(*folders: str | os.PathLike) -> None:
             raise StageError(f"{folder}: can't write there ({probe} is not a folder)")
         if not os.access(probe, os.W_OK | os.X_OK):
             raise StageError(f"{folder}: can't write there (no write permission in {probe})")
+
+
+def check_replaceable(out: str | os.PathLike, key: str, owned: Callable[[Path], bool], what: str,
+                      inputs: Mapping[str, str | os.PathLike] | None = None) -> None:
+    """:class:`StageError` unless replacing the folder ``out`` whole (how a stage writes a folder
+    output, atomically) loses nothing the user didn't ask to lose: ``out`` must not be, or hold,
+    any of ``inputs`` (key -> path the stage reads), and an existing non-empty ``out`` must look
+    like the stage's own output (``owned(out)``; ``what`` names it). Called before any work."""
+    target = Path(os.path.abspath(out))
+    for name, path in (inputs or {}).items():
+        held = Path(os.path.abspath(path))
+        if held == target or target in held.parents:
+            raise StageError(f"{key}: {out} holds {name} ({path}); writing the output there would delete it: "
+                             "choose another folder")
+    if target.is_file() or (target.is_dir() and any(target.iterdir()) and not owned(target)):
+        raise StageError(f"{key}: {out} exists and is not {what}; the output replaces its folder whole, so this "
+                         "would delete it: choose a new or empty folder")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -13,6 +13,7 @@ the dataclasses' ``__post_init__``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import PurePath
 from typing import Annotated, Any, Sequence
 
 
@@ -88,6 +89,30 @@ class Unique:
         return None
 
 
+@dataclass(frozen=True)
+class Inside:
+    """A path read from under a folder (a dataset's root) that stays there: relative, without
+    ``..``. (DVC tracks the root: a file outside it would be read but never tracked.)"""
+
+    def problem(self, value: str) -> str | None:
+        path = PurePath(value)
+        if path.is_absolute() or value.startswith("~") or ".." in path.parts:
+            return "must be a path inside the dataset's root (relative, without '..')"
+        return None
+
+
+@dataclass(frozen=True)
+class SplitTemplate:
+    """A string whose only placeholder is ``{split}`` (replaced by each split's name)."""
+
+    def problem(self, value: str) -> str | None:
+        try:
+            value.format(split="x")
+        except (KeyError, IndexError, ValueError):
+            return "may hold one placeholder, {split}, and no other braces"
+        return None
+
+
 PositiveInt = Annotated[int, AtLeast(1)]
 """1, 2, ...: sizes and counts of things that must exist."""
 Count = Annotated[int, AtLeast(0)]
@@ -97,3 +122,7 @@ Fraction = Annotated[float, Between(0, 1)]
 """A probability or a share, in [0, 1]."""
 Names = Annotated[tuple[str, ...], NonEmpty(), Unique()]
 """Class or split names: at least one, none twice."""
+SubPath = Annotated[str, NonEmpty(), Inside()]
+"""A file or folder under a dataset's root."""
+SplitPath = Annotated[str, NonEmpty(), Inside(), SplitTemplate()]
+"""A file or folder under a dataset's root, ``{split}`` replaced by each split's name."""

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ssd.bounds import Names
+from ssd.bounds import Inside, Names, SplitPath
 from ssd.data import annotations as ann
 from ssd.data import sequences as seq
 from ssd.data.sources.records import Frame, Listing, Obj, Video, check_split_names, read_required
-from ssd.data.sources.report import ANNOTATION_WITHOUT_IMAGE, DUPLICATE_IMAGE, Report
+from ssd.data.sources.decode import IMAGE_SUFFIXES
+from ssd.data.sources.report import ANNOTATION_WITHOUT_IMAGE, DUPLICATE_IMAGE, IMAGE_WITHOUT_ANNOTATION, Report
 from ssd.errors import InputError
 
 MALFORMED_ENTRY = "malformed COCO entry"
@@ -33,8 +35,8 @@ NOT_IN_VIDEO = "image has no video_id or frame_id"
 class CocoLayout:
     """Where a COCO dataset's files are: ``{split}`` in either path is replaced by each split name."""
 
-    annotations: str = "annotations/instances_{split}.json"  # one COCO JSON per split
-    images_dir: str = "images/{split}"  # each image's file_name is relative to this
+    annotations: SplitPath = "annotations/instances_{split}.json"  # one COCO JSON per split
+    images_dir: SplitPath = "images/{split}"  # each image's file_name is relative to this
     splits: Names = ("train", "val")  # split names, one annotation file each
 
     def __post_init__(self) -> None:
@@ -77,6 +79,9 @@ def _images(data: dict, path: Path, images_dir: Path, report: Report) -> dict[in
         file = im.get("file_name") if isinstance(im, dict) else None
         if not isinstance(file, str) or not isinstance(im.get("id"), int):
             report.skip(path, MALFORMED_ENTRY, f"images[{i}]: needs an integer 'id' and a 'file_name'")
+            continue
+        if Inside().problem(file):  # a file outside the dataset: DVC, which tracks the root, would miss it
+            report.skip(path, MALFORMED_ENTRY, f"images[{i}]: file_name {file!r} leaves the images folder")
             continue
         if im["id"] in images:
             report.skip(path, DUPLICATE_IMAGE, f"images[{i}]: id {im['id']} is also {images[im['id']].file}")
@@ -127,8 +132,20 @@ def _split(root: Path, layout: CocoLayout, split: str, report: Report, declared:
             found.append(im)
         else:
             report.skip(path, ANNOTATION_WITHOUT_IMAGE, f"image {im.id}: {im.path} not found")
+    listed = {os.path.normpath(im.path) for im in images.values()}
+    _report_unlisted(root / layout.images_dir.format(split=split), listed, path, report)
     declared.update(categories)
     return found, objects, path, data
+
+
+def _report_unlisted(images_dir: Path, listed: set[str], path: Path, report: Report) -> None:
+    """Image files in the images folder that the JSON doesn't list: skipped, as VOC skips an image
+    without an annotation (some exporters leave background images out of the JSON)."""
+    if not images_dir.is_dir():
+        return
+    for p in sorted(images_dir.rglob("*")):
+        if p.suffix.lower() in IMAGE_SUFFIXES and os.path.normpath(p) not in listed and p.is_file():
+            report.skip(p, IMAGE_WITHOUT_ANNOTATION, f"not in {path.name}")
 
 
 def _names(categories: dict[int, str]) -> list[str]:

@@ -126,6 +126,7 @@ def decode_video(kind: str, path: str, name: str, quality: int, max_pixels: int)
         if not capture.isOpened():
             return DecodedVideo(error=(UNREADABLE_VIDEO, "cannot be opened"))
         width, height = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)), int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        listed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
         if width * height > max_pixels:
             return DecodedVideo(error=(IMAGE_TOO_LARGE, f"frames of {width}x{height} are over prepare.max_pixels"))
         frames = []
@@ -142,7 +143,19 @@ def decode_video(kind: str, path: str, name: str, quality: int, max_pixels: int)
         capture.release()
     if not frames:
         return DecodedVideo(error=(UNREADABLE_VIDEO, "no frame could be decoded"))
+    if cut_short(listed, len(frames)):  # its annotations would be matched to the frames that remain
+        return DecodedVideo(error=(UNREADABLE_VIDEO, f"ended after {len(frames)} of the {listed} frames its "
+                                                     "container lists (truncated or damaged)"))
     return DecodedVideo(tuple(frames), tuple(n for n, _, _, _ in frames))
+
+
+def cut_short(listed: int, read: int) -> bool:
+    """Whether a video that decoded ``read`` frames, of the ``listed`` its container lists (0:
+    unknown), was cut short. A file cut short (a copy interrupted, a recording that crashed)
+    decodes up to the cut and then reads as ended, while its container still lists every frame;
+    counts that FFmpeg estimates from the duration (Matroska, WebM) can be off by a frame or two,
+    hence the margin."""
+    return listed > 0 and listed - read > max(2, listed // 100)
 
 
 def _decode_folder(folder: Path, quality: int, max_pixels: int) -> DecodedVideo:

@@ -38,7 +38,7 @@ def write_frames(listing: Listing, classes: Sequence[str], out: Path, opts: Writ
     """Write ``listing``'s frames to shards in ``out``; returns the manifest (without the report)."""
     class_index = {c: i for i, c in enumerate(classes)}
     stats = {s: Counter() for s in listing.splits}
-    keys: dict[str, str] = {}
+    keys: dict[tuple[str, str], str] = {}
     frames: list[Frame] = listing.items
     with contextlib.ExitStack() as stack:
         imap = stack.enter_context(ordered_map(opts.workers))
@@ -57,10 +57,12 @@ def write_frames(listing: Listing, classes: Sequence[str], out: Path, opts: Writ
             if objs is None:
                 continue
             key = sample_key(frame.id)
-            if key in keys:
-                report.skip(frame.file, KEY_COLLISION, f"key {key!r} is already {keys[key]!r}")
+            # Per split: YOLO and COCO name images by their path inside the split's folder, so
+            # images/train/0001.jpg and images/val/0001.jpg are two images with one id.
+            if (frame.split, key) in keys:
+                report.skip(frame.file, KEY_COLLISION, f"key {key!r} is already {keys[frame.split, key]!r}")
                 continue
-            keys[key] = frame.id
+            keys[frame.split, key] = frame.id
             sample = {"id": frame.id, "width": image.width, "height": image.height}
             sample.update(boxes=objs["boxes"], labels=objs["labels"], difficult=objs["difficult"])
             writers[frame.split].write(key, {image.ext: image.data, "json": sample_json(sample)})

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from ssd.bounds import SubPath
 from ssd.data import annotations as ann
 from ssd.data import sequences as seq
 from ssd.data.sources.decode import IMAGE_SUFFIXES
@@ -47,19 +48,19 @@ MALFORMED_LABEL_JSON = "malformed Anti-UAV label file"
 
 @dataclass(frozen=True)
 class OtbLayout(VideoSplits):
-    images_dir: str = "img"  # in each sequence folder
+    images_dir: SubPath = "img"  # in each sequence folder
     class_name: str = "target"  # the class of every box
 
 
 @dataclass(frozen=True)
 class LasotLayout(VideoSplits):
-    images_dir: str = "img"  # in each sequence folder; the class is the name before the last '-'
+    images_dir: SubPath = "img"  # in each sequence folder; the class is the name before the last '-'
 
 
 @dataclass(frozen=True)
 class AntiUavLayout(VideoSplits):
-    label_file: str = "IR_label.json"  # in each sequence folder
-    video_file: str = "IR.mp4"  # in each sequence folder; without it, the images in the folder are the frames
+    label_file: SubPath = "IR_label.json"  # in each sequence folder
+    video_file: SubPath = "IR.mp4"  # in each sequence folder; without it, the images in the folder are the frames
     class_name: str = "uav"
 
 
@@ -173,7 +174,8 @@ def _antiuav_lines(path: Path, report: Report) -> Lines | None:
         if e and not ok:
             report.skip(path, MALFORMED_LABEL_JSON, f"frame {i + 1}: exist is 1 but gt_rect is {r!r}")
             return None
-        lines.append([(r[0], r[1], r[0] + r[2], r[1] + r[3])] if e and r[2] > 0 and r[3] > 0 else [])
+        # exist 1 with a box of no size is passed on: the box cleaning reports it (zero-area, inverted).
+        lines.append([(r[0], r[1], r[0] + r[2], r[1] + r[3])] if e else [])
     return lines
 
 

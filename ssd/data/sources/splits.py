@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Sequence
 
-from ssd.bounds import AtLeast, Below
+from ssd.bounds import AtLeast, Below, SubPath
 from ssd.data import sequences as seq
 from ssd.data.sources.records import check_split_names
 from ssd.data.sources.report import LISTED_VIDEO_MISSING, VIDEO_IN_TWO_SPLITS, Report
@@ -22,7 +22,7 @@ from ssd.errors import InputError
 class VideoSplits:
     """How the videos of a source without split lists of its own are split."""
 
-    splits_file: str = "splits.json"  # {"train": [names], "val": [names]} in root; used when present
+    splits_file: SubPath = "splits.json"  # {"train": [names], "val": [names]} in root; used when present
     # without a splits file: share of videos (by hash of name) put in val
     val_fraction: Annotated[float, AtLeast(0), Below(1)] = 0.2
     # > 0: instead, the last share of every video's frames goes to val. Neighbouring frames are

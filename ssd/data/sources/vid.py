@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssd.bounds import Names
+from ssd.bounds import Names, SubPath
 from ssd.data import annotations as ann
 from ssd.data import sequences as seq
 from ssd.data.sources import voc
@@ -43,8 +43,8 @@ SYNSETS = {
 class VidLayout:
     """ImageNet VID's folders and which of its splits to convert."""
 
-    annotations_dir: str = "Annotations/VID"  # <split>/.../<snippet>/<frame>.xml
-    images_dir: str = "Data/VID"  # <split>/.../<snippet>/<frame>.JPEG
+    annotations_dir: SubPath = "Annotations/VID"  # <split>/.../<snippet>/<frame>.xml
+    images_dir: SubPath = "Data/VID"  # <split>/.../<snippet>/<frame>.JPEG
     splits: Names = ("train", "val")  # sub-folders of both, each a split
     readable_names: bool = True  # true: airplane, ...; false: the synset ids (n02691156, ...)
 

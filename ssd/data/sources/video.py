@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Sequence
 
-from ssd.bounds import Between, Names
+from ssd.bounds import Between, Names, SubPath
 from ssd.data import annotations as ann
 from ssd.data import sequences as seq
 from ssd.data.sources.decode import VIDEO_SUFFIXES
@@ -34,9 +34,9 @@ from ssd.errors import InputError
 class VideoLayout(VideoSplits):
     """Video files or frame folders with box lists or MOT gt.txt, no split lists."""
 
-    videos_dir: str = "videos"  # <name>.mp4|avi
-    frames_dir: str = "frames"  # <name>/<anything with a number>.jpg|png, ordered by that number
-    annotations_dir: str = "annotations"  # <name>.txt box list, or <name>/gt.txt (MOT)
+    videos_dir: SubPath = "videos"  # <name>.mp4|avi
+    frames_dir: SubPath = "frames"  # <name>/<anything with a number>.jpg|png, ordered by that number
+    annotations_dir: SubPath = "annotations"  # <name>.txt box list, or <name>/gt.txt (MOT)
     box_list_class: str = "target"  # class name of every box in a box list
     mot_classes: Names = ("target",)  # gt.txt class id k -> mot_classes[k - 1]
     # quality of frames decoded from videos and re-encoded (JPEG frames are kept)

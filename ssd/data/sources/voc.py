@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from ssd.bounds import Names
+from ssd.bounds import Names, SubPath
 from ssd.data import annotations as ann
 from ssd.data import sequences as seq
 from ssd.data.sources.decode import IMAGE_SUFFIXES
@@ -123,9 +123,9 @@ def frame(
 class VocLayout:
     """Where the three parts of a VOC-layout dataset are, and which split lists to read."""
 
-    annotations_dir: str = "Annotations"  # XML files, <id>.xml (ir-sirst: masks)
-    images_dir: str = "JPEGImages"  # <id>.jpg|jpeg|png (ir-sirst: images)
-    splits_dir: str = "ImageSets/Main"  # <split>.txt id lists (ir-sirst: idx_427)
+    annotations_dir: SubPath = "Annotations"  # XML files, <id>.xml (ir-sirst: masks)
+    images_dir: SubPath = "JPEGImages"  # <id>.jpg|jpeg|png (ir-sirst: images)
+    splits_dir: SubPath = "ImageSets/Main"  # <split>.txt id lists (ir-sirst: idx_427)
     splits: Names = ("train", "val")  # split lists to convert; an id in several goes to the first
 
 

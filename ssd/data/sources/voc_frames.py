@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ssd.bounds import Names
+from ssd.bounds import Names, SubPath
 from ssd.data import annotations as ann
 from ssd.data import sequences as seq
 from ssd.data.sources import voc
@@ -21,9 +21,9 @@ from ssd.data.sources.report import VIDEO_IN_TWO_SPLITS, Report
 class VocFramesLayout:
     """VOC-layout frame sequences; the video and the frame number are taken from each id."""
 
-    annotations_dir: str = "Annotations"  # <id>.xml
-    images_dir: str = "JPEGImages"  # <id>.jpg|jpeg|png
-    splits_dir: str = "ImageSets/Main"  # <split>.txt frame id lists
+    annotations_dir: SubPath = "Annotations"  # <id>.xml
+    images_dir: SubPath = "JPEGImages"  # <id>.jpg|jpeg|png
+    splits_dir: SubPath = "ImageSets/Main"  # <split>.txt frame id lists
     splits: Names = ("train", "val")  # a video listed in several goes to the first of these
     frame_id_pattern: str = seq.DEFAULT_FRAME_ID_PATTERN  # groups `video` and `frame`; default: <video>_<digits>
 
