@@ -75,12 +75,14 @@ def save_checkpoint(
     meta: dict[str, Any],
     keep: int,
     tensors: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    local: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Save the training state registered with ``accelerator`` as ``root/step-NNNNNNNN``.
 
     ``tensors``: more state the main process writes, ``{name: state dict}`` as
     ``<name>.safetensors`` (tensors only: loading one can't run code, unlike a pickle); read
-    back with :func:`load_tensors`. Call on every process. Returns the final directory.
+    back with :func:`load_tensors`. ``local``: state each process has its own of, written by
+    each as ``<name>-rank<index>.safetensors``. Call on every process. Returns the final directory.
     """
     root = Path(root)
     final = root / checkpoint_name(step)
@@ -91,10 +93,12 @@ def save_checkpoint(
         tmp.mkdir()
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    for name, state in (local or {}).items():
+        _save(state, tmp / f"{name}-rank{accelerator.process_index}.safetensors")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for name, state in (tensors or {}).items():
-            save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(tmp / f"{name}.safetensors"))
+            _save(state, tmp / f"{name}.safetensors")
         write_json(tmp / META, {**meta, "step": step})
         if final.exists():  # a rerun after a kill between rename and cleanup
             shutil.rmtree(final)
@@ -104,6 +108,10 @@ def save_checkpoint(
         log.info("checkpoint %s", final)
     accelerator.wait_for_everyone()
     return final
+
+
+def _save(state: Mapping[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().cpu().clone().contiguous() for k, v in state.items()}, str(path))
 
 
 def load_tensors(checkpoint: str | os.PathLike, name: str) -> dict[str, torch.Tensor] | None:

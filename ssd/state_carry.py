@@ -12,12 +12,13 @@ number)``: a state passes only to the next frames of the same video *in the same
 (the loader's sequence mode augments a run alike, and two runs of one video may be in
 flight at once). This works whatever order the batches come in (several loader streams
 interleave their batches); a clip with no waiting state (the first of a run, after a
-gap in the frame numbers, after a resume) starts from zeros, like the first frame of a
+gap in the frame numbers) starts from zeros, like the first frame of a
 video at evaluation.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Hashable, Sequence
 
 import torch
@@ -95,3 +96,26 @@ class StateCarry:
         old = [k for k, (n, _) in self._waiting.items() if n <= self._puts - self.keep]
         for k in old:
             del self._waiting[k]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The waiting states as tensors only (a checkpoint's safetensors file): each named by the
+        JSON of ``[key, put, part]``, plus ``"puts"``. Keys must be JSON-able (:func:`clip_keys`')."""
+        out = {"puts": torch.tensor(self._puts)}
+        for key, (put, state) in self._waiting.items():
+            for j, part in enumerate(state):
+                out[json.dumps([list(key), put, j])] = part
+        return out
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`state_dict` saved: a resumed run carries the same states on."""
+        parts: dict[tuple, dict[int, Tensor]] = {}
+        puts: dict[tuple, int] = {}
+        for name, tensor in state.items():
+            if name == "puts":
+                continue
+            key, put, j = json.loads(name)
+            key = tuple(key)
+            parts.setdefault(key, {})[j] = tensor
+            puts[key] = put
+        self._puts = int(state["puts"])
+        self._waiting = {k: (puts[k], tuple(p[j] for j in sorted(p))) for k, p in parts.items()}

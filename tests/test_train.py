@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -204,14 +205,21 @@ def test_lstm_ssd_trains_on_clips_in_two_processes_and_resumes_after_sigterm(tmp
     stop_and_resume(workdir(tmp_path / "interrupted", LSTM), reference, LSTM["steps"])
 
 
-def test_lstm_ssd_carries_its_state_from_clip_to_clip(tmp_path):
+def test_lstm_ssd_carries_its_state_from_clip_to_clip_and_through_a_resume(tmp_path):
     # Train videos of 12, 9 and 8 frames: runs of 3, 2 and 2 clips of 4 frames.
-    cwd = workdir(tmp_path, LSTM, **{"data.sequence_clips": 3, "steps": 6, "trace": False})
+    cwd = workdir(tmp_path, LSTM, **{"data.sequence_clips": 3, "steps": 6, "trace": False, "keep_checkpoints": True})
     result = run_train(cwd, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
     # 12 clips in all, 3 or 4 of them first clips of their runs at the start; the rest follow on.
     assert 4 <= summary["carried_clips"] <= 9
+    # Rerun from the kept checkpoint of step 3: the states waiting there were dropped, so the
+    # resumed clips started from zeros and the run ended elsewhere (0.7 apart).
+    uninterrupted = weights(cwd / "models" / "tiny.pt")
+    result = run_train(cwd, 1)
+    assert result.returncode == 0 and "resumed from checkpoints/tiny/step-00000003" in result.stderr
+    assert max_difference(uninterrupted, weights(cwd / "models" / "tiny.pt")) == 0.0
+    assert json.loads((cwd / "metrics" / "train-tiny.json").read_text())["carried_clips"] == summary["carried_clips"]
 
 
 def test_sigkill_resumes_from_last_periodic_checkpoint_ignoring_half_written(reference_run, tmp_path):
@@ -573,6 +581,56 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
             train_mod.train(cfg)
     finally:
         reset_accelerate()
+
+
+def test_a_skipped_step_is_logged_as_nan_not_as_a_loss_of_zero(tmp_path, monkeypatch):
+    """Its row read loss 0.0: a false dip to zero in the plots."""
+    from pipeline.device import reset_accelerate
+
+    import pipeline.train as train_mod
+    from pipeline.config import from_dict
+    from ssd.loss import MultiBoxLoss
+
+    cwd = workdir(tmp_path)
+    monkeypatch.chdir(cwd)
+    calls = {"n": 0}
+    real = MultiBoxLoss.forward
+
+    def poisoned(self, *args):
+        out = real(self, *args)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
+    cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "steps": 4, "log_every": 1, "trace": False, "ema": {},
+                                            "data": {**TRAIN["data"], "num_workers": 0}, "validation": {}})
+    try:
+        assert train_mod.train(cfg) == 0
+    finally:
+        reset_accelerate()
+    with open(cwd / "plots" / "train-tiny.csv", newline="") as f:
+        rows = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert math.isnan(float(rows[3]["loss"])) and math.isnan(float(rows[3]["class_loss"]))
+    assert all(math.isfinite(float(rows[s]["loss"])) and float(rows[s]["loss"]) > 0 for s in (1, 2, 4))
+
+
+def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(tmp_path):
+    """`steps` may change on a resume; the first resumed step used the old total's learning rate."""
+    from ssd.optim import OptimConfig, lr_factor
+
+    cwd = workdir(tmp_path, steps=4, checkpoint_every=3, log_every=1, keep_checkpoints=True, trace=False)
+    assert run_train(cwd, 1).returncode == 0
+    result = run_train(cwd, 1, "--set", "steps=8")
+    assert result.returncode == 0 and "resumed from checkpoints/tiny/step-00000003" in result.stderr, result.stderr[-2000:]
+    with open(cwd / "plots" / "train-tiny.csv", newline="") as f:
+        lr = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    optim = OptimConfig(**TRAIN["optim"])
+    old, new = (TRAIN["optim"]["lr"] * lr_factor(optim, total)(3) for total in (4, 8))
+    assert abs(old - new) > 1e-4  # the test tells the two apart
+    assert lr[4] == pytest.approx(new, rel=1e-6)  # the row of step 4 holds the rate it was taken at (step 3's)
+    assert lr[5] == pytest.approx(TRAIN["optim"]["lr"] * lr_factor(optim, 8)(4), rel=1e-6)
 
 
 def test_several_training_sections_need_a_section_and_a_wrong_one_is_named(tmp_path):

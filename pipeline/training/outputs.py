@@ -33,7 +33,10 @@ def save_checkpoint(r: Run) -> None:
         tensors["ema"] = r.ema.state_dict()
     if r.validator is not None and r.validator.best_state is not None:
         tensors["best"] = r.validator.best_state
-    checkpoints.save_checkpoint(r.accelerator, r.paths.checkpoints, r.step, meta, r.cfg.keep_last, tensors)
+    # Each process's clip states waiting for their next clips (sequence mode): the resumed run
+    # carries them on as the uninterrupted one does.
+    local = {"carry": r.carry.state_dict()} if r.carry is not None else None
+    checkpoints.save_checkpoint(r.accelerator, r.paths.checkpoints, r.step, meta, r.cfg.keep_last, tensors, local)
 
 
 def finish(r: Run) -> int:

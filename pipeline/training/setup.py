@@ -279,17 +279,32 @@ def _resume(r: Run, restart: bool) -> dict[str, list[dict[str, Any]]]:
     latest, meta = found
     _load_state(r.accelerator, latest, r.paths.checkpoints)
     r.scheduler.load_state_dict(meta["scheduler"])
+    _follow_schedule(r.scheduler)
     r.step, r.history = meta["step"], meta["history"]
     if r.ema is not None:
         r.ema.load_state_dict(_tensors(latest, "ema"))
     if r.validator is not None:
         r.validator.restore(r.history, checkpoints.load_tensors(latest, "best"))
     world = r.accelerator.num_processes
+    carried = checkpoints.load_tensors(latest, f"carry-rank{r.accelerator.process_index}")
+    if r.carry is not None and carried is not None and meta.get("world_size") == world:
+        r.carry.load_state_dict(carried)
     if meta.get("world_size") != world:
         log.warning("%s was written by %s processes, now %s: the global batch and the data order differ "
                     "from an uninterrupted run", latest, meta.get("world_size"), world)
     log.info("resumed from %s at step %d", latest, r.step)
     return meta.get("log_rows", {})
+
+
+def _follow_schedule(scheduler: Any) -> None:
+    """Give the optimiser this step's learning rate under the schedule as now configured.
+
+    LambdaLR recomputes it only at its next ``step()``; until then the optimiser holds the
+    checkpoint's, which came from the old total when ``steps`` changed (a resume-safe key)."""
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
 
 
 def _tensors(checkpoint: Path, name: str) -> dict[str, torch.Tensor]:

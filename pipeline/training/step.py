@@ -95,6 +95,8 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
         if r.ema is not None and not acc.optimizer_step_was_skipped:
             r.ema.update_parameters(r.unwrapped)
     r.optimizer.zero_grad(set_to_none=True)
+    if res.skipped:  # no loss was learnt from: logged as NaN, never as the 0.0 the parts started at
+        res.parts = dict.fromkeys(res.parts, float("nan"))
     return res
 
 
