@@ -215,7 +215,8 @@ class TrainConfig:
     log_every: PositiveInt = 10
     """Steps between log lines, TensorBoard points and plot rows."""
     freeze_backbone_steps: Count = 0
-    """Hold the backbone still for the first steps (LSTM-SSD's stage-wise training from SSDLite)."""
+    """Hold the backbone still for the first steps (LSTM-SSD's stage-wise training from SSDLite):
+    its weights and its batch norm's running statistics."""
     frozen_batchnorm: bool = False
     """Batch norm uses and keeps its running statistics (eval mode) instead of each batch's:
     for fine-tuning a trained model on batches of few, correlated samples (LSTM-SSD's clips:

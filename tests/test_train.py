@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -289,6 +290,31 @@ def test_validation_in_two_processes_equals_a_one_process_evaluation_and_keeps_t
     assert one_process_map(cwd, "models/tiny-best.pt") == pytest.approx(val["best_map"], abs=1e-6)
     _, info = load_model_file(cwd / "models/tiny-best.pt")
     assert info["meta"]["best"] == {"step": val["best_step"], "map": val["best_map"]}
+
+
+def test_validations_that_are_all_undefined_stop_with_a_readable_line(tmp_path, monkeypatch, capsys, caplog):
+    """A validation split without objects has no mAP (NaN): the early stop's line formatted the
+    missing best with %.4f, and logging printed its own error and traceback instead."""
+    from pipeline.device import reset_accelerate
+
+    import pipeline.train as train_mod
+    from pipeline.config import from_dict
+    from pipeline.training.validation import Validator
+
+    cwd = workdir(tmp_path)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(Validator, "evaluate", lambda self, model, accelerator: {"map": float("nan")})
+    cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "trace": False, "data": {**TRAIN["data"], "num_workers": 0},
+                                            "validation": {"every": 2, "patience": 2, "num_workers": 0}})
+    try:
+        with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+            assert train_mod.train(cfg) == 0
+    finally:
+        reset_accelerate()
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "Traceback" not in err
+    assert "step 4: no better validation mAP in 2 validations: stopping early (best none: every mAP was undefined)" \
+        in caplog.text
 
 
 def test_a_log_file_gets_plain_progress_lines_not_a_bar(reference_run):
@@ -631,6 +657,32 @@ def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(t
     assert abs(old - new) > 1e-4  # the test tells the two apart
     assert lr[4] == pytest.approx(new, rel=1e-6)  # the row of step 4 holds the rate it was taken at (step 3's)
     assert lr[5] == pytest.approx(TRAIN["optim"]["lr"] * lr_factor(optim, 8)(4), rel=1e-6)
+
+
+def test_a_frozen_backbone_keeps_its_batch_norm_statistics_too(tmp_path, monkeypatch):
+    """freeze_backbone_steps held the weights still while the running statistics moved (up to 0.9)."""
+    from pipeline.device import reset_accelerate
+
+    import pipeline.train as train_mod
+    from pipeline.config import from_dict
+
+    cwd = workdir(tmp_path)
+    monkeypatch.chdir(cwd)
+    init_file(cwd / "init.pt", seed=0)
+    cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "steps": 2, "trace": False, "ema": {}, "validation": {},
+                                            "freeze_backbone_steps": 5, "optim": {**TRAIN["optim"], "warmup_steps": 0},
+                                            "model": {**TRAIN["model"], "init_weights": "init.pt"},
+                                            "data": {**TRAIN["data"], "num_workers": 0}})
+    try:
+        assert train_mod.train(cfg) == 0
+    finally:
+        reset_accelerate()
+    before, after = weights(cwd / "init.pt"), weights(cwd / "models" / "tiny.pt")
+    backbone = [k for k in before if k.startswith("backbone.")]
+    assert any(k.endswith("running_mean") for k in backbone)
+    assert max_difference({k: before[k] for k in backbone}, {k: after[k] for k in backbone}) == 0.0
+    head = [k for k in before if k.startswith("head.") and before[k].is_floating_point()]
+    assert max_difference({k: before[k] for k in head}, {k: after[k] for k in head}) > 0  # the rest trained
 
 
 def test_several_training_sections_need_a_section_and_a_wrong_one_is_named(tmp_path):

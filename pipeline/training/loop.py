@@ -51,6 +51,8 @@ def loop(r: Run) -> int:
             r.model.train()
             if cfg.frozen_batchnorm:
                 freeze_batchnorm(r.model)
+            elif r.step < cfg.freeze_backbone_steps:  # a frozen backbone keeps its statistics too
+                freeze_batchnorm(r.unwrapped.backbone)
             res = step(r, stream, stop)
             lr = r.scheduler.get_last_lr()[0]
             r.scheduler.step()

@@ -137,6 +137,7 @@ def validate(r: Any) -> bool:
     if stop:
         r.history["stopped_early"] = r.step
     if stop and r.step < r.cfg.steps:
-        log.warning("step %d: no better validation mAP in %d validations: stopping early (best %.4f at step %d)",
-                    r.step, r.validator.cfg.patience, v["best_map"], v["best_step"])
+        best = "none: every mAP was undefined" if v["best_map"] is None else f"{v['best_map']:.4f} at step {v['best_step']}"
+        log.warning("step %d: no better validation mAP in %d validations: stopping early (best %s)",
+                    r.step, r.validator.cfg.patience, best)
     return stop
