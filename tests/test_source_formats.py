@@ -237,6 +237,11 @@ def test_video_and_box_list_of_other_stems_pair_only_through_the_option(tmp_path
     capsys.readouterr()
     assert ir_video_run(tmp_path, "ir.video.pairs={clipA: nothing}") == 2
     assert "pairs: no annotation 'nothing' for video 'clipA'" in capsys.readouterr().err
+    # An annotation of the video's own name that the pair replaces is reported, not dropped silently.
+    (root / "annotations" / "clipA.txt").write_text((root / "annotations" / "clipA_gt.txt").read_text())
+    assert ir_video_run(tmp_path, "ir.video.pairs={clipA: clipA_gt}") == 0
+    assert [(Path(e["file"]).name, e["reason"]) for e in manifest(tmp_path, "ir")["skipped"]] == [
+        ("clipA.txt", reasons.DUPLICATE_ANNOTATION)]
 
 
 def test_one_video_split_by_frame_range_only_when_asked(tmp_path, caplog):

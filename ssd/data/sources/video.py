@@ -71,7 +71,7 @@ def _discover(root: Path, layout: VideoLayout, report: Report) -> list[_Found]:
                 report.skip(p, DUPLICATE_VIDEO, f"{found[p.stem][1]} is used")
             else:
                 found[p.stem] = ("file", p)
-    annotations = _paired(_annotation_files(root / layout.annotations_dir, report), found, layout, root)
+    annotations = _paired(_annotation_files(root / layout.annotations_dir, report), found, layout, root, report)
     out = []
     for name in sorted(set(found) | set(annotations), key=seq.natural_key):
         # Each unpaired file is reported on its side; names that differ are paired only by `pairs`.
@@ -84,8 +84,9 @@ def _discover(root: Path, layout: VideoLayout, report: Report) -> list[_Found]:
     return out
 
 
-def _paired(annotations: dict, found: dict, layout: VideoLayout, root: Path) -> dict:
-    """Annotations renamed to their video's name as ``layout.pairs`` says; a pair naming nothing is an error."""
+def _paired(annotations: dict, found: dict, layout: VideoLayout, root: Path, report: Report) -> dict:
+    """Annotations renamed to their video's name as ``layout.pairs`` says; a pair naming nothing is an
+    error, and an annotation of the video's own name that the pair replaces is reported."""
     for video_name, ann_name in layout.pairs.items():
         if video_name not in found:
             raise InputError(f"{root}: pairs: no video or frame folder {video_name!r}")
@@ -93,7 +94,10 @@ def _paired(annotations: dict, found: dict, layout: VideoLayout, root: Path) -> 
             raise InputError(f"{root}: pairs: no annotation {ann_name!r} for video {video_name!r}")
     mapped = set(layout.pairs.values())
     out = {n: a for n, a in annotations.items() if n not in mapped}  # a paired annotation goes by its video's name
-    out.update((v, annotations[a]) for v, a in layout.pairs.items())
+    for video_name, ann_name in layout.pairs.items():
+        if video_name in out and video_name != ann_name:
+            report.skip(out[video_name][0], DUPLICATE_ANNOTATION, f"pairs gives {ann_name!r} for video {video_name!r}")
+        out[video_name] = annotations[ann_name]
     return out
 
 
