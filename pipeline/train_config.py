@@ -68,7 +68,8 @@ class ModelConfig:
     """torchvision backbone state dict on disk (never downloaded); null: random init."""
     from_file: InputPath | None = None
     """Start from the whole model in this model file (its architecture, pruned widths included,
-    and its weights), e.g. to fine-tune a pruned model; the keys above are then ignored."""
+    and its weights), e.g. to fine-tune a pruned model; the keys above are then the file's: one
+    set to other than its default that disagrees with the file is an error."""
     init_weights: InputPath | None = None
     """Copy the same-named, same-shaped weights of this model file into the model built from
     the keys above (e.g. a trained SSDLite into LSTM-SSD, or a converted COCO model into one for

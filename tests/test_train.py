@@ -388,6 +388,19 @@ def test_bad_config_is_a_one_line_error(tmp_path, overrides, message, stage_main
     assert "Traceback" not in stderr
 
 
+def test_from_file_refuses_model_keys_that_disagree_with_the_file(tmp_path, stage_main):
+    """The run trained the file's 64 px model while its records said 96 px, and exited 0."""
+    cwd = workdir(tmp_path)
+    init_file(cwd / "start.pt", seed=0)  # an SSDLite at 64 px, width 0.25: what TRAIN's model keys say
+    code, stderr = stage_main("train", "--set", "model.from_file=start.pt", "--set", "model.image_size=96", cwd=cwd)
+    assert code == 2 and stderr.strip().splitlines()[-1] == (
+        "error: model.image_size: 96 here, but start.pt holds a model with image_size 64 (from_file takes the "
+        "file's architecture: give the file's value or leave the key out)")
+    code, stderr = stage_main("train", "--set", "model.from_file=start.pt", "--set", "steps=1", "--set", "trace=false",
+                              "--set", "validation.every=0", cwd=cwd)
+    assert code == 0, stderr[-2000:]
+
+
 EVIL = """
 import os
 class Payload:

@@ -3,6 +3,7 @@ set up, and the state of the newest matching checkpoint loaded."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -133,11 +134,23 @@ def make_accelerator(cfg: TrainConfig):
     return accelerator
 
 
+def _check_file_arch(cfg: ModelConfig, info: dict[str, Any]) -> None:
+    """``from_file`` takes the file's architecture: a model key set to other than its default that
+    disagrees with the file is an error, not a run of the file's model recorded under the key's value."""
+    wanted, held = cfg.arch(len(info["class_names"]) + 1), info["arch"]
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    for key, value in wanted.items():
+        if key in defaults and getattr(cfg, key) != defaults[key] and key in held and held[key] != value:
+            raise StageError(f"model.{key}: {value} here, but {cfg.from_file} holds a model with {key} {held[key]} "
+                             "(from_file takes the file's architecture: give the file's value or leave the key out)")
+
+
 def build(cfg: ModelConfig, classes: list[str]):
     """The model to train: from a model file, or built from the config (plus copied weights)."""
     try:
         if cfg.from_file:
             model, info = load_model_file(cfg.from_file)
+            _check_file_arch(cfg, info)
             if info["class_names"] != classes:
                 raise StageError(
                     f"{cfg.from_file}: model classes {info['class_names']} differ from the data's {classes}"
