@@ -16,6 +16,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -593,27 +594,33 @@ def test_a_checkpoint_past_the_new_step_count_is_refused(kept_checkpoints):
     assert "steps: the checkpoint is at step 4, past steps 3" in result.stderr.strip().splitlines()[-1]
 
 
+def poison_loss(monkeypatch, poisoned: Callable[[int], bool]) -> None:
+    """Make the loss NaN on the calls (counted from 1) that ``poisoned`` picks."""
+    from ssd.loss import MultiBoxLoss
+
+    calls = {"n": 0}
+    real = MultiBoxLoss.forward
+
+    def forward(self, *args):
+        out = real(self, *args)
+        calls["n"] += 1
+        if poisoned(calls["n"]):
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MultiBoxLoss, "forward", forward)
+
+
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     """In-process, with the loss poisoned from the third step on."""
     from pipeline.device import reset_accelerate
 
     import pipeline.train as train_mod
     from pipeline.config import from_dict
-    from ssd.loss import MultiBoxLoss
 
     cwd = workdir(tmp_path, max_nonfinite=2)
     monkeypatch.chdir(cwd)
-    calls = {"n": 0}
-    real = MultiBoxLoss.forward
-
-    def poisoned(self, *args):
-        out = real(self, *args)
-        calls["n"] += 1
-        if calls["n"] > 2:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
+    poison_loss(monkeypatch, lambda n: n > 2)
     cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "max_nonfinite": 2, "data": {**TRAIN["data"], "num_workers": 0}})
     try:
         with pytest.raises(train_mod.StageError, match=r"step 5: loss not finite for 3 consecutive steps; last sample keys: train_"):
@@ -628,21 +635,10 @@ def test_a_skipped_step_is_logged_as_nan_not_as_a_loss_of_zero(tmp_path, monkeyp
 
     import pipeline.train as train_mod
     from pipeline.config import from_dict
-    from ssd.loss import MultiBoxLoss
 
     cwd = workdir(tmp_path)
     monkeypatch.chdir(cwd)
-    calls = {"n": 0}
-    real = MultiBoxLoss.forward
-
-    def poisoned(self, *args):
-        out = real(self, *args)
-        calls["n"] += 1
-        if calls["n"] == 3:
-            out["loss"] = out["loss"] * float("nan")
-        return out
-
-    monkeypatch.setattr(MultiBoxLoss, "forward", poisoned)
+    poison_loss(monkeypatch, lambda n: n == 3)
     cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "steps": 4, "log_every": 1, "trace": False, "ema": {},
                                             "data": {**TRAIN["data"], "num_workers": 0}, "validation": {}})
     try:
