@@ -176,12 +176,15 @@ def load_config(
 ) -> T:
     """Parse ``params[section]`` (after ``overrides``, given relative to the section) into ``cls``.
 
-    A section missing from ``params`` is an error, never a run with the defaults.
+    A section missing from ``params``, or null (every line under it commented out), is an error,
+    never a run with the defaults.
     """
     if section not in params:
         known = ", ".join(sections_of(cls, params)) or "none"
         raise ConfigError(f"{source}: no section {section!r} (sections this stage can run: {known})")
-    data = apply_overrides(params.get(section) or {}, overrides)
+    if params[section] is None:
+        raise ConfigError(f"{source}: {section}: null; give its keys ({{}} for the defaults)")
+    data = apply_overrides(params[section], overrides)
     return from_dict(cls, data, section)
 
 

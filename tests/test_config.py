@@ -109,6 +109,10 @@ def test_a_missing_section_is_an_error_not_the_defaults():
     params = {"train_a": {"steps": 3}, "sample": {"seed": 1}}
     with pytest.raises(ConfigError, match=r"^params.yaml: no section 'train_b' \(sections this stage can run: train_a\)$"):
         load_config(Outer, params, "train_b", source="params.yaml")
+    # `evaluate:` with every line under it commented out: it ran with the defaults.
+    with pytest.raises(ConfigError, match=r"^params.yaml: train_a: null; give its keys \(\{\} for the defaults\)$"):
+        load_config(Outer, {"train_a": None}, "train_a", source="params.yaml")
+    assert load_config(Outer, {"train_a": {}}, "train_a") == Outer()
 
 
 def test_choose_section():
