@@ -46,20 +46,35 @@ def input_paths(cfg: Any, where: str) -> list[tuple[str, str]]:
 
 
 def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None,
+                  unwritten: Mapping[str, str] | None = None, written: Mapping[str, str] | None = None,
                   environ: Mapping[str, str] | None = None) -> None:
     """:class:`~pipeline.stage.StageError` when the stage runs under DVC and one of its input paths
     is neither a dep of the stage nor inside one. ``only``: the top-level keys that this run reads
-    (the benchmark's sections); default all."""
+    (the benchmark's sections); default all. ``unwritten``: files this run won't write, with why
+    (``{path: why}``): one the stage lists among its outs is an error too (DVC would fail the
+    stage after all its work). ``written``: files this run writes, by the key that places them
+    (``{path: key}``): each must be an out of the stage, or DVC would neither track it nor find
+    the out it lists."""
     environ = os.environ if environ is None else environ
     stage = environ.get("DVC_STAGE")
     if not stage:
         return
     paths = [(k, p) for k, p in input_paths(cfg, section) if only is None or k.split(".")[1].split("[")[0] in only]
-    if not paths:
+    if not paths and not unwritten and not written:
         return
-    deps = _stage_deps(stage, environ.get("DVC_ROOT") or os.getcwd())
-    if deps is None:
+    found = _stage_paths(stage, environ.get("DVC_ROOT") or os.getcwd())
+    if found is None:
         return
+    deps, outs = found
+    for path, key in (written or {}).items():
+        if os.path.abspath(path) not in outs:
+            raise StageError(f"{key}: this run would write {path}, which is not an out of the DVC stage {stage!r}: DVC "
+                             f"would not track it and would miss the out it lists; keep {key} as dvc.yaml has it, or "
+                             "change the stage's outs")
+    for path, why in (unwritten or {}).items():
+        if os.path.abspath(path) in outs:
+            raise StageError(f"{path}: an out of the DVC stage {stage!r} that this run won't write ({why}); DVC "
+                             "would fail the stage after its work: change the setting, or the stage's outs in dvc.yaml")
     for key, path in paths:
         if not _covered(path, deps):
             hint = f" (for example as ${{{key}}})" if "[" not in key else ""
@@ -86,15 +101,16 @@ def _configs(value: Any, key: str) -> Iterator[tuple[str, Any]]:
                 yield f"{key}[{i}]", item
 
 
-def _stage_deps(stage: str, root: str) -> list[str] | None:
-    """The absolute paths of the stage's deps, as DVC resolves them (templates filled from the
-    params); None, with a warning, when DVC can't say."""
+def _stage_paths(stage: str, root: str) -> tuple[list[str], set[str]] | None:
+    """The absolute paths of the stage's deps and outs, as DVC resolves them (templates filled
+    from the params); None, with a warning, when DVC can't say."""
     try:
         from dvc.repo import Repo
 
         with Repo(root) as repo:
             found = repo.stage.collect(stage)
-        return [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
+        deps = [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
+        return deps, {os.path.normpath(str(o.fs_path)) for s in found for o in s.outs}
     except Exception as e:  # noqa: BLE001 - any failure of DVC's API only means we can't check
         log.warning("can't read the deps of the DVC stage %r (%s: %s); not checking that DVC tracks this stage's "
                     "input files", stage, type(e).__name__, e)

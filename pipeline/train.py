@@ -55,7 +55,7 @@ import logging
 from pipeline.config import choose_section, load_config, load_params
 from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, run
-from pipeline.train_config import DataConfig, ModelConfig, PriorsParams, TrainConfig, ValidationConfig
+from pipeline.train_config import DataConfig, ModelConfig, PriorsParams, RunPaths, TrainConfig, ValidationConfig
 from pipeline.training.loop import loop
 from pipeline.training.outputs import EXIT_PREEMPTED, finish
 from pipeline.training.setup import setup
@@ -90,7 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         section = choose_section(TrainConfig, params, args.section, "train", args.params)
         cfg = load_config(TrainConfig, params, section, args.overrides, args.params)
-        check_tracked(cfg, section)
+        paths = RunPaths.of(cfg)
+        unwritten = {} if cfg.validation.every else dict.fromkeys(
+            map(str, (paths.best_model, paths.val_plots)), "validation.every is 0: no validation")
+        written = {str(paths.model): "models_dir", str(paths.metrics): "metrics_dir", str(paths.plots): "plots_dir"}
+        check_tracked(cfg, section, unwritten=unwritten, written=written)
         return train(cfg, restart=args.restart)
 
     return run(body)

@@ -294,3 +294,28 @@ def test_a_file_the_stage_reads_but_dvc_does_not_track_stops_the_stage(tmp_path)
     assert ("error: train_voc.model.init_weights: models/start.pt is not among the deps of the DVC stage "
             "'train_voc'") in out, out[-3000:]
     assert not (project / "models" / "tiny.pt").exists() and not (project / "checkpoints").exists()
+
+
+def test_a_training_whose_outputs_are_not_the_stages_outs_stops_before_training(tmp_path):
+    """`dvc exp run -S train_voc.validation.every=0`: the run trained, then DVC failed the stage on
+    the missing models/<name>-best.pt and plots/val-<name>.csv, the training lost."""
+    from shardgen import write_frame_dataset
+
+    root = tmp_path / "project"
+    root.mkdir()
+    write_frame_dataset(root / "data" / "shards" / "voc", {"train": [9], "val": [6]})
+    train = {**TRAIN, "validation": {"every": 0}}
+    project = scratch_project(root, ["train_voc"], {"train_voc": train})
+    result = run([*DVC, "repro", "train_voc"], project, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    assert ("error: models/tiny-best.pt: an out of the DVC stage 'train_voc' that this run won't write "
+            "(validation.every is 0: no validation)") in out, out[-3000:]
+    assert not (project / "models" / "tiny.pt").exists()
+    # The same for outputs placed elsewhere than the stage's outs say (`-S train_voc.models_dir=mine`).
+    (project / "params.yaml").write_text(yaml.safe_dump({"train_voc": {**TRAIN, "models_dir": "mine"}}))
+    result = run([*DVC, "repro", "train_voc"], project, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and ("error: models_dir: this run would write mine/tiny.pt, which is not an out of "
+                                       "the DVC stage 'train_voc'") in out, out[-3000:]
+    assert not (project / "mine").exists()
