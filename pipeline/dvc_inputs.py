@@ -24,6 +24,11 @@ from pipeline.stage import StageError
 log = logging.getLogger("pipeline")
 
 
+def under_dvc(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether this process runs a DVC stage's command (DVC sets ``DVC_STAGE`` for it)."""
+    return bool((os.environ if environ is None else environ).get("DVC_STAGE"))
+
+
 def input_paths(cfg: Any, where: str) -> list[tuple[str, str]]:
     """``(key, path)`` for every :class:`~pipeline.config.Reads` field of the config dataclass
     ``cfg`` and of the configs nested in it (in tuples too), ``key`` under ``where``. A nested

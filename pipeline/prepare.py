@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 from pipeline.config import ConfigError, InputPath, load_config, load_params, to_dict
-from pipeline.dvc_inputs import check_tracked
+from pipeline.dvc_inputs import check_tracked, under_dvc
 from pipeline.stage import StageError, arg_parser, check_replaceable, check_writable, run
 from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from ssd.bounds import Count, Names, PositiveInt
@@ -243,7 +243,12 @@ def _build(name: str, out: Path, convert: Callable[[Path], dict], report: Report
 
 
 def _disabled(name: str, out: Path, kind: str) -> None:
-    """A disabled dataset still gets its output (DVC expects it): a manifest that says so."""
+    """A disabled dataset still gets its output under DVC (DVC expects it): a manifest that says
+    so. Run directly, an existing output is left as it is: ``--set ir.enabled=false`` converts the
+    VOC data, it doesn't empty the IR shards."""
+    if out.exists() and not under_dvc():
+        log.info("%s: disabled in params; %s kept as it is", name, out)
+        return
     with atomic_dir(out) as tmp:
         write_json(tmp / "manifest.json", {"kind": kind, "disabled": True, "classes": [], "splits": {}, "skipped": []})
     log.info("%s: disabled in params; wrote an empty %s", name, out)

@@ -424,6 +424,20 @@ def test_disabled_datasets_still_get_a_manifest(tmp_path):
     assert manifest(tmp_path, "ir")["kind"] == "clips"
 
 
+def test_a_disabled_dataset_keeps_its_shards_unless_dvc_runs_the_stage(tmp_path, monkeypatch):
+    """`--set voc.enabled=false` (converting the IR data only, as the docs show) replaced the VOC
+    shards with an empty 'disabled' output. Under DVC the output must exist, and is that manifest."""
+    make_voc(tmp_path / "voc", BASE_ITEMS, BASE_SPLITS)
+    assert voc_run(tmp_path) == 0
+    converted = manifest(tmp_path)
+    assert run_stage(tmp_path, "voc.enabled=false", "ir.enabled=false") == 0
+    assert manifest(tmp_path) == converted
+    monkeypatch.setenv("DVC_STAGE", "prepare")
+    monkeypatch.setattr("pipeline.prepare.check_tracked", lambda *a, **k: None)  # no DVC project here
+    assert run_stage(tmp_path, "voc.enabled=false", "ir.enabled=false") == 0
+    assert manifest(tmp_path)["disabled"] is True
+
+
 # ---------------------------------------------------------------------------
 # IR format 1: VOC-layout frame sequences
 
