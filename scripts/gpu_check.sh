@@ -19,7 +19,10 @@
 # sample when missing. Exit status: the tests' if they failed, else the benchmark's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+# The project's virtual environment (README's setup) when there is one, else the machine's python3.
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
 out=reports/gpu-check.json
 dry=0
 tests_k=""
