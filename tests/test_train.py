@@ -108,6 +108,16 @@ def reference_run(tmp_path_factory) -> Path:
     return cwd
 
 
+def test_the_logged_loss_is_the_mean_over_the_processes(reference_run):
+    """It was process 0's micro-batch alone: with 8 GPUs, an eighth of the batch."""
+    with open(reference_run / "plots" / "train-tiny.csv", newline="") as f:
+        logged = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f)}
+    own = [{t["step"]: t["loss"] for t in trace(reference_run, rank)} for rank in (0, 1)]
+    assert logged and all(own[0][s] != own[1][s] for s in logged)
+    for step, loss in logged.items():
+        assert loss == pytest.approx((own[0][step] + own[1][step]) / 2, abs=2e-6)
+
+
 def test_two_processes_read_different_samples_and_keep_identical_weights(reference_run):
     cwd = reference_run
     r0, r1 = trace(cwd, 0), trace(cwd, 1)
