@@ -602,6 +602,12 @@ def make_ir_video(root: Path, splits: dict | None = None) -> None:
         (root / "splits.json").write_text(json.dumps(splits))
 
 
+def _renumber_from_zero(frames: Path, gt: Path) -> None:
+    for p in sorted(frames.iterdir()):
+        p.rename(p.with_name(f"{int(p.stem) - 1:06d}{p.suffix}"))
+    gt.write_text("".join(line + "\n" for line in gt.read_text().splitlines() if not line.startswith("9,")))
+
+
 def ir_video_run(tmp_path: Path, *overrides: str, **kw) -> int:
     return run_stage(
         tmp_path, "voc.enabled=false", "ir.source=video", f"ir.root={tmp_path / 'irv'}", "ir.clip_length=4",
@@ -684,6 +690,12 @@ IR_VIDEO_BAD = {
     ),
     "gt.txt beyond the video": (
         lambda r: (r / "annotations" / "clipB" / "gt.txt").write_text("12,1,1,1,4,4,1,1,1\n"),
+        "gt.txt", reasons.MOT_FRAMES, {"clipA"}, True,
+    ),
+    # A frame dump numbered from 0 beside MOT's gt.txt numbered from 1, the last frame without
+    # boxes: every box landed one frame early, silently.
+    "frames numbered from 0, gt.txt from 1": (
+        lambda r: _renumber_from_zero(r / "frames" / "clipB", r / "annotations" / "clipB" / "gt.txt"),
         "gt.txt", reasons.MOT_FRAMES, {"clipA"}, True,
     ),
     "unknown MOT class id": (

@@ -165,6 +165,12 @@ class _MotLabels:
         if extra:
             report.skip(self.file, MOT_FRAMES, f"frames {ranges(extra)}; video has {ranges(numbers)}")
             return None
+        if numbers and min(numbers) == 0 and self.rows and 0 not in self.rows:
+            # MOT numbers frames from 1; a folder from 0 (as many frame dumps are) with a gt.txt
+            # from 1 would put every box one frame early, unnoticed unless the last frame has boxes.
+            report.skip(self.file, MOT_FRAMES, "the frame files are numbered from 0 and gt.txt from 1 (MOT's "
+                                               "convention): number the files from 1, or gt.txt's frames from 0")
+            return None
         return {n: mot_objects(self.rows.get(n, ()), self.classes) for n in numbers}
 
 
