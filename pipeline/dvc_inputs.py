@@ -58,8 +58,8 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
     (the benchmark's sections); default all. ``unwritten``: files this run won't write, with why
     (``{path: why}``): one the stage lists among its outs is an error too (DVC would fail the
     stage after all its work). ``written``: files this run writes, by the key that places them
-    (``{path: key}``): each must be an out of the stage, or DVC would neither track it nor find
-    the out it lists."""
+    (``{path: key}``): an out of the same file name in another folder is an error too (the key
+    moved the file; DVC would not find the out it lists)."""
     environ = os.environ if environ is None else environ
     stage = environ.get("DVC_STAGE")
     if not stage:
@@ -72,10 +72,12 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
         return
     deps, outs = found
     for path, key in (written or {}).items():
-        if os.path.abspath(path) not in outs:
-            raise StageError(f"{key}: this run would write {path}, which is not an out of the DVC stage {stage!r}: DVC "
-                             f"would not track it and would miss the out it lists; keep {key} as dvc.yaml has it, or "
-                             "change the stage's outs")
+        where = os.path.abspath(path)
+        elsewhere = sorted(o for o in outs if os.path.basename(o) == os.path.basename(where) and o != where)
+        if elsewhere and where not in outs:
+            raise StageError(f"{key}: this run would write {path}, but the DVC stage {stage!r} lists it as "
+                             f"{os.path.relpath(elsewhere[0])}: DVC would miss that out and not track this file; keep "
+                             f"{key} as dvc.yaml has it, or change the stage's outs")
     for path, why in (unwritten or {}).items():
         if os.path.abspath(path) in outs:
             raise StageError(f"{path}: an out of the DVC stage {stage!r} that this run won't write ({why}); DVC "

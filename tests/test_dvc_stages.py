@@ -316,6 +316,6 @@ def test_a_training_whose_outputs_are_not_the_stages_outs_stops_before_training(
     (project / "params.yaml").write_text(yaml.safe_dump({"train_voc": {**TRAIN, "models_dir": "mine"}}))
     result = run([*DVC, "repro", "train_voc"], project, check=False)
     out = result.stdout + result.stderr
-    assert result.returncode != 0 and ("error: models_dir: this run would write mine/tiny.pt, which is not an out of "
-                                       "the DVC stage 'train_voc'") in out, out[-3000:]
+    assert result.returncode != 0 and ("error: models_dir: this run would write mine/tiny.pt, but the DVC stage "
+                                       "'train_voc' lists it as models/tiny.pt") in out, out[-3000:]
     assert not (project / "mine").exists()
