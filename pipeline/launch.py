@@ -13,7 +13,10 @@ What the DVC stages run, so that ``dvc repro`` needs no ``accelerate config``:
   launcher for one process).
 
 An Accelerate config of your own wins: ``ACCELERATE_CONFIG_FILE`` or the file written by
-``accelerate config`` (then ``accelerate launch --config_file <it>`` is used as is).
+``accelerate config`` (then ``accelerate launch --config_file <it>`` is used as is; a line on
+stderr names it). ``ACCELERATE_MIXED_PRECISION`` and ``ACCELERATE_DYNAMO_BACKEND`` are passed
+on as flags (``accelerate launch`` would replace them with the config file's values). The
+prune stage runs as one process whatever the GPUs.
 
 The command runs under :mod:`pipeline.supervise`: SIGTERM or Ctrl-C to this process is
 passed on once (every training process saves a checkpoint), and the exit code is the
@@ -67,16 +70,24 @@ def gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+#: Stages that run as one process whatever the GPUs (the prune stage refuses several).
+ONE_PROCESS = ("prune",)
+#: Accelerate's environment variables that ``accelerate launch`` would overwrite with its config
+#: file's value (``mixed_precision: 'no'``), and the flags that pass them on instead.
+PASSED_ON = {"ACCELERATE_MIXED_PRECISION": "--mixed_precision", "ACCELERATE_DYNAMO_BACKEND": "--dynamo_backend"}
+
+
 def command(stage: str, args: list[str], gpus: int, config: Path | None) -> list[str]:
     """The command line that runs ``stage`` with ``args``."""
     module = f"pipeline.{stage}"
+    if stage in ONE_PROCESS or (config is None and gpus <= 1):
+        return [sys.executable, "-m", module, *args]
     launch = [sys.executable, "-m", "accelerate.commands.launch"]
+    launch += [x for var, flag in PASSED_ON.items() if os.environ.get(var) for x in (flag, os.environ[var])]
     if config is not None:
         return [*launch, "--config_file", str(config), "-m", module, *args]
-    if gpus > 1:
-        return [*launch, "--config_file", str(DEFAULT_CONFIG), "--multi_gpu", "--num_processes", str(gpus),
-                "-m", module, *args]
-    return [sys.executable, "-m", module, *args]
+    return [*launch, "--config_file", str(DEFAULT_CONFIG), "--multi_gpu", "--num_processes", str(gpus),
+            "-m", module, *args]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the stage")
     ns = parser.parse_args(argv)
-    cmd = command(ns.stage, ns.args, gpu_count(), user_config())
+    config = user_config()
+    if config is not None and ns.stage not in ONE_PROCESS:  # a workstation's `accelerate config` on a shared home
+        print(f"pipeline.launch: using the Accelerate config {config} (ACCELERATE_CONFIG_FILE, or the one `accelerate "
+              "config` wrote), not configs/accelerate/", file=sys.stderr)
+    cmd = command(ns.stage, ns.args, gpu_count(), config)
     if ns.dry_run:
         print(shlex.join(cmd))
         return 0

@@ -126,7 +126,11 @@ def supervise(cmd: Sequence[str], grace: float = 120.0) -> int:
     """Run ``cmd``, forwarding SIGTERM/SIGINT as described above; returns the exit code to use."""
     folder = Path(tempfile.mkdtemp(prefix="ssd-exit-reports-"))
     env = {**os.environ, REPORTS_ENV: str(folder)}
-    signals = {"count": 0}
+    # torchrun and accelerate launch SIGKILL their workers this many seconds after a stop request,
+    # saved or not (torch's default: 30); a large model's checkpoint, or a stop that lands in a
+    # validation, takes longer. The scripts in scripts/ set it themselves.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(grace)))
+    signals = {"count": 0, "first": 0}
     try:
         child = subprocess.Popen(list(cmd), env=env, start_new_session=True)
     except OSError as e:
@@ -137,6 +141,7 @@ def supervise(cmd: Sequence[str], grace: float = 120.0) -> int:
     def forward(signum: int, frame: Any) -> None:
         signals["count"] += 1
         if signals["count"] == 1:
+            signals["first"] = signum
             _send(child, signal.SIGTERM)
             print(f"pipeline.supervise: {signal.Signals(signum).name}: asked {cmd[0]} to save and stop",
                   file=sys.stderr, flush=True)
@@ -153,6 +158,10 @@ def supervise(cmd: Sequence[str], grace: float = 120.0) -> int:
         launcher_code = 128 - launcher_code
     code = exit_code(launcher_code, _wait_for_stages(folder, grace))
     shutil.rmtree(folder, ignore_errors=True)
+    if signals["first"] and code not in (0, 2, EXIT_PREEMPTED):
+        # Stopped before any stage could save (a stage that doesn't save, or one still starting):
+        # the signal's code, as a shell reports it, not the launcher's 1 ("a bug").
+        return 128 + signals["first"]
     return code
 
 

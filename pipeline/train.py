@@ -57,6 +57,7 @@ from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, run
 from pipeline.train_config import DataConfig, ModelConfig, PriorsParams, RunPaths, TrainConfig, ValidationConfig
 from pipeline.training.loop import loop
+from pipeline.training.signals import StopFlag
 from pipeline.training.outputs import EXIT_PREEMPTED, finish
 from pipeline.training.setup import setup
 
@@ -69,15 +70,18 @@ log = logging.getLogger("pipeline.train")
 def train(cfg: TrainConfig, restart: bool = False) -> int:
     """Run (or resume) the training described by ``cfg``; returns the exit code (0, or 75 when
     stopped by a signal after saving a checkpoint)."""
-    r = setup(cfg, restart)
-    try:
-        code = loop(r)
-        if code == 0:
-            code = finish(r)
-        return code
-    finally:
-        r.log.close()
-        r.accelerator.end_training()
+    # Listening from the start: a stop during the set-up (loading, forking the loader) is seen at
+    # the first step, which saves a checkpoint and exits 75, rather than killing the process.
+    with StopFlag() as stop:
+        r = setup(cfg, restart)
+        try:
+            code = loop(r, stop)
+            if code == 0:
+                code = finish(r)
+            return code
+        finally:
+            r.log.close()
+            r.accelerator.end_training()
 
 
 def main(argv: list[str] | None = None) -> int:

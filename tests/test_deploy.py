@@ -320,6 +320,43 @@ def test_slurm_jobs_sharing_a_first_node_get_their_own_ports(tmp_path):
     assert len(ports) == 2 and all(1024 < p < 65536 for p in ports)
 
 
+SRUN_STUB = """trap 'kill $pid; exit $STUB_CODE' TERM
+sleep 30 &
+pid=$!
+: > "$STUB_DIR/started"
+wait
+"""
+SCONTROL_STUB = """echo "$@" >> "$STUB_DIR/scontrol"
+exit ${STUB_REQUEUE_RC:-0}
+"""
+
+
+@pytest.mark.parametrize("code, requeue_rc, exits, requeued", [
+    (75, 0, 0, True),     # saved and stopped: requeued, the next run resumes
+    (143, 0, 0, True),    # killed by the signal before it could save: requeued too
+    (0, 0, 0, False),     # finished meanwhile (its checkpoints are gone): not rerun from scratch
+    (2, 0, 2, False),     # a bad config: not requeued 50 times
+    (75, 1, 75, True),    # requeue failed: 75, not the 0 SLURM records as COMPLETED
+])
+def test_the_batch_shell_requeues_only_a_run_stopped_to_be_resumed(tmp_path, code, requeue_rc, exits, requeued):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "scripts").symlink_to(ROOT / "scripts")
+    bin_dir = tool_dir(tmp_path, ("srun", SRUN_STUB), ("scontrol", SCONTROL_STUB))
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path), "PROJECT_DIR": str(root), "SLURM_JOB_ID": "123",
+           "SLURM_JOB_NODELIST": "a,b", "STUB_DIR": str(tmp_path), "STUB_CODE": str(code),
+           "STUB_REQUEUE_RC": str(requeue_rc)}
+    proc = subprocess.Popen([BASH, str(SBATCH)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # SLURM's early signal before the time limit
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == exits, err
+    assert (tmp_path / "scontrol").exists() == requeued, err
+
+
 def test_torchrun_dry_run_command(tmp_path):
     env = {"DRY_RUN": "1", "NNODES": "2", "NPROC_PER_NODE": "8", "RDZV_ENDPOINT": "node0:29400"}
     result = run_script(TORCHRUN, env, "--section", "train_voc", path=str(tool_dir(tmp_path)))

@@ -93,3 +93,32 @@ def test_the_user_config_is_the_file_accelerate_itself_would_use(tmp_path):
                 assert launch.user_config() == Path("/x.yaml")
     finally:
         importlib.reload(config_args)
+
+
+def test_the_prune_stage_runs_as_one_process_whatever_the_gpus(tmp_path):
+    """It refuses several processes: `pipeline.launch prune` failed on every multi-GPU machine."""
+    for config in (None, tmp_path / "mine.yaml"):
+        assert launch.command("prune", ["--restart"], gpus=8, config=config) == [
+            sys.executable, "-m", "pipeline.prune", "--restart"]
+
+
+def test_accelerates_own_variables_are_passed_on_as_flags(monkeypatch):
+    """accelerate launch replaced ACCELERATE_MIXED_PRECISION=bf16 with its config file's 'no': the
+    same dvc repro trained in bf16 on one GPU and in fp32 on eight."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "inductor")
+    cmd = launch.command("train", [], gpus=4, config=None)
+    assert cmd[cmd.index("--mixed_precision") + 1] == "bf16" and cmd[cmd.index("--dynamo_backend") + 1] == "inductor"
+    assert cmd.index("--mixed_precision") < cmd.index("-m", 3)  # a launcher flag, not the stage's
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND")
+    assert "--mixed_precision" not in launch.command("train", [], gpus=4, config=None)
+
+
+def test_a_user_config_in_use_is_named(tmp_path):
+    own = tmp_path / "mine.yaml"
+    own.write_text("distributed_type: NO\nnum_processes: 1\n")
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "ACCELERATE_CONFIG_FILE": str(own)}
+    out = subprocess.run([sys.executable, "-m", "pipeline.launch", "--dry-run", "train"], capture_output=True,
+                         text=True, env=env, check=True)
+    assert f"pipeline.launch: using the Accelerate config {own}" in out.stderr

@@ -7,8 +7,10 @@ test_deploy.py); here the rule itself, and a stand-in launcher that turns its st
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,38 @@ def test_a_missing_command_is_a_one_line_error():
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == "error: no-such-launcher: cannot run it (No such file or directory)"
+
+
+FORWARDING_LAUNCHER = """
+import signal, subprocess, sys
+# Like accelerate launch: passes a SIGTERM on to its worker, then reports any failure as 1.
+worker = subprocess.Popen([sys.executable, "-c", sys.argv[1]])
+signal.signal(signal.SIGTERM, lambda *_: worker.send_signal(signal.SIGTERM))
+sys.exit(1 if worker.wait() else 0)
+"""
+SLOW_STAGE = """
+import os, time
+from pipeline.stage import run
+def body():
+    open({marker!r}, "w").write(os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "unset"))
+    time.sleep(60)  # a stage that doesn't save on SIGTERM (evaluate), or one still starting
+run(body)
+"""
+
+
+def test_a_stop_before_any_stage_could_save_is_the_signals_code_not_a_bug(tmp_path):
+    """The launcher's 1 ("a bug", counted against SkyPilot's restarts on errors) came through; and
+    torch's launchers killed the workers 30 s after the stop, saved or not."""
+    launcher, marker = tmp_path / "launcher.py", tmp_path / "started"
+    launcher.write_text(FORWARDING_LAUNCHER)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", None)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.supervise", "--grace", "5", sys.executable, str(launcher),
+                             SLOW_STAGE.format(marker=str(marker))], env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.read_text() == "5"  # the supervisor's grace, given to the launcher
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr

@@ -598,6 +598,28 @@ def test_resume_safe_keys_may_change(kept_checkpoints, tmp_path):
     assert logged_steps(cwd) == [2, 4, 6, 9]
 
 
+def test_a_stop_while_the_run_starts_saves_at_the_first_step_and_exits_75(tmp_path):
+    """A spot notice during the set-up (loading, forking the loader) killed the process outright:
+    exit 143 alone, and exit 1 with tracebacks under a launcher. It now waits for the first step."""
+    cwd = workdir(tmp_path, trace=False)
+    script = (
+        "import os, signal, sys\n"
+        "import pipeline.train as t\n"
+        "real = t.setup\n"
+        "def setup(*a, **k):\n"
+        "    r = real(*a, **k)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return r\n"
+        "t.setup = setup\n"
+        "sys.exit(t.main([]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=cwd, env=env(), capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 75, result.stderr[-3000:]
+    assert "stopped at step 1; rerun the same command to resume" in result.stderr
+    assert (cwd / "checkpoints" / "tiny" / "step-00000001" / "meta.json").is_file()
+
+
 def test_a_checkpoint_past_the_new_step_count_is_refused(kept_checkpoints):
     result = run_train(kept_checkpoints, 1, "--set", "steps=3", timeout=120)
     assert result.returncode == 2

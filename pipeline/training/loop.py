@@ -37,9 +37,9 @@ class _Rate:
         return round(self.images / max(time.perf_counter() - self.t, 1e-9), 2)
 
 
-def loop(r: Run) -> int:
+def loop(r: Run, stop: StopFlag) -> int:
     """Train from ``r.step`` to ``cfg.steps``; 0 when done (or stopped early), 75 when stopped by a
-    signal (a checkpoint saved)."""
+    signal (``stop``, entered by the caller; a checkpoint saved)."""
     cfg, main = r.cfg, r.accelerator.is_main_process
     if r.history.get("stopped_early") or _catch_up_validation(r):
         return 0
@@ -47,7 +47,7 @@ def loop(r: Run) -> int:
     rate = _Rate()
     trace = open(_trace_path(r), "a") if cfg.trace else contextlib.nullcontext()
     progress = Progress(cfg.name, cfg.steps, r.step, enabled=main)
-    with StopFlag() as stop, trace, progress:
+    with trace, progress:
         t_start = time.perf_counter()
         while r.step < cfg.steps:
             r.model.train()
