@@ -273,24 +273,37 @@ def test_preempted_training_stage_keeps_its_rows_and_only_its_imports_rerun_it(t
     assert "ssd/loss.py" in run([*DVC, "status", "train_voc"], project).stdout
 
 
+def train_voc_project(root: Path, train: dict) -> Path:
+    """A scratch project with tiny frame shards and the real train_voc stage running ``train``."""
+    from shardgen import write_frame_dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    write_frame_dataset(root / "data" / "shards" / "voc", {"train": [9], "val": [6]})
+    return scratch_project(root, ["train_voc"], {"train_voc": train})
+
+
+def repro_refused(project: Path) -> str:
+    """The output of a `dvc repro train_voc` that must fail."""
+    result = run([*DVC, "repro", "train_voc"], project, check=False)
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out[-3000:]
+    return out
+
+
 def test_a_file_the_stage_reads_but_dvc_does_not_track_stops_the_stage(tmp_path):
     """`dvc exp run -S +train_voc.model.init_weights=models/start.pt`: the real train_voc stage lists
     no such dep, so DVC would never rerun it when the file changes. It used to train and exit 0."""
-    from shardgen import CLASSES, write_frame_dataset
+    from shardgen import CLASSES
     from ssd.model_file import save_model_file
     from ssd.models.ssdlite import ssdlite_mobilenet_v2
 
     root = tmp_path / "project"
-    root.mkdir()
-    write_frame_dataset(root / "data" / "shards" / "voc", {"train": [9], "val": [6]})
-    (root / "models").mkdir()
+    (root / "models").mkdir(parents=True)
     save_model_file(root / "models" / "start.pt", ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25,
                                                                         image_size=64), CLASSES)
     train = {**TRAIN, "model": {**TRAIN["model"], "init_weights": "models/start.pt"}}
-    project = scratch_project(root, ["train_voc"], {"train_voc": train})
-    result = run([*DVC, "repro", "train_voc"], project, check=False)
-    out = result.stdout + result.stderr
-    assert result.returncode != 0, out[-3000:]
+    project = train_voc_project(root, train)
+    out = repro_refused(project)
     assert ("error: train_voc.model.init_weights: models/start.pt is not among the deps of the DVC stage "
             "'train_voc'") in out, out[-3000:]
     assert not (project / "models" / "tiny.pt").exists() and not (project / "checkpoints").exists()
@@ -299,23 +312,14 @@ def test_a_file_the_stage_reads_but_dvc_does_not_track_stops_the_stage(tmp_path)
 def test_a_training_whose_outputs_are_not_the_stages_outs_stops_before_training(tmp_path):
     """`dvc exp run -S train_voc.validation.every=0`: the run trained, then DVC failed the stage on
     the missing models/<name>-best.pt and plots/val-<name>.csv, the training lost."""
-    from shardgen import write_frame_dataset
-
-    root = tmp_path / "project"
-    root.mkdir()
-    write_frame_dataset(root / "data" / "shards" / "voc", {"train": [9], "val": [6]})
-    train = {**TRAIN, "validation": {"every": 0}}
-    project = scratch_project(root, ["train_voc"], {"train_voc": train})
-    result = run([*DVC, "repro", "train_voc"], project, check=False)
-    out = result.stdout + result.stderr
-    assert result.returncode != 0, out[-3000:]
+    project = train_voc_project(tmp_path / "project", {**TRAIN, "validation": {"every": 0}})
+    out = repro_refused(project)
     assert ("error: models/tiny-best.pt: an out of the DVC stage 'train_voc' that this run won't write "
             "(validation.every is 0: no validation)") in out, out[-3000:]
     assert not (project / "models" / "tiny.pt").exists()
     # The same for outputs placed elsewhere than the stage's outs say (`-S train_voc.models_dir=mine`).
     (project / "params.yaml").write_text(yaml.safe_dump({"train_voc": {**TRAIN, "models_dir": "mine"}}))
-    result = run([*DVC, "repro", "train_voc"], project, check=False)
-    out = result.stdout + result.stderr
-    assert result.returncode != 0 and ("error: models_dir: this run would write mine/tiny.pt, but the DVC stage "
-                                       "'train_voc' lists it as models/tiny.pt") in out, out[-3000:]
+    out = repro_refused(project)
+    assert ("error: models_dir: this run would write mine/tiny.pt, but the DVC stage "
+            "'train_voc' lists it as models/tiny.pt") in out, out[-3000:]
     assert not (project / "mine").exists()
