@@ -153,10 +153,16 @@ def resolve_mode(mode: str, manifest: Manifest, temporal: bool) -> tuple[str, st
     return mode, "frames_from_clips"
 
 
-def starts_sequence(previous: tuple[str, int] | None, current: tuple[str, int]) -> bool:
-    """Whether the frame ``current = (video, frame number)`` must start from a fresh state:
-    the first frame, a new video, or a gap (or step back) in the frame numbers."""
-    return previous is None or current[0] != previous[0] or current[1] != previous[1] + 1
+def starts_sequence(previous: tuple[str, int, Any] | None, current: tuple[str, int, Any]) -> bool:
+    """Whether the frame ``current = (video, frame number, frame size)`` must start from a fresh
+    state: the first frame, a new video, a gap (or step back) in the frame numbers, or a change of
+    the frame size (where the clip writer starts a new segment of the video)."""
+    return (
+        previous is None
+        or current[0] != previous[0]
+        or current[1] != previous[1] + 1
+        or current[2] != previous[2]
+    )
 
 
 @torch.no_grad()
@@ -184,7 +190,7 @@ def predict(
         for batch in batches(loader):
             images = batch.images.to(device)
             for i in range(len(batch)):
-                current = (batch.video[i], int(batch.frames[i][0]))
+                current = (batch.video[i], int(batch.frames[i][0]), tuple(batch.sizes[i]))
                 if starts_sequence(previous, current):
                     state = None  # a fresh zero state
                 logits, deltas, state = model(images[i : i + 1], state=state)

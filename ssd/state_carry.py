@@ -41,6 +41,18 @@ def clip_keys(
     return starts, nexts  # type: ignore[return-value]
 
 
+def carry_keep(streams: int, sequence_clips: int) -> int:
+    """The ``keep`` of a :class:`StateCarry` for the loader's sequence mode: how many micro-batches
+    a state may wait for the clip that continues it.
+
+    A run spans at most ``sequence_clips`` batches of one loader stream, and a stream's batches
+    are ``streams`` micro-batches apart. A clip's continuation is the next clip of its run, or,
+    with overlapping clips (``clip_stride`` below ``clip_length``), a later one of the run, so
+    ``streams * sequence_clips`` covers every continuation a run holds (twice ``streams`` at least).
+    """
+    return streams * max(2, sequence_clips)
+
+
 class StateCarry:
     """Detached per-clip states waiting for the clip that continues them.
 

@@ -400,13 +400,16 @@ def test_video_mode_carries_state_within_a_video_and_resets_at_the_next(clips):
     assert per_frame.voc(2).map07 == acc.voc(2).map07
 
 
-def test_a_gap_in_frame_numbers_or_a_new_video_starts_a_new_sequence():
+def test_a_gap_in_frame_numbers_a_new_video_or_a_new_frame_size_starts_a_new_sequence():
     start = evaluate_mod.starts_sequence
-    assert start(None, ("a", 5))
-    assert not start(("a", 5), ("a", 6))
-    assert start(("a", 5), ("a", 8))  # frames 6 and 7 missing
-    assert start(("a", 5), ("b", 6))
-    assert start(("a", 5), ("a", 5))
+    size = (64, 48)
+    assert start(None, ("a", 5, size))
+    assert not start(("a", 5, size), ("a", 6, size))
+    assert start(("a", 5, size), ("a", 8, size))  # frames 6 and 7 missing
+    assert start(("a", 5, size), ("b", 6, size))
+    assert start(("a", 5, size), ("a", 5, size))
+    # The clip writer starts a new segment where a video's frame size changes.
+    assert start(("a", 5, size), ("a", 6, (80, 60)))
 
 
 def test_stage_runs_a_temporal_model_in_video_mode(clips, tmp_path, monkeypatch):

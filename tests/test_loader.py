@@ -22,6 +22,7 @@ import ssd.data.samples as samples_module
 from procs import RUN_OPENCV_POOL
 from ssd.data.loader import Batch, Sample, collate, eval_loader, train_loader
 from ssd.data.transforms import AugmentConfig, train_transform
+from ssd.state_carry import StateCarry, carry_keep, clip_keys
 
 REPO = Path(__file__).resolve().parents[1]
 W, H = 48, 40  # stored image size
@@ -392,6 +393,62 @@ def test_decode_sequence_transforms_the_clips_of_a_run_as_one(video_shards, tmp_
     raw = next(loader_module.read_raw_samples(small[0], "clips"))
     with pytest.raises(ValueError, match="different sizes"):
         loader_module.decode_sequence([raws[0], raw], transform)
+
+
+@pytest.mark.parametrize("world_size,streams", [(1, 4), (2, 2)])
+def test_sequence_mode_keeps_runs_consecutive_with_more_streams_than_shards(video_shards, world_size, streams):
+    # Two shards for four streams in the job: the shards are cut into units, and a unit must
+    # still hold consecutive clips (every other clip of a shard could carry no state at all).
+    continued = 0
+    for rank in range(world_size):
+        batches = _train(video_shards, kind="clips", batches_per_epoch=10 * streams, batch_size=2, streams=streams,
+                         sequence_clips=3, rank=rank, world_size=world_size)
+        for stream in range(streams):
+            for position in range(2):
+                runs = _runs(batches[stream::streams], position)  # asserts each run's clips follow each other
+                continued += sum(len(run) - 1 for run in runs)
+    assert continued > 10
+
+
+def test_sequence_mode_cuts_runs_at_a_jump_or_a_new_segment(tmp_path):
+    # One video: clips 0, 3, then a jump to 12, 15; then a new segment (the frame size changed
+    # in the source) whose numbers go on at 18.
+    urls = write_clip_shards(tmp_path, [[("v", 0), ("v", 3), ("v", 12), ("v", 15), ("v", 18)]])
+    path = Path(urls[0])
+    samples = list(wds.WebDataset(str(path), shardshuffle=False))
+    with wds.TarWriter(str(path)) as writer:
+        for sample in samples:
+            meta = json.loads(sample["json"])
+            meta["segment"] = int(meta["frames"][0] >= 18)
+            sample = {k: v for k, v in sample.items() if not k.startswith("__") or k == "__key__"}
+            sample["json"] = json.dumps(meta).encode()
+            writer.write(sample)
+    batches = _train(urls, kind="clips", batches_per_epoch=12, batch_size=1, streams=1, shuffle_buffer=1,
+                     sequence_clips=5)
+    runs = _runs(batches, 0)
+    firsts = [[clip[1][0] for clip in run] for run in runs]
+    assert firsts[:3] == [[0, 3], [12, 15], [18]]
+
+
+def test_carry_keeps_states_until_overlapping_clips_continue_them(tmp_path):
+    # Clips overlap (stride 1, length T = 3): a clip's continuation is T clips later in its run,
+    # T batches of its stream, so T * streams micro-batches later. Every continuation inside a
+    # run must find its state.
+    urls = write_clip_shards(tmp_path, [[("v", f) for f in range(12)], [("w", f) for f in range(9)]])
+    streams, limit = 2, 6
+    batches = _train(urls, kind="clips", batches_per_epoch=24, batch_size=1, streams=streams, sequence_clips=limit)
+    carry = StateCarry(keep=carry_keep(streams, limit))
+    carried = expected = 0
+    ends: dict[int, set[tuple[str, int]]] = {}  # per run: (video, last frame) of its clips so far
+    for batch in batches:
+        starts, nexts = clip_keys(batch.video, batch.frames, batch.runs)
+        _, n = carry.take((torch.zeros(1, 1),), starts)
+        carried += n
+        run, video, first = batch.runs[0], batch.video[0], batch.frames[0][0]
+        expected += (video, first - 1) in ends.get(run, set())
+        ends.setdefault(run, set()).add((video, batch.frames[0][-1]))
+        carry.put((torch.zeros(1, 1),), nexts)
+    assert expected >= 6 and carried == expected
 
 
 def test_sequence_mode_needs_clips(frame_shards):

@@ -28,7 +28,7 @@ from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file
 from ssd.models import build_model
 from ssd.optim import build_optimizer, group_factors
 from ssd.data.transforms import DeviceColour
-from ssd.state_carry import StateCarry
+from ssd.state_carry import StateCarry, carry_keep
 from ssd.weights.loading import load_matching
 
 log = logging.getLogger("pipeline.train")
@@ -249,8 +249,7 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     if cfg.data.augment.photometric_device:
         r.colour = DeviceColour(cfg.data.augment)
     if temporal and cfg.data.sequence_clips:
-        # A stream's next batch is `streams` micro-batches later; keep states twice that long.
-        r.carry = StateCarry(keep=2 * cfg.data.streams)
+        r.carry = StateCarry(keep=carry_keep(cfg.data.streams, cfg.data.sequence_clips))
     rows = _resume(r, restart)
     r.history["world_sizes"] = sorted(set(r.history.get("world_sizes", [])) | {world})
     if accelerator.is_main_process:

@@ -12,7 +12,9 @@ loader worker); global batch ``j`` of the epoch is batch ``j // streams`` of str
 1. *Which data.* The shards are cut into units (shard, residue): a unit is the samples of a
    shard whose index in the shard is the residue modulo ``m``, with ``m`` the smallest
    number that gives at least one unit per stream of all ranks (``m = 1``, whole shards,
-   as soon as there are as many shards as streams in the job). Pass ``p`` over the data
+   as soon as there are as many shards as streams in the job). In sequence mode the index
+   counted is that of the block of ``sequence_clips`` consecutive samples, so a unit keeps
+   consecutive clips together. Pass ``p`` over the data
    deals a permutation of the units drawn from ``(seed, epoch, p)``, the same on every rank,
    to the ``world_size * streams`` streams of the job, so in the first pass no two streams
    (on the same or different ranks) read the same sample. A stream that finishes its units
@@ -218,21 +220,31 @@ class _TrainStreams(IterableDataset):
 
     def _stream_runs(self, stream: int) -> Iterator[list[RawSample]]:
         """The stream's clips (endless, in shard order) cut into runs of consecutive clips of one
-        video, at most ``sequence_clips`` long. A run ends where the video changes or its frame
-        numbers stop increasing (the next pass over the data)."""
+        video segment, at most ``sequence_clips`` long. A run ends where the video or its segment
+        changes (the clip writer starts a segment where the frame size changes), where the frame
+        numbers stop increasing (the next pass over the data), and where a clip starts after the
+        frame that follows the previous clip (a jump: no state could carry into it). Clips that
+        overlap the previous one (a ``clip_stride`` below ``clip_length``, a video's tail clip)
+        stay in the run."""
         run: list[RawSample] = []
-        last = ("", 0)  # (video, first frame) of the run's last clip
+        last: tuple = ("", 0, 0, 0)  # (video, segment, first frame, last frame) of the run's last clip
         for raw in self._stream_source(stream):
             try:
                 meta = json.loads(raw.meta)
-                video, start = str(meta["video"]), int(meta["frames"][0])
+                video, segment = str(meta["video"]), int(meta.get("segment", 0))
+                start, end = int(meta["frames"][0]), int(meta["frames"][-1])
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 raise InputError(f"{raw.url}: sample {raw.key!r}: bad JSON member ({e!r})") from None
-            if run and (video != last[0] or start <= last[1] or len(run) == self.sequence_clips):
+            if run and (
+                (video, segment) != last[:2]
+                or start <= last[2]  # the next pass over the data
+                or start > last[3] + 1  # a jump: this clip doesn't continue the run
+                or len(run) == self.sequence_clips
+            ):
                 yield run
                 run = []
             run.append(raw)
-            last = (video, start)
+            last = (video, segment, start, end)
 
     def _stream_raw(self, stream: int) -> Iterator[RawSample]:
         rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
@@ -243,6 +255,9 @@ class _TrainStreams(IterableDataset):
         total = self.world_size * self.streams  # streams in the whole job
         mine = self.rank * self.streams + stream
         residues = -(-total // len(self.urls))  # ceil: at least one unit per stream
+        # Sequence mode deals blocks of `sequence_clips` consecutive samples, so that a unit
+        # still holds runs of consecutive clips (every m-th clip alone could carry no state).
+        block = max(1, self.sequence_clips)
         units = [(u, r) for u in range(len(self.urls)) for r in range(residues)]
         seen = False
         for p in itertools.count():
@@ -251,7 +266,7 @@ class _TrainStreams(IterableDataset):
                 url_index, residue = units[int(k)]
                 url = self.urls[url_index]
                 for i, sample in enumerate(_tar_samples(url)):
-                    if i % residues == residue:
+                    if (i // block) % residues == residue:
                         seen = True
                         yield from _raw_samples(sample, self.kind)
             if not seen and p >= _MAX_EMPTY_PASSES:
