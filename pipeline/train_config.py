@@ -111,6 +111,8 @@ class ModelConfig:
         ignored = [k for k in ("init_weights", "backbone_weights") if self.from_file and getattr(self, k)]
         if ignored:
             raise ValueError(f"from_file loads the whole model; {' and '.join(ignored)} would be ignored: give one")
+        if self.init_weights and self.backbone_weights:
+            raise ValueError("init_weights loads the backbone too, over backbone_weights: give one")
 
 
 @dataclass(frozen=True)

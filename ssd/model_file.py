@@ -93,6 +93,9 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
         got = arch.get("num_classes") if isinstance(arch, dict) else None
         objects = f"{got - 1} object classes" if isinstance(got, int) else "no class count"
         raise ModelFileError(f"{path}: {len(names)} class names for a model with {objects}")
+    state = payload.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelFileError(f"{path}: no state_dict of tensors in the model file")
     return payload
 
 

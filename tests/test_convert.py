@@ -123,7 +123,7 @@ def test_fine_tuning_a_converted_coco_model_on_the_voc_sample(project, voc_sampl
     total = sum(1 for k in source.state_dict() if not k.endswith("num_batches_tracked") and k not in ("priors", "mean", "std"))
     # The 6 class layers (1x1 weight and bias each) start fresh; every other tensor loads.
     assert f"loaded {total - 12} of {total} tensors" in line, line
-    assert "head.cls_layers.0.3" in line and "(another shape in the source)" in line
+    assert "head.cls_layers.0.3" in line and "(other classes)" in line
     tuned, info = load_model_file(project / "models" / "finetuned.pt")
     classes = json.loads((voc_sample / "manifest.json").read_text())["classes"]
     assert len(classes) == 6 and info["class_names"] == classes and info["input_norm"]["mean"] == [0.5] * 3

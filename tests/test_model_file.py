@@ -71,6 +71,21 @@ def test_bad_files_give_one_line_errors(tmp_path, content, message):
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 
+@pytest.mark.parametrize("state", [None, "missing", {"w": [1.0]}])
+def test_a_model_file_without_a_state_dict_of_tensors_is_named(model, tmp_path, state):
+    path = tmp_path / "m.pt"
+    save_model_file(path, model, ["a", "b", "c"])
+    payload = torch.load(path, weights_only=True)
+    if state == "missing":
+        del payload["state_dict"]
+    else:
+        payload["state_dict"] = state
+    torch.save(payload, path)
+    with pytest.raises(ModelFileError) as e:
+        load_model_file(path)
+    assert str(e.value) == f"{path}: no state_dict of tensors in the model file"
+
+
 def test_truncated_file_is_refused(model, tmp_path):
     path = tmp_path / "m.pt"
     save_model_file(path, model, ["a", "b", "c"])

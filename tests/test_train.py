@@ -382,6 +382,8 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         # Keys the run would have ignored without a word.
         (["model.from_file=models/a.pt", "model.init_weights=models/b.pt"],
          "train.model: from_file loads the whole model; init_weights would be ignored"),
+        (["model.init_weights=models/b.pt", "model.backbone_weights=w.pth"],
+         "train.model: init_weights loads the backbone too, over backbone_weights: give one"),
         (["validation.every=0", "validation.patience=3"], "train.validation: patience 3 needs validations (every > 0)"),
         # ... and keys the chosen architecture does not read.
         (["model.residual=true"], "train.model.residual: only LSTM-SSD models read it (model.name is "
@@ -542,7 +544,7 @@ TRAJECTORY_KEYS = [
     (["data.augment.flip_p=0"], "data.augment.flip_p: 0.5 in the checkpoint, 0.0 now"),
     (["data.batch_size=2", "optim.grad_accum=2"], "data.batch_size: 4 in the checkpoint, 2 now; optim.grad_accum: 1"),
     (["mixed_precision=bf16"], "mixed_precision: 'no' in the checkpoint, 'bf16' now"),
-    (["model.width_mult=0.5"], "model.width_mult: 0.25 in the checkpoint, 0.5 now"),
+    (["model.image_size=96"], "model.image_size: 64 in the checkpoint, 96 now"),
 ]
 
 

@@ -20,6 +20,7 @@ from pipeline.datasets import Manifest, read_manifest
 from pipeline.run_log import RunLog, Table
 from pipeline.stage import StageError, check_writable
 from pipeline.train_config import ModelConfig, RunPaths, TrainConfig
+from pipeline.training.init_weights import load_init_weights
 from pipeline.training.validation import Validator
 from ssd import atomic
 from ssd.ema import averaged
@@ -29,7 +30,6 @@ from ssd.models import build_model
 from ssd.optim import build_optimizer, group_factors
 from ssd.data.transforms import DeviceColour
 from ssd.state_carry import StateCarry, carry_keep
-from ssd.weights.loading import load_matching
 
 log = logging.getLogger("pipeline.train")
 
@@ -159,15 +159,12 @@ def build(cfg: ModelConfig, classes: list[str]):
         backbone = load_state_dict_file(cfg.backbone_weights) if cfg.backbone_weights else None
         arch = cfg.arch(len(classes) + 1)
         if cfg.init_weights:
-            source, _ = load_model_file(cfg.init_weights)
+            source, info = load_model_file(cfg.init_weights)
             # The weights were trained on their input convention: the new model takes it.
             arch["input_norm"] = source.input_norm.to_dict()
         model = build_model(arch, backbone_state_dict=backbone)
         if cfg.init_weights:
-            report = load_matching(model, source.state_dict(), cfg.init_weights)
-            if not report.loaded:
-                raise StageError(f"{cfg.init_weights}: no weight matches the model's names and shapes")
-            report.log()
+            load_init_weights(model, arch, classes, cfg.init_weights, source, info)
         return model
     except (ModelFileError, ValueError) as e:
         raise StageError(f"model: {e}") from None
