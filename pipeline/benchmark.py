@@ -45,6 +45,7 @@ error (exit code 2), before anything is timed.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -186,14 +187,20 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
         repeated = sorted({s for s in stems if stems.count(s) > 1})
         if repeated:
             raise StageError(f"benchmark.models.files: two files named {repeated[0]!r}; the JSON names models by file stem")
-    if "loader" in names and not list(Path(cfg.loader.shards).glob("*.tar")):
-        raise StageError(f"{cfg.loader.shards}: no .tar shards (benchmark.loader.shards)")
+    if "loader" in names:
+        _check_loader(cfg.loader)
     if "train_step" in names:
         if not Path(cfg.train_step.model).is_file():
             raise StageError(f"{cfg.train_step.model}: model file not found (benchmark.train_step.model)")
         if not Path(cfg.train_step.shards).is_dir() or not list_shards(cfg.train_step.shards, cfg.train_step.split):
             raise StageError(f"{cfg.train_step.shards}: no {cfg.train_step.split} shards (benchmark.train_step.shards)")
     if "deployed" in names:
+        stems = {Path(f).stem for f in cfg.deployed.files}
+        for key, pair in (("pruned", cfg.deployed.pruned), ("lstm", cfg.deployed.lstm)):
+            missing = [s for s in pair if s not in stems]
+            if len(missing) == 1:  # one of the pair listed: a typo would drop its ratios silently
+                raise StageError(f"benchmark.deployed.{key}: {missing[0]!r} is not the stem of a file in "
+                                 f"benchmark.deployed.files ({', '.join(sorted(stems))})")
         for f in cfg.deployed.files:
             stem = Path(f).stem
             if not Path(f).is_file():
@@ -206,6 +213,19 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
         raise StageError(f"{cfg.gpu.shards}: no train shards (benchmark.gpu.shards, for gpu.loop)")
     if "convert" in names and not (Path(cfg.convert.voc_dir) / "Annotations").is_dir():
         raise StageError(f"{cfg.convert.voc_dir}: no VOC-layout dataset (benchmark.convert.voc_dir)")
+
+
+def _check_loader(c: Any) -> None:
+    if not list(Path(c.shards).glob("*.tar")):
+        raise StageError(f"{c.shards}: no .tar shards (benchmark.loader.shards)")
+    if c.voc_dir is None:
+        return
+    if not (Path(c.voc_dir) / "Annotations").is_dir():
+        raise StageError(f"{c.voc_dir}: no VOC-layout dataset (benchmark.loader.voc_dir; null: skip the comparison)")
+    manifest = Path(c.shards) / "manifest.json"
+    kind = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else "frames"
+    if kind != "frames":
+        raise StageError(f"{c.shards}: {kind} shards; benchmark.loader.voc_dir compares frame shards only (null: skip)")
 
 
 def benchmark(cfg: BenchmarkConfig, names: list[str]) -> dict[str, Any]:
@@ -258,7 +278,8 @@ def split_setup(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
 def main(argv: list[str] | None = None) -> int:
     parser = arg_parser(__doc__)
     parser.add_argument("--only", help="comma-separated sections to run (default: the params' sections)")
-    parser.add_argument("--out", help="output JSON path (default: the params' out)")
+    parser.add_argument("--out", help="output JSON path (default: the params' out); the setup file and the chart "
+                                      "go beside it (FILE-setup.json, FILE.png) unless --set setup=/chart= names them")
     args = parser.parse_args(argv)
 
     def body() -> int:
@@ -269,22 +290,35 @@ def main(argv: list[str] | None = None) -> int:
             raise StageError(f"unknown benchmark section {unknown[0]!r}; known: {', '.join(SECTIONS)}")
         check_inputs(cfg, names)
         check_tracked(cfg, "benchmark", only=names)
-        out = args.out or cfg.out
-        check_writable(Path(out).parent, Path(cfg.setup).parent)
+        out, setup_path, chart = _outputs(args.out, cfg, args.overrides)
+        check_writable(out.parent, setup_path.parent, chart.parent)
         result = benchmark(cfg, names)
         metrics, setup = split_setup(result)
-        atomic.write_json(cfg.setup, setup)
+        atomic.write_json(setup_path, setup)
         atomic.write_json(out, metrics)
-        log.info("wrote %s and %s", out, cfg.setup)
+        log.info("wrote %s and %s", out, setup_path)
         if "models" in result:
             from pipeline.bench.chart import latency_chart
 
             title = f"{result['device']}, {result['threads']} thread(s), {result['source_size']} JPEG frames"
-            atomic.write_bytes(cfg.chart, latency_chart(result["models"], result.get("peer"), title))
-            log.info("wrote %s", cfg.chart)
+            atomic.write_bytes(chart, latency_chart(result["models"], result.get("peer"), title))
+            log.info("wrote %s", chart)
         return 0
 
     return run(body)
+
+
+def _outputs(out: str | None, cfg: BenchmarkConfig, overrides: list[str]) -> tuple[Path, Path, Path]:
+    """The metrics, setup and chart paths. ``--out FILE`` moves all three (``FILE-setup.json``,
+    ``FILE.png`` beside it), unless ``--set setup=`` / ``chart=`` names them: a partial run must
+    not replace the stage's own setup file or chart, which describe the stage's metrics."""
+    if not out:
+        return Path(cfg.out), Path(cfg.setup), Path(cfg.chart)
+    given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    path = Path(out)
+    setup = Path(cfg.setup) if "setup" in given else path.with_name(f"{path.stem}-setup.json")
+    chart = Path(cfg.chart) if "chart" in given else path.with_suffix(".png")
+    return path, setup, chart
 
 
 def _resolve_device(device: str) -> str:

@@ -67,10 +67,10 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
     paths = [(k, p) for k, p in input_paths(cfg, section) if only is None or k.split(".")[1].split("[")[0] in only]
     if not paths and not unwritten and not written:
         return
-    found = _stage_paths(stage, environ.get("DVC_ROOT") or os.getcwd())
+    found = _stage_paths(stage, environ.get("DVC_ROOT") or os.getcwd(), [p for _, p in paths])
     if found is None:
         return
-    deps, outs = found
+    deps, outs, orphans = found
     for path, key in (written or {}).items():
         where = os.path.abspath(path)
         elsewhere = sorted(o for o in outs if os.path.basename(o) == os.path.basename(where) and o != where)
@@ -88,6 +88,12 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
             raise StageError(
                 f"{key}: {path} is not among the deps of the DVC stage {stage!r}, so DVC would not rerun the stage "
                 f"when it changes; add it to the stage's deps in dvc.yaml{hint}, or run the stage without DVC"
+            )
+        if path in orphans:
+            raise StageError(
+                f"{key}: {path} is no DVC stage's output, and neither DVC nor git tracks it (git ignores it): a "
+                "file an earlier run left behind (did the key that names it change?), which DVC can neither "
+                f"reproduce nor restore; point {key} at a stage's output, or track the file with `dvc add`"
             )
 
 
@@ -108,20 +114,40 @@ def _configs(value: Any, key: str) -> Iterator[tuple[str, Any]]:
                 yield f"{key}[{i}]", item
 
 
-def _stage_paths(stage: str, root: str) -> tuple[list[str], set[str]] | None:
+def _stage_paths(stage: str, root: str, inputs: list[str]) -> tuple[list[str], set[str], set[str]] | None:
     """The absolute paths of the stage's deps and outs, as DVC resolves them (templates filled
-    from the params); None, with a warning, when DVC can't say."""
+    from the params), and the orphans among ``inputs``; None, with a warning, when DVC can't say.
+
+    An orphan is an existing input that no stage of the project writes, that no ``.dvc`` file
+    tracks, and that git ignores: left by an earlier run under another setting (a renamed
+    ``prune.name``, a moved ``deploy.out_dir``), it would be read as if the pipeline made it.
+    """
     try:
         from dvc.repo import Repo
 
         with Repo(root) as repo:
             found = repo.stage.collect(stage)
-        deps = [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
-        return deps, {os.path.normpath(str(o.fs_path)) for s in found for o in s.outs}
+            deps = [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
+            outs = {os.path.normpath(str(o.fs_path)) for s in found for o in s.outs}
+            orphans = {p for p in inputs if os.path.exists(p) and _orphan(repo, p)} if inputs else set()
+        return deps, outs, orphans
     except Exception as e:  # noqa: BLE001 - any failure of DVC's API only means we can't check
         log.warning("can't read the deps of the DVC stage %r (%s: %s); not checking that DVC tracks this stage's "
                     "input files", stage, type(e).__name__, e)
         return None
+
+
+def _orphan(repo: Any, path: str) -> bool:
+    """Whether ``path`` is neither an out of the project (nor inside one, nor holding one) nor
+    tracked by git, while git ignores it. A project without git is never checked."""
+    if type(repo.scm).__name__ == "NoSCM":
+        return False
+    where = os.path.abspath(path)
+    for out in repo.index.outs:
+        o = os.path.normpath(str(out.fs_path))
+        if where == o or where.startswith(o.rstrip(os.sep) + os.sep) or o.startswith(where.rstrip(os.sep) + os.sep):
+            return False
+    return bool(repo.scm.is_ignored(where)) and not repo.scm.is_tracked(where)
 
 
 def _covered(path: str, deps: list[str]) -> bool:

@@ -184,6 +184,14 @@ def test_chart_is_a_png(project, figures):
         (["--set", "models.repeats=0"], "benchmark.models.repeats: must be at least 1"),
         (["--set", "models.source_image=gone.jpg"], "gone.jpg: image not found"),
         (["--set", "train_step.model=models/gone.pt", "--only", "train_step"], "models/gone.pt: model file not found"),
+        # Settings that were tracebacks (exit 1) after the timing had begun.
+        (["--only", "postprocess", "--set", "postprocess.repeat=0"], "benchmark.postprocess.repeat: must be at least 1"),
+        (["--only", "postprocess", "--set", "postprocess.num_classes=1"], "benchmark.postprocess.num_classes: the back"),
+        (["--only", "loader", "--set", "loader.num_workers=-1"], "benchmark.loader.num_workers: must not be negative"),
+        (["--only", "loader", "--set", "loader.voc_dir=nowhere"], "nowhere: no VOC-layout dataset"),
+        # A typo in a pair dropped its ratios from the JSON without a word.
+        (["--only", "deployed", "--set", "deployed.files=[models/tiny.pt, models/tiny-pruned.pt]",
+          "--set", "deployed.pruned=[tiny, tiny_pruned]"], "benchmark.deployed.pruned: 'tiny_pruned' is not the stem"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(project, monkeypatch, capsys, tmp_path, args, message):
@@ -193,6 +201,29 @@ def test_bad_input_is_one_line_and_exit_code_2(project, monkeypatch, capsys, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_the_loose_file_comparison_needs_the_shards_own_images(project, monkeypatch, capsys, tmp_path):
+    """It read the first files of another VOC folder instead, and reported a ratio of two workloads."""
+    monkeypatch.chdir(project)
+    out = tmp_path / "never.json"
+    assert benchmark.main(["--only", "loader", "--set", "loader.voc_dir=voc", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: voc: 2 of the 2 shard images read have no JPEGImages/<id>.jpg with "
+                           "Annotations/<id>.xml (first: train_00000)"), last
+    assert not out.exists()
+
+
+def test_out_moves_the_setup_file_and_chart_too(project, written, tmp_path):
+    """`--out FILE` wrote the metrics there but replaced the stage's own setup file (a DVC out,
+    describing metrics/benchmark.json) with the partial run's."""
+    before = (project / "reports" / "benchmark-setup.json").read_bytes()
+    out = tmp_path / "pp.json"
+    result = run(project, "--only", "postprocess", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (project / "reports" / "benchmark-setup.json").read_bytes() == before
+    assert set(json.loads(out.read_text())) >= {"postprocess"}
+    assert json.loads((tmp_path / "pp-setup.json").read_text())["device"].startswith("cpu")
 
 
 def test_models_section_decodes_a_given_image(project, tmp_path):
@@ -292,6 +323,17 @@ def test_deployed_section_times_every_runtime_and_reports_the_ratios(deployed_fi
                 assert ms["total"] == pytest.approx(ms["pre"] + ms["forward"] + ms["post"], abs=2e-3)
                 assert 0 < fig["post_share"] < 1 and fig["images_per_s"] > 0
         assert d[threads]["lstm_vs_ssdlite"]["ort_int8"]["ratio"] > 0
+
+
+def test_a_detector_graph_with_other_thresholds_is_refused(project, deployed_figures, tmp_path):
+    """The camera loop timed the graph at the deploy stage's thresholds and the Python path at the
+    benchmark's: with deploy.detect.score_threshold changed, two different workloads, exit 0."""
+    result = run(project, "--only", "deployed", "--out", str(tmp_path / "x.json"), "--set",
+                 "deployed.files=[models/tiny.pt]", "--set", "models.postprocess.score_threshold=0.5")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: models/deploy/tiny-int8-detect.onnx: score_threshold 0.3 in the graph, 0.5 here"), last
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
 
 
 def test_deployed_section_without_graphs_is_one_line(project, tmp_path):

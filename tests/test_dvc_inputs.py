@@ -108,3 +108,35 @@ def test_a_stage_dvc_cannot_resolve_is_a_warning(inside, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline"):
         check_tracked(evaluate("model=models/b.pt"), "ev", environ=under("no_such_stage", inside))
     assert "can't read the deps of the DVC stage 'no_such_stage'" in caplog.text
+
+
+def test_an_input_no_stage_writes_and_git_ignores_is_refused(tmp_path, monkeypatch):
+    """`prune.name` renamed: the prune stage now writes models/new-pruned.pt, and evaluate_pruned
+    still read the old models/old-pruned.pt an earlier run left (no stage makes it, git ignores
+    it), evaluated it as the pruned model and exited 0."""
+    root = tmp_path / "git"
+    (root / "models").mkdir(parents=True)
+    stages = {
+        "prune": {"cmd": "python -c pass", "outs": ["models/new-pruned.pt"]},
+        "ev": {"cmd": "python -c pass", "deps": ["${ev.model}", "data", "weights"]},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump({"ev": {"model": "models/old-pruned.pt"}}))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (root / ".gitignore").write_text("/models/\n")
+    (root / "data" / "shards" / "voc").mkdir(parents=True)
+    (root / "weights").mkdir()
+    for name in ("old-pruned.pt", "new-pruned.pt"):
+        (root / "models" / name).write_bytes(b"model")
+    (root / "weights" / "start.pt").write_bytes(b"weights")  # not ignored: the user's to commit
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, timeout=120)
+    monkeypatch.chdir(root)
+    env = under("ev", root)
+    with pytest.raises(StageError) as e:
+        check_tracked(evaluate("model=models/old-pruned.pt"), "ev", environ=env)
+    assert str(e.value).startswith("ev.model: models/old-pruned.pt is no DVC stage's output, and neither DVC nor git "
+                                   "tracks it (git ignores it)")
+    (root / "params.yaml").write_text(yaml.safe_dump({"ev": {"model": "models/new-pruned.pt"}}))
+    check_tracked(evaluate("model=models/new-pruned.pt"), "ev", environ=env)  # the prune stage's output
+    (root / "params.yaml").write_text(yaml.safe_dump({"ev": {"model": "weights/start.pt"}}))
+    check_tracked(evaluate("model=weights/start.pt"), "ev", environ=env)

@@ -153,10 +153,10 @@ def test_every_input_and_output_is_the_one_params_yaml_names(name):
     assert not missing, f"{name} reads {missing} but dvc.yaml doesn't list them"
     assert outputs == outs
     # Data deps are templated from params.yaml; only lists can't be: the benchmark's model files, the
-    # deploy stage's models and their shards.
+    # deploy stage's models and their shards. And keys that may be null: DVC fails on a templated null.
     fixed = [d for d in entries(stage, "deps") if "${" not in d and not d.startswith(stage_deps.CODE_PREFIXES)]
     models = PARAMS["deploy"]["models"]
-    lists = {"benchmark": [*PARAMS["benchmark"]["models"]["files"]],
+    lists = {"benchmark": [*PARAMS["benchmark"]["models"]["files"], PARAMS["benchmark"]["loader"]["voc_dir"]],
              "deploy": [m["file"] for m in models] + list(dict.fromkeys(m["shards"] for m in models))}
     assert fixed == lists.get(name, [])
 

@@ -19,6 +19,12 @@ def _positive(where: str, **values: int) -> None:
             raise ConfigError(f"benchmark.{where}.{key}: must be at least 1, got {value}")
 
 
+def _not_negative(where: str, **values: int) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ConfigError(f"benchmark.{where}.{key}: must not be negative, got {value}")
+
+
 @dataclass(frozen=True)
 class ModelsBench:
     files: tuple[InputPath, ...] = (
@@ -68,6 +74,11 @@ class PostprocessBench:
     repeat: int = 20
     """Timed calls per measurement; the median is reported."""
 
+    def __post_init__(self) -> None:
+        _positive("postprocess", batch=self.batch, repeat=self.repeat)
+        if self.num_classes < 2:
+            raise ConfigError(f"benchmark.postprocess.num_classes: the background and at least one class, got {self.num_classes}")
+
 
 @dataclass(frozen=True)
 class LoaderBench:
@@ -85,6 +96,7 @@ class LoaderBench:
 
     def __post_init__(self) -> None:
         _positive("loader", image_size=self.image_size, batch_size=self.batch_size, num_batches=self.num_batches)
+        _not_negative("loader", num_workers=self.num_workers)
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,7 @@ class TrainStepBench:
 
     def __post_init__(self) -> None:
         _positive("train_step", batch_size=self.batch_size, steps=self.steps)
+        _not_negative("train_step", num_workers=self.num_workers, warmup=self.warmup)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from torch import nn
 
 from pipeline.bench.chain import PARTS, Step, decode_rgb, part_ms, synthetic_jpeg, time_steps
 from pipeline.bench.models import model_steps
+from ssd.errors import InputError
 from ssd.fold import fold_batchnorm
 from ssd.model_file import load_model_file
 from ssd.onnx_detector import DetectionGraph, load_detection_graph, load_onnx_detector
@@ -56,9 +57,11 @@ DETECT = "ort_int8_detect"
 CPU = torch.device("cpu")
 
 
-def runtimes(file: str, onnx_dir: str, threads: int) -> dict[str, Any]:
+def runtimes(file: str, onnx_dir: str, threads: int, postprocess: PostprocessConfig | None = None) -> dict[str, Any]:
     """The model of ``file`` in each runtime (ONNX Runtime sessions with ``threads`` threads), and
-    ``ort_int8_detect`` (the int8 graph with its post-processing inside) where the deploy stage wrote it."""
+    ``ort_int8_detect`` (the int8 graph with its post-processing inside) where the deploy stage wrote it.
+    ``postprocess``: the thresholds the Python post-processing is timed with; a detector graph
+    built with others is an InputError (the two would not do the same work)."""
     stem = Path(file).stem
     eager = load_model_file(file)[0].eval()
     models: dict[str, Any] = {
@@ -69,8 +72,19 @@ def runtimes(file: str, onnx_dir: str, threads: int) -> dict[str, Any]:
     }
     detect = Path(onnx_dir) / f"{stem}-int8-detect.onnx"
     if detect.is_file():
-        models[DETECT] = load_detection_graph(detect, threads)[0]
+        models[DETECT], info = load_detection_graph(detect, threads)
+        if postprocess is not None:
+            _check_thresholds(detect, info.get("postprocess", {}), postprocess)
     return models
+
+
+def _check_thresholds(path: Path, graph: dict[str, Any], python: PostprocessConfig) -> None:
+    keys = ("score_threshold", "nms_threshold", "max_detections")
+    differ = [f"{k} {graph.get(k)} in the graph, {getattr(python, k)} here" for k in keys
+              if graph.get(k) is None or abs(float(graph[k]) - float(getattr(python, k))) > 1e-9]
+    if differ:
+        raise InputError(f"{path}: {'; '.join(differ)} (benchmark.models.postprocess): the camera loop would time "
+                         "two different post-processings; set them alike (deploy.detect or benchmark.models.postprocess)")
 
 
 def detect_steps(graph: DetectionGraph, pre: Callable[[Any], Any], batch: int) -> list[Step]:
@@ -170,7 +184,7 @@ def run(
         for t in threads:
             torch.set_num_threads(t)
             cv2.setNumThreads(t)
-            models = {Path(f).stem: runtimes(f, onnx_dir, t) for f in files}
+            models = {Path(f).stem: runtimes(f, onnx_dir, t, postprocess) for f in files}
             figures: dict[str, Any] = {}
             for stem, rts in models.items():
                 latency = alternate(rts, jpeg, 1, repeats, warmup, postprocess)

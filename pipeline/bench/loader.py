@@ -8,8 +8,8 @@ Usage: python -m pipeline.bench.loader SHARD_DIR [--voc-dir DIR] [--image-size 3
   in this process (no loader, no I/O): the per-core limit of the decode and
   augmentation work. ``shard_over_bare`` above 1 is what the workers add in parallel;
   ``per_worker_efficiency`` divides it by the number of workers.
-- ``voc`` (with ``--voc-dir``): the same images (by the shard JSON ``id``, else the first
-  files of ``JPEGImages``) read as individual JPEG and XML files through a DataLoader with
+- ``voc`` (with ``--voc-dir``): the same images (by the shard JSON ``id``; an id without its
+  files there is an error) read as individual JPEG and XML files through a DataLoader with
   the same workers and batch size: what the shards save over loose files.
 
 Throughput is images per second after the first batch (the start-up is reported apart);
@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssd.data.loader import Sample, collate, decode_sample, read_raw_samples, train_loader
+from ssd.errors import InputError
 from ssd.data.transforms import AugmentConfig, DetectionTransform, train_transform
 
 
@@ -97,7 +98,7 @@ def _run(
 
     if voc_dir is not None:
         if kind != "frames":
-            raise ValueError("--voc-dir compares frame shards only")
+            raise InputError(f"{shard_dir}: {kind} shards; --voc-dir compares frame shards only")
         files = _voc_files(Path(voc_dir), [json.loads(r.meta).get("id", "") for r in raws])
         voc = DataLoader(
             _VocFiles(files, transform), batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
@@ -153,19 +154,21 @@ def _time_bare(raws: list, kind: str, transform: DetectionTransform) -> float:
 
 
 def _voc_files(voc_dir: Path, ids: list[str]) -> list[tuple[Path, Path]]:
-    """(JPEG, XML) pairs for the shard ids, or the first files of JPEGImages when ids don't match."""
+    """(JPEG, XML) pairs for the shard ids; InputError when one is missing (other images, of
+    other sizes, would make the comparison one of two workloads)."""
     images, notes = voc_dir / "JPEGImages", voc_dir / "Annotations"
-    pairs = []
+    pairs, missing = [], []
     for source_id in ids:
         stem = Path(source_id).stem
         jpg, xml = images / f"{stem}.jpg", notes / f"{stem}.xml"
         if jpg.exists() and xml.exists():
             pairs.append((jpg, xml))
-    if len(pairs) < len(ids):
-        every = sorted(p for p in images.glob("*.jpg") if (notes / f"{p.stem}.xml").exists())
-        if not every:
-            raise ValueError(f"{voc_dir}: no JPEGImages/*.jpg with Annotations/*.xml")
-        pairs = [(p, notes / f"{p.stem}.xml") for p in (every * (len(ids) // len(every) + 1))[: len(ids)]]
+        else:
+            missing.append(stem or "(no id)")
+    if missing:
+        raise InputError(f"{voc_dir}: {len(missing)} of the {len(ids)} shard images read have no JPEGImages/<id>.jpg "
+                         f"with Annotations/<id>.xml (first: {missing[0]}); the comparison needs the shards' own "
+                         "source files (benchmark.loader.voc_dir; null: skip it)")
     return pairs
 
 
