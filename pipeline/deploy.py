@@ -101,6 +101,7 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
     stems = [Path(m.file).stem for m in cfg.models]
     if len(set(stems)) != len(stems):
         raise StageError(f"deploy.models: the files' names (stems) must differ: {stems}")
+    _check_graph_names(cfg, stems)
     out = Path(cfg.out_dir)
     check_writable(out.parent, Path(cfg.metrics).parent)
     inputs = {f"deploy.models[{i}].{k}": getattr(m, k) for i, m in enumerate(cfg.models) for k in ("file", "shards")}
@@ -110,7 +111,8 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
     with atomic.atomic_dir(out) as tmp:
         for entry, stem in zip(cfg.models, stems):
             model, info = load_model_file(entry.file)  # a bad file: InputError, one line from stage.run
-            manifest = check_calibration(info, entry.shards, cfg.int8.split if cfg.int8.enabled else None)
+            manifest = check_calibration(info, entry.shards, cfg.int8.split if cfg.int8.enabled else None,
+                                         temporal=cfg.int8.enabled and bool(getattr(model, "is_temporal", False)))
             data, report = export_float(model, info, entry.file, tmp / f"{stem}.onnx", opset=cfg.opset,
                                         fold=cfg.fold_batchnorm, simplify=cfg.simplify, tolerance=cfg.tolerance)
             figures[stem] = {"float": report}
@@ -129,6 +131,21 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
         metrics = {"models": _numbers(figures)}  # numbers only, as every metrics file: the settings are in params
         atomic.write_json(cfg.metrics, metrics)
     return metrics
+
+
+def _check_graph_names(cfg: DeployConfig, stems: list[str]) -> None:
+    """StageError when two models' graphs would have one name (``a`` and ``a-detect`` both
+    give ``a-detect.onnx``): the second would replace the first without a word."""
+    suffixes = [""] + (["-int8"] if cfg.int8.enabled else [])
+    suffixes += [f"{s}-detect" for s in suffixes] if cfg.detect.enabled else []
+    owner: dict[str, str] = {}
+    for stem, entry in zip(stems, cfg.models):
+        for suffix in suffixes:
+            name = f"{stem}{suffix}.onnx"
+            if name in owner:
+                raise StageError(f"deploy.models: {owner[name]} and {entry.file} would both write {name}; "
+                                 "rename one of the model files")
+            owner[name] = entry.file
 
 
 def _numbers(tree: dict[str, Any]) -> dict[str, Any]:

@@ -117,12 +117,16 @@ def export_int8(model: Any, data: bytes, out: Path, manifest: Any, cfg: Int8Conf
             **_graph_counts(quantized), "calibration": {"shards": str(manifest.root), "split": cfg.split, **report}}
 
 
-def check_calibration(info: dict[str, Any], shards: str, split: str | None) -> Any:
+def check_calibration(info: dict[str, Any], shards: str, split: str | None, temporal: bool = False) -> Any:
     """The manifest of ``shards`` if they hold the model's classes (and frames in ``split``; None:
-    classes only); a one-line StageError otherwise. Called before anything is written."""
+    classes only; ``temporal``: an LSTM-SSD to calibrate, which needs clips); a one-line
+    StageError otherwise. Called before anything is written."""
     from pipeline.datasets import read_manifest
 
     manifest = read_manifest(shards)
+    if temporal and manifest.kind != "clips":
+        raise StageError(f"{manifest.path}: {manifest.kind} shards; an LSTM-SSD's int8 graph is calibrated on clip "
+                         "shards, whose runs of consecutive frames give its state the ranges of a real stream")
     if list(info.get("class_names", [])) != manifest.classes:
         raise StageError(f"{manifest.path}: its classes {manifest.classes} are not the model's "
                          f"{info.get('class_names')}: calibrate on the model's own dataset")
@@ -160,14 +164,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-fold", action="store_true", help="keep batch norm as separate operators")
     parser.add_argument("--no-simplify", action="store_true", help="skip onnx-simplifier")
     parser.add_argument("--verify", action="store_true", help="compare onnxruntime with PyTorch before writing")
-    parser.add_argument("--tolerance", type=float, default=1e-4,
-                        help="largest absolute difference --verify accepts (default: %(default)s)")
+    parser.add_argument("--tolerance", type=float,
+                        help=f"largest absolute difference --verify accepts (default: {TOLERANCE})")
     parser.add_argument("--int8", metavar="FILE", help="also write a static int8 graph here")
     parser.add_argument("--calibration", metavar="SHARDS", help="--int8: shard directory to calibrate on")
-    parser.add_argument("--calibration-split", default="train", help="--int8: split (default: %(default)s)")
-    parser.add_argument("--calibration-frames", type=int, default=128, help="--int8: frames (default: %(default)s)")
+    parser.add_argument("--calibration-split", help="--int8: split (default: train)")
+    parser.add_argument("--calibration-frames", type=int, help="--int8: frames (default: 128)")
     args = parser.parse_args(argv)
     return run(lambda: export(args))
+
+
+TOLERANCE = 1e-4
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """StageError for a flag whose switch is off (it would be ignored); then the defaults."""
+    unused = [f for f, v, on in (("--tolerance", args.tolerance, args.verify),
+                                 ("--calibration", args.calibration, args.int8),
+                                 ("--calibration-split", args.calibration_split, args.int8),
+                                 ("--calibration-frames", args.calibration_frames, args.int8)) if v is not None and not on]
+    if unused:
+        switch = "--verify" if unused[0] == "--tolerance" else "--int8 FILE"
+        raise StageError(f"{unused[0]} is read only with {switch}, which is not given: add it, or drop {unused[0]}")
+    args.tolerance = TOLERANCE if args.tolerance is None else args.tolerance
+    args.calibration_split = args.calibration_split or "train"
+    args.calibration_frames = 128 if args.calibration_frames is None else args.calibration_frames
 
 
 def export(args: argparse.Namespace) -> int:
@@ -176,6 +197,7 @@ def export(args: argparse.Namespace) -> int:
 
     if args.int8 and not args.calibration:
         raise StageError("--int8 needs --calibration SHARDS: the frames its activation ranges come from")
+    _check_flags(args)
     outs = [Path(args.out)] + ([Path(args.int8)] if args.int8 else [])
     if args.int8 and outs[1].resolve() == outs[0].resolve():
         raise StageError(f"--int8 {args.int8}: the same file as --out; give the int8 graph its own name")
@@ -188,11 +210,11 @@ def export(args: argparse.Namespace) -> int:
     if args.calibration_frames < 1:
         raise StageError(f"--calibration-frames {args.calibration_frames}: must be positive")
     model, info = load_model_file(args.model)  # a bad file: InputError, one line from stage.run
-    calibration = check_calibration(info, args.calibration, args.calibration_split) if args.int8 else None
+    temporal = bool(getattr(model, "is_temporal", False))
+    calibration = check_calibration(info, args.calibration, args.calibration_split, temporal) if args.int8 else None
     data, report = export_float(model, info, args.model, outs[0], decoded=args.decode, opset=args.opset,
                                 fold=not args.no_fold, simplify=not args.no_simplify,
                                 tolerance=args.tolerance if args.verify else None)
-    temporal = bool(getattr(model, "is_temporal", False))
     state = len(model.init_state(1)) if temporal else 0
     log.info("wrote %s (%s, %s outputs%s, opset %d, %d nodes, %.1f MB)", outs[0], info.get("arch", {}).get("name", "?"),
              "decoded" if args.decode else "raw", f", {state} state tensors" if state else "", args.opset,

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -262,7 +263,7 @@ def onnxruntime_difference(
     Feeds ``frames`` random batches of ``batch_size`` images (a temporal model: in sequence,
     each call's new state fed to the next, from the zero state) and compares every output.
     ``model`` must be on the CPU in float32 (as :func:`ssd.model_file.load_model_file`
-    returns it).
+    returns it). A non-finite output on either side is an infinite difference.
     """
     import numpy as np
     import onnxruntime as ort
@@ -285,7 +286,10 @@ def onnxruntime_difference(
                 expected = wrapper(images, *state)
                 got = session.run(None, dict(zip(names, [images.numpy(), *ort_state])))
                 for e, g in zip(expected, got):
-                    worst = max(worst, float(np.abs(e.numpy() - g).max()))
+                    e = e.numpy()
+                    if not (np.isfinite(e).all() and np.isfinite(g).all()):
+                        return math.inf  # a NaN compares false with anything: max() would skip it
+                    worst = max(worst, float(np.abs(e - g).max()))
                 state, ort_state = expected[2:], got[2:]  # each side streams its own state
     finally:
         model.train(was_training)

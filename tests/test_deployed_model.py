@@ -232,6 +232,18 @@ def test_calibration_picks_spread_frames_and_whole_runs(tmp_path):
     assert [s for _, s in runs] == [True, False, False, False] * 3
     many = pick(entries, "frames_from_clips", count=40, run_length=4)  # more runs than videos: further in
     assert len(many) == 40 and len({i for i, _ in many}) == 40
+    # Runs cut short by a video's end are made up from other videos: the count is met while the
+    # split has the frames (it gave 768 of 1000, and 104 of 128, without a word).
+    short = [type("E", (), {"sort_key": (f"v{v:02d}", f)})() for v in range(27) for f in range(48)]
+    assert len(pick(short, "frames_from_clips", count=1000, run_length=64)) == 1000
+    mixed = [type("E", (), {"sort_key": (f"v{v}", f)})() for v in range(8) for f in range(500 if v % 2 else 10)]
+    for count in (128, 256):
+        got = pick(mixed, "frames_from_clips", count=count, run_length=64)
+        assert len(got) == count and len({i for i, _ in got}) == count
+        for (i, starts), (j, _) in zip(got, got[1:] + [(None, True)]):  # within a run: the next frame
+            if j is not None and not dict(got)[j]:
+                assert mixed[j].sort_key == (mixed[i].sort_key[0], mixed[i].sort_key[1] + 1)
+    assert len(pick(mixed, "frames_from_clips", count=5000, run_length=64)) == 4 * 510  # the whole split
     spread = pick(list(range(100)), "frames", count=5, run_length=4)
     assert [i for i, _ in spread] == [0, 25, 50, 74, 99] and all(s for _, s in spread)
 
@@ -368,4 +380,24 @@ def test_deploy_refuses_shards_of_other_classes_and_keeps_the_old_output(deploye
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
     assert len(lines) == 1 and "classes" in lines[0] and "Traceback" not in result.stderr
+    assert sorted((deployed / "models" / "deploy").iterdir()) == before
+
+
+def test_deploy_refuses_frame_shards_for_an_lstm_and_graph_names_that_collide(deployed, frames):
+    """An LSTM-SSD calibrated on frame shards got its state's ranges from zero states only (a
+    clipped int8 cell), and a model named `tiny-detect` replaced `tiny`'s detector graph; both
+    exited 0."""
+    before = sorted((deployed / "models" / "deploy").iterdir())
+    result = run_stage("pipeline.deploy", deployed, "--set", f"models=[{{file: models/lstm.pt, shards: {frames}}}]")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {frames / 'manifest.json'}: frames shards; an LSTM-SSD's int8 graph is calibrated on clip shards, "
+        "whose runs of consecutive frames give its state the ranges of a real stream")
+    (deployed / "models" / "tiny-detect.pt").write_bytes((deployed / "models" / "tiny.pt").read_bytes())
+    models = f"[{{file: models/tiny.pt, shards: {frames}}}, {{file: models/tiny-detect.pt, shards: {frames}}}]"
+    result = run_stage("pipeline.deploy", deployed, "--set", f"models={models}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: deploy.models: models/tiny.pt and models/tiny-detect.pt would both write tiny-detect.onnx; "
+        "rename one of the model files")
     assert sorted((deployed / "models" / "deploy").iterdir()) == before

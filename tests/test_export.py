@@ -253,3 +253,31 @@ def test_int8_requests_that_cannot_be_done_write_nothing(tmp_path, capsys):
         assert code == 2 and err[-1].startswith("error: ") and message in err[-1], (extra, err)
         assert old.read_bytes() == b"the previous export"
         assert not (tmp_path / "out-int8.onnx").exists()
+
+
+def test_a_nan_output_is_an_infinite_difference(tmp_path):
+    """`export --verify` said "onnxruntime matches PyTorch" for a model whose class scores were all
+    NaN: NaN compares false, so max() kept the finite differences."""
+    from ssd.export import onnxruntime_difference
+
+    model = randomise(ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64), 0).eval()
+    data = onnx_bytes(model)
+    assert onnxruntime_difference(model, data) < 1e-4
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith("head.cls_layers."):
+                p.fill_(float("nan"))
+    assert onnxruntime_difference(model, data) == float("inf")  # PyTorch's side is NaN
+    assert onnxruntime_difference(model, onnx_bytes(model)) == float("inf")  # both sides NaN
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tolerance", "1e-12"], "error: --tolerance is read only with --verify, which is not given"),
+    (["--calibration-frames", "16"], "error: --calibration-frames is read only with --int8 FILE, which is not given"),
+])
+def test_flags_whose_switch_is_off_are_refused(tmp_path, capsys, flags, message):
+    model_file = tmp_path / "m.pt"
+    save_model_file(model_file, randomise(ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64), 0), CLASSES)
+    assert main([str(model_file), "--out", str(tmp_path / "m.onnx"), *flags]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "m.onnx").exists()

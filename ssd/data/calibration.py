@@ -9,6 +9,7 @@ goes through the evaluation transform (resize, [0, 1] float), as at inference.
 
 from __future__ import annotations
 
+import itertools
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -22,7 +23,8 @@ def calibration_frames(
     """``(images float32 [1, 3, S, S], starts_sequence)`` for about ``count`` frames of ``urls``.
 
     ``kind``: ``frames`` (frame shards) or ``frames_from_clips`` (clip shards, each distinct
-    frame once). Fewer frames come out when the split has fewer.
+    frame once). Fewer frames come out only when the split has fewer: runs cut short by the
+    end of a video are made up from other videos.
     """
     if count < 1 or run_length < 1:
         raise ValueError(f"calibration_frames: count {count} and run_length {run_length} must be positive")
@@ -40,14 +42,20 @@ def pick(entries: Sequence, kind: str, count: int, run_length: int) -> list[tupl
     videos: dict[str, list[int]] = {}
     for i, e in enumerate(entries):  # (video, frame number) order
         videos.setdefault(e.sort_key[0], []).append(i)
-    names = list(videos)
-    runs = -(-count // run_length)
     picked: list[tuple[int, bool]] = []
-    for r in range(runs):
-        if runs <= len(names):  # one run from each of `runs` evenly spaced videos
-            frames, lap = videos[names[r * len(names) // runs]], 0
-        else:  # more runs than videos: every video, later laps further into it
-            frames, lap = videos[names[r % len(names)]], r // len(names)
-        run = frames[lap * run_length:(lap + 1) * run_length]
-        picked.extend((i, k == 0) for k, i in enumerate(run))
+    for lap in itertools.count():  # lap k: the k-th run of every video long enough to have one
+        chunks = [f[lap * run_length:(lap + 1) * run_length] for f in videos.values() if len(f) > lap * run_length]
+        if not chunks or len(picked) >= count:
+            break
+        need = count - len(picked)
+        if sum(map(len, chunks)) > need:
+            # Evenly spaced videos first, then the others in order while frames are still missing
+            # (runs cut short by a video's end would otherwise leave the count unmet).
+            k = min(len(chunks), -(-need // run_length))
+            first = [r * len(chunks) // k for r in range(k)]
+            chunks = [chunks[i] for i in first] + [c for i, c in enumerate(chunks) if i not in set(first)]
+        for run in chunks:
+            if len(picked) >= count:
+                break
+            picked.extend((i, k == 0) for k, i in enumerate(run))
     return picked[:count]
