@@ -7,7 +7,7 @@ Usage::
 
 ``MODEL`` is any model file (:mod:`ssd.model_file`; pruned models too). ``INPUT`` is a
 video file OpenCV can decode (mp4, avi, ...) or a folder of frames (jpg, jpeg, png,
-bmp), played in the order of the number in their file names (the last run of digits:
+bmp, tif, webp), played in the order of the number in their file names (the last run of digits:
 ``frame_9.png`` before ``frame_10.png``).
 
 Each frame is converted to RGB, resized to the model's input size as the evaluation
@@ -65,7 +65,7 @@ from pipeline.stage import StageError, check_writable, run
 
 log = logging.getLogger("pipeline.detect")
 
-FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")  # predict's images too
 #: Containers the annotated video may be written as (OpenCV's writers); any other --out name
 #: would get a video stream under a name that promises something else.
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v")
@@ -75,6 +75,11 @@ DEFAULT_FOLDER_FPS = 25.0
 SPEED_SMOOTHING = 0.1
 
 _LAST_NUMBER = re.compile(r"(\d+)(?!.*\d)")
+
+
+def _natural(name: str) -> list:
+    """``name`` split into text and numbers (compared as numbers): the order a person reads."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name) if part]
 
 
 @dataclass
@@ -141,6 +146,10 @@ class FolderSource:
             if n == m:  # two videos' frames in one folder (a VOC JPEGImages folder): their order is unknown
                 raise StageError(f"{path}: {first.name} and {second.name} both have frame number {n}; "
                                  "give a folder of one video's frames")
+            if _natural(second.stem) < _natural(first.stem):  # cam_12-01-00 after cam_12-00-59
+                raise StageError(f"{path}: by the last number in their names {first.name} comes before "
+                                 f"{second.name}, which is not the names' own order (timestamps?); number the "
+                                 "frames with one running number")
         self.numbers = [n for n, _, _ in numbered]
         self.files = [p for _, _, p in numbered]
         self.fps = float(fps) if fps else DEFAULT_FOLDER_FPS

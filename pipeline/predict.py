@@ -241,7 +241,8 @@ def predict(args: argparse.Namespace) -> int:
     sources = {"model file": Path(args.model)}
     if inputs.video is not None:
         sources["input"] = inputs.video
-        _check_outputs({"--json": json_path}, sources)
+        # The annotated video, its per-frame .jsonl beside it and --json must be three files.
+        _check_outputs({"--out": out, "the per-frame file": out.with_suffix(".jsonl"), "--json": json_path}, sources)
         return predict_video(args, inputs.video, json_path)
     targets = _image_targets(inputs, kind, out)
     sources.update({f"image {p}": p for p in inputs.images})

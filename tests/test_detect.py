@@ -350,6 +350,29 @@ def test_frames_of_two_videos_with_the_same_numbers_are_refused(files, tmp_path,
     assert not out.exists()
 
 
+def test_frames_of_every_image_format_play_and_timestamps_are_refused(files, tmp_path, capfd):
+    """A .tif or .webp frame among the .png ones was dropped without a word (the state jumped over
+    it); timestamp names (12-00-59, 12-01-00) played 12-01-00 first, by their last number."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, suffix in enumerate([".png", ".tif", ".webp", ".png"]):
+        cv2.imwrite(str(folder / f"frame_{i}{suffix}"), moving_square(i))
+    jsonl = tmp_path / "mixed.jsonl"
+    assert main([str(files["ssdlite"]), str(folder), "--out", str(tmp_path / "m.mp4"), "--jsonl", str(jsonl),
+                 "--device", "cpu"]) == 0
+    assert [r["file"] for r in read_jsonl(jsonl)] == ["frame_0.png", "frame_1.tif", "frame_2.webp", "frame_3.png"]
+    capfd.readouterr()
+    stamped = tmp_path / "stamped"
+    stamped.mkdir()
+    for i, stamp in enumerate(["12-00-58", "12-00-59", "12-01-00"]):
+        cv2.imwrite(str(stamped / f"cam_{stamp}.png"), moving_square(i))
+    out = tmp_path / "s.mp4"
+    assert main([str(files["lstm"]), str(stamped), "--out", str(out), "--device", "cpu"]) == 2
+    line = one_error_line(capfd)
+    assert "cam_12-01-00.png comes before cam_12-00-58.png" in line and "one running number" in line, line
+    assert not out.exists()
+
+
 def test_exif_orientation_is_ignored_as_in_training(files, tmp_path):
     """Annotations and training use the stored pixels (docs/data-format.md); so does detect."""
     folder = tmp_path / "frames"

@@ -125,6 +125,20 @@ def test_a_video(project):
     assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 5
 
 
+def test_a_video_s_outputs_must_be_three_files(project):
+    """--json naming the annotated video replaced it with JSON; naming the .jsonl replaced the
+    per-frame detections; both exited 0."""
+    writer = cv2.VideoWriter(str(project / "clip2.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (96, 80))
+    writer.write(photo(np.random.default_rng(2), 80, 96))
+    writer.release()
+    for json_name, message in (("v/r.mp4", "error: --json v/r.mp4: the same file as --out"),
+                               ("v/r.jsonl", "error: --json v/r.jsonl: the same file as the per-frame file")):
+        result = run("model.pt", "clip2.mp4", "--out", "v/r.mp4", "--json", json_name, cwd=project)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == message
+        assert not (project / "v").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["photos", "--out", "x.mp4"], "--out x.mp4: images in, annotated images out; give a folder"),
     (["photos", "--out", "x.jpg"], "--out x.jpg: one image name for 5 images; give a folder"),
