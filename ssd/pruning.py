@@ -326,7 +326,14 @@ def _choose(
             if taken[g] < caps[g]:
                 taken[g] += 1
                 done += 1
-        counts = [n - kept_count(n, n - t, config.round_to) if t else 0 for n, t in zip(sizes, taken)]
+        # Rounding to round_to may go down past a cap: then the next multiple up (or all) stays.
+        step = config.round_to or 1
+        counts = []
+        for n, t, cap in zip(sizes, taken, caps):
+            kept = kept_count(n, n - t, config.round_to) if t else n
+            if n - kept > cap:
+                kept = min(n, math.ceil((n - cap) / step) * step)
+            counts.append(n - kept)
     return [torch.argsort(s, stable=True)[:c].tolist() for (_, _, s), c in zip(plan, counts)]
 
 

@@ -314,6 +314,16 @@ def test_uniform_and_global_modes(mode):
     assert logits.shape == (1, model.priors.shape[0], 4) and deltas.shape == (1, model.priors.shape[0], 4)
 
 
+def test_global_mode_keeps_max_layer_ratio_after_rounding():
+    """Rounding the kept widths to multiples of 8 went down past the cap: groups of 48 kept 8,
+    83% removed with max_layer_ratio 0.8."""
+    model = tiny(seed=3)
+    result = prune_model(model, PruneConfig(ratio=0.8, mode="global", max_layer_ratio=0.8, round_to=8))
+    over = {g: (b, a) for g, (b, a) in result.groups.items() if (b - a) / b > 0.8 + 1e-9}
+    assert not over
+    assert any((b - a) / b > 0.7 for b, a in result.groups.values())  # the cap was reached somewhere
+
+
 def test_round_to_rounds_kept_widths():
     model = tiny()
     prune_model(model, PruneConfig(ratio=0.6, round_to=8))
