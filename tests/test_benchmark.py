@@ -14,6 +14,7 @@ from pathlib import Path
 
 import matplotlib.image
 import numpy as np
+import cv2
 import pytest
 import torch
 import yaml
@@ -22,7 +23,7 @@ from pipeline import benchmark
 from pipeline.bench import chain as bench_chain
 from pipeline.bench import models as bench_models
 from pipeline.bench import peer as bench_peer
-from shardgen import CLASSES, write_frame_dataset
+from shardgen import CLASSES, write_clip_dataset, write_frame_dataset
 from test_prepare import BASE_ITEMS, BASE_SPLITS, make_voc
 from ssd.model_file import save_model_file
 from ssd.models import lstm_ssd_mobilenet_v2, ssdlite_mobilenet_v2
@@ -283,7 +284,9 @@ def test_peer_steps_are_its_own_forward():
 @pytest.fixture(scope="module")
 def deployed_figures(project) -> dict:
     """The deployed section on the deploy stage's graphs of the three tiny models, 1 and 2 threads."""
-    deploy = {"models": [{"file": f, "shards": "shards"} for f in FILES], "int8": {"frames": 4, "run_length": 2}}
+    write_clip_dataset(project / "clips", {"train": [4], "val": [2]}, clip_length=4, size=48)
+    deploy = {"models": [{"file": f, "shards": "clips" if "lstm" in f else "shards"} for f in FILES],
+              "int8": {"frames": 4, "run_length": 2}}  # an LSTM-SSD calibrates on clips
     params = yaml.safe_load((project / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump({**params, "deploy": deploy}))
     result = subprocess.run([sys.executable, "-m", "pipeline.deploy"], cwd=project, env=env(), capture_output=True,
@@ -334,6 +337,18 @@ def test_a_detector_graph_with_other_thresholds_is_refused(project, deployed_fig
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: models/deploy/tiny-int8-detect.onnx: score_threshold 0.3 in the graph, 0.5 here"), last
     assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_deployed_section_restores_the_threads_it_set(project, deployed_figures, monkeypatch):
+    """It put torch's thread count back but left OpenCV's at its last setting for the next section."""
+    from pipeline.bench import deployed as bench_deployed
+
+    monkeypatch.chdir(project)
+    threads = (torch.get_num_threads(), cv2.getNumThreads())
+    other = 1 if threads[1] != 1 else 2
+    bench_deployed.run(["models/tiny.pt"], threads=(other,), batch=1, repeats=1, throughput_repeats=1, warmup=0,
+                       camera_rounds=1, camera_block=1)
+    assert (torch.get_num_threads(), cv2.getNumThreads()) == threads
 
 
 def test_deployed_section_without_graphs_is_one_line(project, tmp_path):

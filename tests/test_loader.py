@@ -22,6 +22,7 @@ import ssd.data.samples as samples_module
 from procs import RUN_OPENCV_POOL
 from ssd.data.loader import Batch, Sample, collate, eval_loader, train_loader
 from ssd.data.transforms import AugmentConfig, train_transform
+from ssd.errors import InputError
 from ssd.state_carry import StateCarry, carry_keep, clip_keys
 
 REPO = Path(__file__).resolve().parents[1]
@@ -494,7 +495,7 @@ def test_collate_handles_zero_and_varying_box_counts():
 def test_collate_rejects_clips_of_different_lengths():
     a = Sample(torch.rand(2, 3, 8, 8), [], "a", (8, 8), "v", [0, 1])
     b = Sample(torch.rand(3, 3, 8, 8), [], "b", (8, 8), "v", [0, 1, 2])
-    with pytest.raises(ValueError, match="different shapes"):
+    with pytest.raises(InputError, match="different shapes"):  # a stage's one-line error, not a traceback
         collate([a, b])
 
 

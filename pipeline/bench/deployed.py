@@ -178,7 +178,7 @@ def run(
     its SSDLite) stems, each pair compared when both are among ``files``."""
     jpeg = Path(source_image).read_bytes() if source_image else synthetic_jpeg(640, 480)
     height, width = decode_rgb(jpeg).shape[:2]
-    torch_threads = torch.get_num_threads()
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     per_threads: dict[str, Any] = {}
     try:
         for t in threads:
@@ -203,6 +203,7 @@ def run(
             per_threads[f"threads_{t}"] = entry
     finally:
         torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv2_threads)
     return {**headline(per_threads[f"threads_{threads[0]}"], pruned, lstm), "source_size": f"{width}x{height}",
             "batch": batch, **per_threads}
 

@@ -120,7 +120,7 @@ def collate(samples: Sequence[Sample]) -> Batch:
     shapes = {tuple(s.image.shape) for s in samples}
     if len(shapes) > 1:
         detail = ", ".join(f"{s.key}: {tuple(s.image.shape)}" for s in samples)
-        raise ValueError(f"collate: samples of different shapes ({detail}); clips of one dataset must have one length")
+        raise InputError(f"collate: samples of different shapes ({detail}); clips of one dataset must have one length")
     has_video = samples[0].video is not None
     return Batch(
         images=torch.stack([s.image for s in samples]),
