@@ -113,6 +113,7 @@ def test_the_metrics_file_holds_measurements_and_the_setup_file_how_they_were_ma
     assert not [p for p, v in leaves if p.rsplit(".", 1)[-1] in benchmark.SETUP_NUMBERS]
     assert {".models.tiny.latency_ms.total", ".peer_ratio", ".models.tiny.throughput.images_per_s"} <= dict(leaves).keys()
     assert setup["device"].startswith("cpu") and setup["threads"] >= 1 and setup["torch"] == torch.__version__
+    assert setup["postprocess"]["device"] == "cpu"  # timed on the CPU whatever benchmark.device says
     assert setup["models"]["tiny"] == {"file": "models/tiny.pt", "arch": "ssdlite_mobilenet_v2", "mode": "frame",
                                        "pruned": "no", "image_size": 64, "width_mult": 0.25,
                                        "num_classes": len(CLASSES) + 1, "num_priors": setup["models"]["tiny"]["num_priors"],
@@ -326,6 +327,12 @@ def test_deployed_section_times_every_runtime_and_reports_the_ratios(deployed_fi
                 assert ms["total"] == pytest.approx(ms["pre"] + ms["forward"] + ms["post"], abs=2e-3)
                 assert 0 < fig["post_share"] < 1 and fig["images_per_s"] > 0
         assert d[threads]["lstm_vs_ssdlite"]["ort_int8"]["ratio"] > 0
+
+
+def test_deployed_section_times_the_models_section_s_frame(project, deployed_figures):
+    """With no source_image it timed a 640x480 frame whatever models.source_size said."""
+    setup = json.loads((project / "deployed-setup.json").read_text())["deployed"]
+    assert setup["source_size"] == "96x72"  # BENCHMARK's models.source_size
 
 
 def test_a_detector_graph_with_other_thresholds_is_refused(project, deployed_figures, tmp_path):

@@ -22,6 +22,7 @@ import pytest
 import torch
 import yaml
 
+from pipeline.stage import StageError
 from procs import free_port, kill_tree, max_difference, weights
 from shardgen import write_clip_dataset, write_frame_dataset
 from ssd.model_file import load_model_file
@@ -412,6 +413,26 @@ def test_from_file_refuses_model_keys_that_disagree_with_the_file(tmp_path, stag
     code, stderr = stage_main("train", "--set", "model.from_file=start.pt", "--set", "steps=1", "--set", "trace=false",
                               "--set", "validation.every=0", cwd=cwd)
     assert code == 0, stderr[-2000:]
+
+
+def test_from_file_refuses_a_key_the_file_s_arch_does_not_record():
+    """residual: true beside a non-residual LSTM-SSD file trained the file's model under the key
+    (the file records residual only when true); width_mult beside a VGG file likewise."""
+    from pipeline.train_config import ModelConfig
+    from pipeline.training.setup import _check_file_arch
+    from ssd.models import lstm_ssd_mobilenet_v2
+
+    lstm = lstm_ssd_mobilenet_v2(3, width_mult=0.25, image_size=64)
+    info = {"class_names": ["a", "b"], "arch": lstm.arch}
+    assert "residual" not in lstm.arch
+    cfg = ModelConfig(name="lstm_ssd_mobilenet_v2", width_mult=0.25, image_size=64, from_file="lstm.pt", residual=True)
+    with pytest.raises(StageError, match=r"^model\.residual: True here, but lstm\.pt holds a model with residual "
+                                         r"none \(its default\)"):
+        _check_file_arch(cfg, info)
+    _check_file_arch(ModelConfig(name="lstm_ssd_mobilenet_v2", from_file="lstm.pt"), info)  # keys left out: fine
+    vgg = {"class_names": ["a", "b"], "arch": {"name": "ssd300_vgg16", "num_classes": 3, "image_size": 300}}
+    with pytest.raises(StageError, match=r"^model\.width_mult: 0\.5 here"):
+        _check_file_arch(ModelConfig(from_file="vgg.pt", width_mult=0.5), vgg)
 
 
 EVIL = """

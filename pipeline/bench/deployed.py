@@ -173,10 +173,14 @@ def run(
     camera_block: int = 20,
     source_image: str | None = None,
     postprocess: PostprocessConfig = PostprocessConfig(score_threshold=0.3),
+    source_size: Sequence[int] = (640, 480),
+    jpeg_quality: int = 90,
 ) -> dict[str, Any]:
     """The figures of the module docstring; ``pruned``: (unpruned, pruned) stems, ``lstm``: (LSTM-SSD,
-    its SSDLite) stems, each pair compared when both are among ``files``."""
-    jpeg = Path(source_image).read_bytes() if source_image else synthetic_jpeg(640, 480)
+    its SSDLite) stems, each pair compared when both are among ``files``. The frame: ``source_image``,
+    else a synthetic one of ``source_size`` (width, height) and ``jpeg_quality``, as the models section's."""
+    width, height = (int(v) for v in source_size)
+    jpeg = Path(source_image).read_bytes() if source_image else synthetic_jpeg(width, height, jpeg_quality)
     height, width = decode_rgb(jpeg).shape[:2]
     torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     per_threads: dict[str, Any] = {}

@@ -140,8 +140,12 @@ def _check_file_arch(cfg: ModelConfig, info: dict[str, Any]) -> None:
     wanted, held = cfg.arch(len(info["class_names"]) + 1), info["arch"]
     defaults = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     for key, value in wanted.items():
-        if key in defaults and getattr(cfg, key) != defaults[key] and key in held and held[key] != value:
-            raise StageError(f"model.{key}: {value} here, but {cfg.from_file} holds a model with {key} {held[key]} "
+        # A key the file's arch doesn't record has the default there (residual is written only
+        # when true; a VGG file has no width_mult at all).
+        theirs = held.get(key, defaults.get(key))
+        if key in defaults and getattr(cfg, key) != defaults[key] and theirs != value:
+            shown = held[key] if key in held else "none (its default)"
+            raise StageError(f"model.{key}: {value} here, but {cfg.from_file} holds a model with {key} {shown} "
                              "(from_file takes the file's architecture: give the file's value or leave the key out)")
 
 
