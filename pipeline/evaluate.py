@@ -290,6 +290,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             num_workers=cfg.num_workers, num_classes=len(manifest.classes), progress=bar,
         )
     seconds = time.perf_counter() - start
+    if not any((~r.gt_difficult).any() for r in records):  # every process holds all the records
+        raise StageError(f"{manifest.path}: split {cfg.split!r} has no object that counts (none, or only difficult "
+                         "ones), so its mAP is undefined; evaluate on a split with objects")
 
     metrics: dict[str, Any] = {}
     if main:
@@ -297,7 +300,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         metrics = write_outputs(cfg, paths, shards, kind, mode, manifest.classes, everything, seconds)
         log.info(
             "%s: VOC07 mAP %.4f, VOC2010 mAP %.4f, COCO mAP %s, AP50 %s on %d images (%.1f images/s); wrote %s",
-            name, metrics["voc07"]["map"] or 0.0, metrics["voc2010"]["map"] or 0.0, metrics["coco"]["map"],
+            name, metrics["voc07"]["map"], metrics["voc2010"]["map"], metrics["coco"]["map"],
             metrics["coco"]["map_50"], len(everything), metrics["images_per_s"], paths.metrics,
         )
     accelerator.wait_for_everyone()

@@ -31,13 +31,15 @@ Coordinates. The project's pixel boxes (shard JSON, :func:`to_pixels`) are
 *edges*: ``[0, 0, W, H]`` covers a whole W x H image, and VOC XML's 1-based
 ``xmin..xmax`` was stored as ``x1 = xmin - 1, x2 = xmax``. :func:`to_devkit`
 turns them back into the devkit's convention (``x1 + 1, y1 + 1, x2, y2``), which
-recovers the VOC XML integers exactly; in that convention the devkit's ``+ 1``
+recovers the VOC XML integers exactly (the loader hands evaluation the stored pixel boxes in
+float64, ``target["pixels"]``: its float32 normalised boxes would not give them back); in that convention the devkit's ``+ 1``
 areas equal the plain areas of the edge boxes, so the IoU the devkit computes is
 the ordinary continuous IoU of our pixel boxes (the same IoU COCO uses).
 
 COCO metrics (mAP@[.5:.95], AP50, AP75, AP small/medium/large, AR) come from
 torchmetrics' ``MeanAveragePrecision`` with the ``faster_coco_eval`` backend, on
-edge pixel boxes. Difficult boxes are passed as ``iscrowd``: COCO then counts
+edge pixel boxes, with pycocotools' own float64 IoU and recall thresholds (tested equal to
+the reference evaluator run directly). Difficult boxes are passed as ``iscrowd``: COCO then counts
 them as no positive and ignores detections matched to them, like VOC; the
 matching rule differs (a crowd box may absorb several detections, and its IoU is
 intersection over the detection's area). COCO AP50 is *not* VOC AP: 101-point
@@ -57,6 +59,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ssd.errors import InputError
+
 #: IoU a detection must exceed to match a ground-truth box (VOC: strictly greater).
 VOC_IOU_THRESHOLD = 0.5
 
@@ -68,6 +72,18 @@ def to_pixels(boxes: Any, width: int, height: int) -> np.ndarray:
     """Normalised xyxy ``[N, 4]`` -> float64 edge-pixel xyxy ``[N, 4]`` of a ``width`` x ``height`` image."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     return b * np.array([width, height, width, height], dtype=np.float64)
+
+
+def _gt_pixels(target: Mapping[str, Any], width: int, height: int) -> np.ndarray:
+    """The ground truth in edge pixels: the loader's exact float64 ``pixels`` when it gives them.
+
+    Its normalised boxes are float32, and back in pixels a stored 61 comes out 60.9999979: an
+    area of exactly 32 x 32 drops from COCO's medium objects to its small ones, and a detection
+    of IoU exactly 0.5 passes VOC's strict > 0.5."""
+    pixels = target.get("pixels")
+    if pixels is not None:
+        return _array(pixels, np.float64).reshape(-1, 4)
+    return to_pixels(_array(target["boxes"], np.float64), width, height)
 
 
 def to_devkit(pixel_boxes: Any) -> np.ndarray:
@@ -282,7 +298,8 @@ class DetectionAccumulator:
     ) -> ImageRecord:
         """Add one image: ``size`` its original ``(width, height)``; ``detections`` as the
         post-processor returns them and ``target`` as the loader does (normalised boxes,
-        1-based labels; ``difficult`` optional)."""
+        1-based labels; ``difficult`` optional; ``pixels``, optional: the ground truth's exact
+        edge-pixel boxes, used instead of the float32 normalised ones)."""
         width, height = int(size[0]), int(size[1])
         gt_labels = _array(target["labels"], np.int64).reshape(-1)
         difficult = target.get("difficult")
@@ -293,7 +310,7 @@ class DetectionAccumulator:
             boxes=to_pixels(_array(detections["boxes"], np.float64), width, height),
             scores=_array(detections["scores"], np.float32).reshape(-1),
             labels=_array(detections["labels"], np.int64).reshape(-1),
-            gt_boxes=to_pixels(_array(target["boxes"], np.float64), width, height),
+            gt_boxes=_gt_pixels(target, width, height),
             gt_labels=gt_labels,
             gt_difficult=(
                 np.zeros(gt_labels.shape, dtype=bool) if difficult is None else _array(difficult, bool).reshape(-1)
@@ -304,7 +321,7 @@ class DetectionAccumulator:
 
     def add_record(self, record: ImageRecord) -> None:
         if record.image_id in self._records:
-            raise ValueError(f"image {record.image_id!r} added twice")
+            raise InputError(f"image {record.image_id!r} added twice (one sample key in two shards?)")
         self._records[record.image_id] = record
 
     @property
@@ -341,8 +358,12 @@ def coco_metrics(records: Sequence[ImageRecord]) -> dict[str, float | None]:
 
     # The records are complete (a distributed run gathers them first), so compute() must not
     # sync with other processes: only the main process calls it.
+    # pycocotools' own thresholds, in float64: torchmetrics' defaults come from torch.linspace
+    # in float32 (0.550000011920929, not 0.55), and the metrics then differ from the reference
+    # evaluator's in the fifth decimal (0.470395 against 0.470408 on the sample's VOC model).
     metric = MeanAveragePrecision(
-        box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", sync_on_compute=False
+        box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", sync_on_compute=False,
+        iou_thresholds=np.linspace(0.5, 0.95, 10).tolist(), rec_thresholds=np.linspace(0.0, 1.0, 101).tolist(),
     )
     # COCO's maxDets=100 keeps each image's 100 best detections: that is the definition, not a problem.
     metric.warn_on_many_detections = False

@@ -3,11 +3,13 @@ and two (gloo on CPU), refusals; video mode with a stand-in temporal model."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -303,6 +305,36 @@ def test_model_of_other_classes_is_refused(project, tmp_path):
     assert result.returncode == 2
     line = one_line_error(result)
     assert "['cat', 'dog']" in line and "['red', 'blue']" in line and str(other) in line
+    assert not (project / "never").exists()
+
+
+def _rewritten(shards: Path, out: Path, change) -> Path:
+    """A copy of the shards with each sample's JSON passed through ``change``."""
+    shutil.copytree(shards, out)
+    for tar_path in out.glob("*.tar"):
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(tar_path, "w") as tar:
+            for member, data in members:
+                if member.name.endswith(".json"):
+                    data = json.dumps(change(json.loads(data))).encode()
+                    member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    return out
+
+
+def test_a_split_without_objects_is_refused_not_scored_zero(project, tmp_path, monkeypatch, capsys):
+    """Every VOC and COCO value came out undefined (null) while the log said mAP 0.0000, exit 0."""
+    empty = _rewritten(project / "data" / "shards" / "voc", tmp_path / "empty",
+                       lambda a: {**a, "boxes": [], "labels": [], "difficult": []})
+    difficult = _rewritten(project / "data" / "shards" / "voc", tmp_path / "difficult",
+                           lambda a: {**a, "difficult": [True] * len(a["boxes"])})
+    monkeypatch.chdir(project)
+    for shards in (empty, difficult):
+        assert evaluate_mod.main(["--set", f"shards={shards}", "--set", "metrics_dir=never"]) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert last == (f"error: {shards / 'manifest.json'}: split 'val' has no object that counts (none, or only "
+                        "difficult ones), so its mAP is undefined; evaluate on a split with objects")
     assert not (project / "never").exists()
 
 

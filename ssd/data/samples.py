@@ -54,7 +54,9 @@ class Batch:
     ``images``: float32 ``Tensor[B, 3, S, S]`` (clips: ``Tensor[B, T, 3, S, S]``), RGB in [0, 1].
     ``targets``: one dict per sample (clips: one list of T dicts per sample), each with
     ``boxes`` float32 ``Tensor[N, 4]`` (x1, y1, x2, y2) normalised to [0, 1], ``labels``
-    int64 ``Tensor[N]`` (1-based, 0 is the background) and ``difficult`` bool ``Tensor[N]``.
+    int64 ``Tensor[N]`` (1-based, 0 is the background) and ``difficult`` bool ``Tensor[N]``;
+    evaluation batches also ``pixels``, float64 ``Tensor[N, 4]``: the stored edge-pixel boxes
+    of the original image, exactly (what the metrics compare with).
     ``keys``: sample keys (a frame taken from a clip: ``<clip key>/<index in clip, 3 digits>``).
     ``sizes``: original ``(width, height)`` of each sample's image(s).
     ``video``, ``frames``: for clip shards only (``"clips"`` and ``"frames_from_clips"``):
@@ -248,6 +250,10 @@ def _target(
         raise InputError(f"{where}: label {bad} is not a class (the dataset has {num_classes}: 0..{num_classes - 1})")
     return {
         "boxes": (px / size).clamp_(0.0, 1.0),
+        # The exact pixels, for evaluation (float32 normalised boxes don't give the stored
+        # integers back); the training transform drops them, the evaluation one keeps them.
+        "pixels": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4).clamp_(min=0.0).minimum(
+            torch.tensor([width, height, width, height], dtype=torch.float64)),
         "labels": lab + 1,
         "difficult": torch.tensor([bool(d) for d in difficult], dtype=torch.bool),
     }
