@@ -174,9 +174,11 @@ def test_plots_people_read(repo):
     val = charts["train_ir_lstm validation mAP"]["content"]
     assert val["title"]["text"] == "Validation mAP while training (lstm_ir, voc07)"
     assert {v["field"] for v in val["data"]["values"]} == {"map", "map_per_frame"}  # memory on and off
+    assert charts["mAP per model"]["content"]["title"]["text"] == "VOC mAP per model (voc07)"
     models = charts["mAP per model"]["content"]["data"]["values"]
-    assert sorted(v["model"] for v in models) == sorted(
-        ["ssdlite_voc", "ssdlite_ir", "lstm_ir", "lstm_ir_per_frame", "ssdlite_voc-pruned"])
+    assert sorted(v["model"] for v in models) == sorted(  # the int8 graphs too
+        ["ssdlite_voc", "ssdlite_ir", "lstm_ir", "lstm_ir_per_frame", "ssdlite_voc-pruned", "ssdlite_voc-int8",
+         "ssdlite_voc-pruned-int8", "lstm_ir-int8"])
     pr = charts["plots/pr-ssdlite_voc.csv"]["content"]
     classes = json.loads((repo / "data" / "shards" / "voc" / "manifest.json").read_text())["classes"]
     drawn = {v["class"] for v in pr["data"]["values"]}  # a class without detections has no curve
