@@ -93,8 +93,8 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
             raise StageError(
                 f"{key}: {path} is no DVC stage's output, and neither DVC nor git tracks it (git ignores it): a "
                 "file an earlier run left behind (did the key that names it change?), which DVC can neither "
-                f"reproduce nor restore; point {key} at a stage's output, or track the file with `dvc add` (in a folder "
-                "git doesn't ignore whole, such as weights/, not models/)"
+                f"reproduce nor restore; point {key} at a stage's output, or track the file with `dvc add` "
+                "(in a folder git doesn't ignore whole, such as weights/, not models/)"
             )
 
 

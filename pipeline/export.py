@@ -179,10 +179,10 @@ TOLERANCE = 1e-4
 
 def _check_flags(args: argparse.Namespace) -> None:
     """StageError for a flag whose switch is off (it would be ignored); then the defaults."""
-    unused = [f for f, v, on in (("--tolerance", args.tolerance, args.verify),
-                                 ("--calibration", args.calibration, args.int8),
-                                 ("--calibration-split", args.calibration_split, args.int8),
-                                 ("--calibration-frames", args.calibration_frames, args.int8)) if v is not None and not on]
+    flags = (("--tolerance", args.tolerance, args.verify), ("--calibration", args.calibration, args.int8),
+             ("--calibration-split", args.calibration_split, args.int8),
+             ("--calibration-frames", args.calibration_frames, args.int8))
+    unused = [f for f, v, on in flags if v is not None and not on]
     if unused:
         switch = "--verify" if unused[0] == "--tolerance" else "--int8 FILE"
         raise StageError(f"{unused[0]} is read only with {switch}, which is not given: add it, or drop {unused[0]}")

@@ -31,10 +31,11 @@ Coordinates. The project's pixel boxes (shard JSON, :func:`to_pixels`) are
 *edges*: ``[0, 0, W, H]`` covers a whole W x H image, and VOC XML's 1-based
 ``xmin..xmax`` was stored as ``x1 = xmin - 1, x2 = xmax``. :func:`to_devkit`
 turns them back into the devkit's convention (``x1 + 1, y1 + 1, x2, y2``), which
-recovers the VOC XML integers exactly (the loader hands evaluation the stored pixel boxes in
-float64, ``target["pixels"]``: its float32 normalised boxes would not give them back); in that convention the devkit's ``+ 1``
-areas equal the plain areas of the edge boxes, so the IoU the devkit computes is
-the ordinary continuous IoU of our pixel boxes (the same IoU COCO uses).
+recovers the VOC XML integers exactly (the loader hands evaluation the stored pixel
+boxes in float64, ``target["pixels"]``: its float32 normalised boxes would not give them
+back). In that convention the devkit's ``+ 1`` areas equal the plain areas of the edge
+boxes, so the IoU the devkit computes is the ordinary continuous IoU of our pixel boxes
+(the same IoU COCO uses).
 
 COCO metrics (mAP@[.5:.95], AP50, AP75, AP small/medium/large, AR) come from
 torchmetrics' ``MeanAveragePrecision`` with the ``faster_coco_eval`` backend, on

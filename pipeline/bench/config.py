@@ -77,7 +77,8 @@ class PostprocessBench:
     def __post_init__(self) -> None:
         _positive("postprocess", batch=self.batch, repeat=self.repeat)
         if self.num_classes < 2:
-            raise ConfigError(f"benchmark.postprocess.num_classes: the background and at least one class, got {self.num_classes}")
+            raise ConfigError("benchmark.postprocess.num_classes: the background and at least one class, "
+                              f"got {self.num_classes}")
 
 
 @dataclass(frozen=True)

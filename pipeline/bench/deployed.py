@@ -84,7 +84,8 @@ def _check_thresholds(path: Path, graph: dict[str, Any], python: PostprocessConf
               if graph.get(k) is None or abs(float(graph[k]) - float(getattr(python, k))) > 1e-9]
     if differ:
         raise InputError(f"{path}: {'; '.join(differ)} (benchmark.models.postprocess): the camera loop would time "
-                         "two different post-processings; set them alike (deploy.detect or benchmark.models.postprocess)")
+                         "two different post-processings; set them alike (deploy.detect or "
+                         "benchmark.models.postprocess)")
 
 
 def detect_steps(graph: DetectionGraph, pre: Callable[[Any], Any], batch: int) -> list[Step]:

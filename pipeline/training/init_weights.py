@@ -49,7 +49,8 @@ def load_init_weights(model: nn.Module, arch: dict[str, Any], classes: list[str]
     if info["class_names"] != classes:
         state = {k: v for k, v in state.items() if k not in per_class}
         by_design.update({k.rsplit(".", 1)[0]: "other classes" for k in per_class})
-    by_design.update({k.rsplit(".", 1)[0]: "the LSTM-SSD's cell" for k in model.state_dict() if k.startswith(_TEMPORAL)})
+    cells = [k for k in model.state_dict() if k.startswith(_TEMPORAL)]
+    by_design.update({k.rsplit(".", 1)[0]: "the LSTM-SSD's cell" for k in cells})
     report = load_matching(model, state, path, by_design=by_design)
     fresh = sorted(layer for layer in report.fresh if layer not in report.by_design)
     unused = [k for k in report.unused if not k.startswith(_TEMPORAL)]
