@@ -141,9 +141,10 @@ def _stage_paths(stage: str, root: str, inputs: list[str]) -> tuple[list[str], s
 def _orphan(repo: Any, path: str) -> bool:
     """Whether ``path`` is neither an out of the project (nor inside one, nor holding one) nor
     tracked by git, while git ignores it. A project without git is never checked."""
-    if type(repo.scm).__name__ == "NoSCM":
-        return False
     where = os.path.abspath(path)
+    root = os.path.abspath(repo.root_dir)
+    if type(repo.scm).__name__ == "NoSCM" or not where.startswith(root.rstrip(os.sep) + os.sep):
+        return False  # no git, or a path outside the project (DVC's external deps): not ours to judge
     for out in repo.index.outs:
         o = os.path.normpath(str(out.fs_path))
         if where == o or where.startswith(o.rstrip(os.sep) + os.sep) or o.startswith(where.rstrip(os.sep) + os.sep):

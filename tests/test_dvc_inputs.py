@@ -140,3 +140,9 @@ def test_an_input_no_stage_writes_and_git_ignores_is_refused(tmp_path, monkeypat
     check_tracked(evaluate("model=models/new-pruned.pt"), "ev", environ=env)  # the prune stage's output
     (root / "params.yaml").write_text(yaml.safe_dump({"ev": {"model": "weights/start.pt"}}))
     check_tracked(evaluate("model=weights/start.pt"), "ev", environ=env)
+    outside = tmp_path / "outside.pt"  # DVC's external deps: listed, outside the project
+    outside.write_bytes(b"model")
+    (root / "params.yaml").write_text(yaml.safe_dump({"ev": {"model": str(outside)}}))
+    check_tracked(evaluate(f"model={outside}"), "ev", environ=env)
+    with pytest.raises(StageError, match="is not among the deps"):  # and the deps check still runs
+        check_tracked(evaluate(f"model={outside}", "shards=elsewhere"), "ev", environ=env)
