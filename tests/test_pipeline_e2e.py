@@ -174,7 +174,7 @@ def test_plots_people_read(repo):
     val = charts["train_ir_lstm validation mAP"]["content"]
     assert val["title"]["text"] == "Validation mAP while training (lstm_ir, voc07)"
     assert {v["field"] for v in val["data"]["values"]} == {"map", "map_per_frame"}  # memory on and off
-    assert charts["mAP per model"]["content"]["title"]["text"] == "VOC mAP per model (voc07)"
+    assert "VOC mAP per model (voc07)" in json.dumps(charts["mAP per model"]["content"]["title"])
     models = charts["mAP per model"]["content"]["data"]["values"]
     assert sorted(v["model"] for v in models) == sorted(  # the int8 graphs too
         ["ssdlite_voc", "ssdlite_ir", "lstm_ir", "lstm_ir_per_frame", "ssdlite_voc-pruned", "ssdlite_voc-int8",
