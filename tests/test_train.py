@@ -435,6 +435,31 @@ def test_from_file_refuses_a_key_the_file_s_arch_does_not_record():
         _check_file_arch(ModelConfig(from_file="vgg.pt", width_mult=0.5), vgg)
 
 
+CRASH_AT_STEP_3 = """
+import sys
+import pipeline.training.loop as loop
+original = loop.step
+def step(r, stream, stop):
+    if r.step == 2:
+        raise RuntimeError("injected failure at step 3")
+    return original(r, stream, stop)
+loop.step = step
+from pipeline.train import main
+sys.exit(main([]))
+"""
+
+
+def test_an_unexpected_error_with_loader_workers_exits_instead_of_hanging(tmp_path):
+    """The workers are started with SIGTERM blocked (a preemption must not kill them mid-epoch);
+    after an uncaught error the stream was never closed, and at exit multiprocessing's terminate()
+    could not reach them: a CUDA out-of-memory error hung the job until it was killed."""
+    cwd = workdir(tmp_path, **{"data.num_workers": 1, "validation.every": 0, "trace": False})
+    result = subprocess.run([sys.executable, "-c", CRASH_AT_STEP_3], cwd=cwd, env=env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "RuntimeError: injected failure at step 3" in result.stderr
+
+
 EVIL = """
 import os
 class Payload:

@@ -43,11 +43,13 @@ def loop(r: Run, stop: StopFlag) -> int:
     cfg, main = r.cfg, r.accelerator.is_main_process
     if r.history.get("stopped_early") or _catch_up_validation(r):
         return 0
-    stream = micro_batches(r, r.step * cfg.optim.grad_accum)
+    # Closed on every way out: the loader workers run with SIGTERM blocked (stream.py), so after an
+    # uncaught error, workers left to the interpreter's exit could not be terminated: a hang.
+    batches = contextlib.closing(micro_batches(r, r.step * cfg.optim.grad_accum))
     rate = _Rate()
     trace = open(_trace_path(r), "a") if cfg.trace else contextlib.nullcontext()
     progress = Progress(cfg.name, cfg.steps, r.step, enabled=main)
-    with trace, progress:
+    with batches as stream, trace, progress:
         t_start = time.perf_counter()
         while r.step < cfg.steps:
             r.model.train()
