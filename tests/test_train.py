@@ -774,6 +774,43 @@ def test_a_frozen_backbone_keeps_its_batch_norm_statistics_too(tmp_path, monkeyp
     assert max_difference({k: before[k] for k in head}, {k: after[k] for k in head}) > 0  # the rest trained
 
 
+def test_grad_clip_measures_only_what_the_step_trains(tmp_path, monkeypatch):
+    """During freeze_backbone_steps the frozen backbone's gradients set the clipped norm (1,355,901
+    in the grad_norm column) and scaled the trained layers' gradients down about 1000x."""
+    import accelerate
+
+    from pipeline.device import reset_accelerate
+
+    import pipeline.train as train_mod
+    from pipeline.config import from_dict
+
+    clipped: list[set[int]] = []
+    original = accelerate.Accelerator.clip_grad_norm_
+
+    def recording(self, parameters, *args, **kwargs):
+        parameters = list(parameters)
+        clipped.append({id(p) for p in parameters})
+        return original(self, parameters, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", recording)
+    cwd = workdir(tmp_path)
+    monkeypatch.chdir(cwd)
+    cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "steps": 3, "trace": False, "ema": {}, "validation": {},
+                                            "freeze_backbone_steps": 2,
+                                            "optim": {**TRAIN["optim"], "warmup_steps": 0, "grad_clip": 1.0},
+                                            "data": {**TRAIN["data"], "num_workers": 0}})
+    try:
+        assert train_mod.train(cfg) == 0
+    finally:
+        reset_accelerate()
+    model, _ = load_model_file(cwd / "models" / "tiny.pt")
+    assert len(clipped) == 3
+    sizes = [len(c) for c in clipped]
+    backbone = sum(1 for n, _ in model.named_parameters() if n.startswith("backbone."))
+    total = sum(1 for _ in model.parameters())
+    assert sizes == [total - backbone, total - backbone, total]  # frozen for two steps, then all
+
+
 def test_several_training_sections_need_a_section_and_a_wrong_one_is_named(tmp_path):
     cwd = workdir(tmp_path)
     params = yaml.safe_load((cwd / "params.yaml").read_text())

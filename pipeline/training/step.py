@@ -88,7 +88,11 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
         res.frames += batch.images.shape[0] * (batch.images.shape[1] if r.temporal else 1)
     if not res.skipped:
         clip = r.cfg.optim.grad_clip if r.cfg.optim.grad_clip > 0 else float("inf")
-        res.grad_norm = float(acc.clip_grad_norm_(r.model.parameters(), clip))
+        # The norm of what this step trains: a backbone frozen by a zero learning rate
+        # (freeze_backbone_steps) still has gradients, and counted in they set the norm (x1000 on
+        # a tiny model) and scaled the trained layers' gradients down by as much.
+        trained = [p for g in r.optimizer.param_groups if g["lr"] > 0 for p in g["params"]]
+        res.grad_norm = float(acc.clip_grad_norm_(trained, clip))
         r.optimizer.step()
         # fp16: the loss scaler skips the update when the scaled gradients overflow; the EMA
         # must not average the unchanged weights in as if they were a step
