@@ -748,6 +748,20 @@ def test_a_resume_with_more_steps_follows_the_new_schedule_from_its_first_step(t
     assert lr[5] == pytest.approx(TRAIN["optim"]["lr"] * lr_factor(optim, 8)(4), rel=1e-6)
 
 
+def test_the_lr_column_is_optim_lr_as_scheduled_whatever_lr_factors_scale(tmp_path):
+    """It was optimiser group 0's rate, which lr_factors={extras: 0.1} made ten times too small."""
+    from ssd.optim import OptimConfig, lr_factor
+
+    cwd = workdir(tmp_path, steps=4, log_every=1, trace=False, **{"validation.every": 0,
+                                                                  "optim.lr_factors": {"extras": 0.1}})
+    result = run_train(cwd, 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(cwd / "plots" / "train-tiny.csv", newline="") as f:
+        lr = {int(r["step"]): float(r["lr"]) for r in csv.DictReader(f)}
+    optim = OptimConfig(**TRAIN["optim"])
+    assert lr == {s: pytest.approx(TRAIN["optim"]["lr"] * lr_factor(optim, 4)(s - 1), rel=1e-9) for s in range(1, 5)}
+
+
 def test_a_frozen_backbone_keeps_its_batch_norm_statistics_too(tmp_path, monkeypatch):
     """freeze_backbone_steps held the weights still while the running statistics moved (up to 0.9)."""
     from pipeline.device import reset_accelerate

@@ -19,6 +19,7 @@ from pipeline.training.stream import micro_batches
 from pipeline.training.signals import StopFlag
 from pipeline.training.step import StepResult, account, step
 from pipeline.training.validation import validate
+from ssd.optim import lr_factor
 from ssd.models.ssd import freeze_batchnorm
 
 log = logging.getLogger("pipeline.train")
@@ -47,6 +48,7 @@ def loop(r: Run, stop: StopFlag) -> int:
     # uncaught error, workers left to the interpreter's exit could not be terminated: a hang.
     batches = contextlib.closing(micro_batches(r, r.step * cfg.optim.grad_accum))
     rate = _Rate()
+    schedule = lr_factor(cfg.optim, cfg.steps)  # the factor of the logged rate (group 0's may be scaled)
     trace = open(_trace_path(r), "a") if cfg.trace else contextlib.nullcontext()
     progress = Progress(cfg.name, cfg.steps, r.step, enabled=main)
     with batches as stream, trace, progress:
@@ -58,7 +60,7 @@ def loop(r: Run, stop: StopFlag) -> int:
             elif r.step < cfg.freeze_backbone_steps:  # a frozen backbone keeps its statistics too
                 freeze_batchnorm(r.unwrapped.backbone)
             res = step(r, stream, stop)
-            lr = r.scheduler.get_last_lr()[0]
+            lr = cfg.optim.lr * schedule(r.step)  # optim.lr as scheduled, whatever lr_factors scale
             r.scheduler.step()
             r.step += 1
             progress.update(r.step)
