@@ -351,6 +351,7 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(Validator, "evaluate", lambda self, model, accelerator: {"map": 0.25})
     cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "trace": False, "data": {**TRAIN["data"], "num_workers": 0},
+                                            "log_every": 4,
                                             "validation": {"every": 2, "patience": 2, "num_workers": 0}})
     try:
         assert train_mod.train(cfg) == 0
@@ -358,9 +359,56 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         reset_accelerate()
     summary = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
     assert summary["steps"] == 6  # best at step 2, no better at 4 and 6
+    assert logged_steps(cwd, "train") == [4, 6]  # the curves end at the stop, not at the last log_every row
     assert summary["val"] == {"map": 0.25, "best_map": 0.25, "best_step": 2, "seconds": summary["val"]["seconds"]}
     assert logged_steps(cwd, "val") == [2, 4, 6]
     assert load_model_file(cwd / "models/tiny-best.pt")[1]["meta"]["best"]["step"] == 2
+
+
+def test_images_per_s_counts_training_time_only(tmp_path, monkeypatch):
+    """The column counted the validations' and checkpoints' time (rows of 3.7 between rows of 46),
+    while the metrics' figure didn't. A fake clock jumps 1,000 s in every validation here."""
+    from types import SimpleNamespace
+
+    from pipeline.device import reset_accelerate
+
+    import pipeline.train as train_mod
+    import pipeline.training.loop as loop_mod
+    from pipeline.config import from_dict
+    from pipeline.training.validation import Validator
+
+    jump = [0.0]
+    real = loop_mod.time.perf_counter
+    monkeypatch.setattr(loop_mod, "time", SimpleNamespace(perf_counter=lambda: real() + jump[0]))
+
+    def slow(self, model, accelerator):
+        jump[0] += 1000.0
+        return {"map": 0.25}
+
+    cwd = workdir(tmp_path)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(Validator, "evaluate", slow)
+    cfg = from_dict(train_mod.TrainConfig, {**TRAIN, "steps": 6, "trace": False, "log_every": 3,
+                                            "data": {**TRAIN["data"], "num_workers": 0},
+                                            "validation": {"every": 2, "num_workers": 0}})
+    try:
+        assert train_mod.train(cfg) == 0
+    finally:
+        reset_accelerate()
+    with open(cwd / "plots" / "train-tiny.csv", newline="") as f:
+        rates = [float(row["images_per_s"]) for row in csv.DictReader(f)]
+    assert len(rates) == 2 and min(rates) > 0.1  # 12 images over 1,000 s would be 0.012
+
+
+def test_warmup_longer_than_the_run_is_named(tmp_path, monkeypatch, caplog):
+    from pipeline.config import from_dict
+    from pipeline.training.setup import check_data
+    import pipeline.train as train_mod
+
+    monkeypatch.chdir(workdir(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="pipeline.train"):
+        check_data(from_dict(train_mod.TrainConfig, {**TRAIN, "steps": 2, "optim": {"warmup_steps": 10}}))
+    assert "optim.warmup_steps 10 is more than steps 2: the learning rate stops at" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -381,6 +429,8 @@ def test_no_better_validation_for_patience_validations_stops_early(tmp_path, mon
         (["optim.lr_factors={temporl: 10}"], "optim.lr_factors: 'temporl' names no trainable parameter"),
         (["compile=inductr"], "compile: unknown torch.compile backend 'inductr'"),
         # Keys the run would have ignored without a word.
+        # One image per batch was a ValueError traceback from batch norm on the 1x1 map.
+        (["data.batch_size=1"], "data.batch_size 1: batch norm in training needs more than one image per batch"),
         (["model.from_file=models/a.pt", "model.init_weights=models/b.pt"],
          "train.model: from_file loads the whole model; init_weights would be ignored"),
         (["model.init_weights=models/b.pt", "model.backbone_weights=w.pth"],

@@ -72,8 +72,11 @@ def loop(r: Run, stop: StopFlag) -> int:
                 _log_row(r, res, lr, rate.per_s(), progress)
                 rate.reset()
             r.history["train_seconds"] += time.perf_counter() - t_start
+            paused, images_per_s = time.perf_counter(), rate.per_s()
             # A stop signal saves first (a spot notice is short); the resumed run validates this step.
             early = not res.stop and r.validator is not None and r.validator.due(r.step, cfg.steps) and validate(r)
+            if early and r.step % cfg.log_every and r.step != cfg.steps:  # the curves end where the model does
+                _log_row(r, res, lr, images_per_s, progress)
             if res.stop or (r.step % cfg.checkpoint_every == 0 and r.step < cfg.steps and not early):
                 save_checkpoint(r)
                 if res.stop:
@@ -82,6 +85,7 @@ def loop(r: Run, stop: StopFlag) -> int:
             if early:
                 return 0
             t_start = time.perf_counter()
+            rate.t += t_start - paused  # images_per_s is training's rate, as the metrics' is
     return 0
 
 

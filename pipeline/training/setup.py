@@ -27,7 +27,7 @@ from ssd.ema import averaged
 from ssd.loss import MultiBoxLoss
 from ssd.model_file import ModelFileError, load_model_file, load_state_dict_file
 from ssd.models import build_model
-from ssd.optim import build_optimizer, group_factors
+from ssd.optim import build_optimizer, group_factors, lr_factor
 from ssd.data.transforms import DeviceColour
 from ssd.state_carry import StateCarry, carry_keep
 
@@ -102,6 +102,15 @@ def check_data(cfg: TrainConfig) -> tuple[Manifest, list[str], int]:
         raise StageError(f"{manifest.path}: holds {manifest.kind} shards but data.kind is {cfg.data.kind!r}")
     if cfg.data.streams % max(1, cfg.data.num_workers):
         raise StageError(f"data.num_workers ({cfg.data.num_workers}) must divide data.streams ({cfg.data.streams})")
+    if cfg.data.batch_size == 1 and cfg.data.kind != "clips" and not cfg.frozen_batchnorm:
+        # The last extras map is 1x1: one image gives batch norm one value per channel (a traceback).
+        raise StageError("data.batch_size 1: batch norm in training needs more than one image per batch (the last "
+                         "feature map is 1x1); use 2 or more (optim.grad_accum keeps the memory down), or "
+                         "frozen_batchnorm: true")
+    if cfg.optim.warmup_steps > cfg.steps:
+        log.warning("optim.warmup_steps %d is more than steps %d: the learning rate stops at %.3g of optim.lr and the "
+                    "%s schedule never starts", cfg.optim.warmup_steps, cfg.steps,
+                    lr_factor(cfg.optim, cfg.steps)(cfg.steps - 1), cfg.optim.schedule)
     return manifest, shards, num_samples
 
 
