@@ -91,8 +91,9 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
         # The norm of what this step trains: a backbone frozen by a zero learning rate
         # (freeze_backbone_steps) still has gradients, and counted in they set the norm (x1000 on
         # a tiny model) and scaled the trained layers' gradients down by as much.
-        trained = [p for g in r.optimizer.param_groups if g["lr"] > 0 for p in g["params"]]
-        res.grad_norm = float(acc.clip_grad_norm_(trained, clip))
+        # In the model's order, as before: the norm's sum (and so every clipped step) stays bit-identical.
+        moving = {id(p) for g in r.optimizer.param_groups if g["lr"] > 0 for p in g["params"]}
+        res.grad_norm = float(acc.clip_grad_norm_([p for p in r.model.parameters() if id(p) in moving], clip))
         r.optimizer.step()
         # fp16: the loss scaler skips the update when the scaled gradients overflow; the EMA
         # must not average the unchanged weights in as if they were a step
