@@ -45,7 +45,6 @@ error (exit code 2), before anything is timed.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -59,6 +58,7 @@ import torch
 from ssd import atomic
 from pipeline.bench.config import BenchmarkConfig
 from pipeline.config import load_config, load_params, to_dict
+from pipeline.datasets import read_manifest
 from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd.data.shards import list_shards
@@ -224,8 +224,7 @@ def _check_loader(c: Any) -> None:
         return
     if not (Path(c.voc_dir) / "Annotations").is_dir():
         raise StageError(f"{c.voc_dir}: no VOC-layout dataset (benchmark.loader.voc_dir; null: skip the comparison)")
-    manifest = Path(c.shards) / "manifest.json"
-    kind = json.loads(manifest.read_text()).get("kind") if manifest.is_file() else "frames"
+    kind = read_manifest(c.shards).kind if (Path(c.shards) / "manifest.json").is_file() else "frames"
     if kind != "frames":
         raise StageError(f"{c.shards}: {kind} shards; benchmark.loader.voc_dir compares frame shards only (null: skip)")
 

@@ -130,7 +130,10 @@ def _stage_paths(stage: str, root: str, inputs: list[str]) -> tuple[list[str], s
             found = repo.stage.collect(stage)
             deps = [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
             outs = {os.path.normpath(str(o.fs_path)) for s in found for o in s.outs}
-            orphans = {p for p in inputs if os.path.exists(p) and _orphan(repo, p)} if inputs else set()
+            orphans: set[str] = set()
+            if inputs and type(repo.scm).__name__ != "NoSCM":  # without git, nothing is ignored: no orphans
+                project_outs = [os.path.normpath(str(o.fs_path)) for o in repo.index.outs]
+                orphans = {p for p in inputs if os.path.exists(p) and _orphan(repo, p, project_outs)}
         return deps, outs, orphans
     except Exception as e:  # noqa: BLE001 - any failure of DVC's API only means we can't check
         log.warning("can't read the deps of the DVC stage %r (%s: %s); not checking that DVC tracks this stage's "
@@ -138,17 +141,14 @@ def _stage_paths(stage: str, root: str, inputs: list[str]) -> tuple[list[str], s
         return None
 
 
-def _orphan(repo: Any, path: str) -> bool:
-    """Whether ``path`` is neither an out of the project (nor inside one, nor holding one) nor
-    tracked by git, while git ignores it. A project without git is never checked."""
+def _orphan(repo: Any, path: str, outs: list[str]) -> bool:
+    """Whether ``path`` is neither one of the project's ``outs`` (nor inside one, nor holding one)
+    nor tracked by git, while git ignores it."""
     where = os.path.abspath(path)
-    root = os.path.abspath(repo.root_dir)
-    if type(repo.scm).__name__ == "NoSCM" or not where.startswith(root.rstrip(os.sep) + os.sep):
-        return False  # no git, or a path outside the project (DVC's external deps): not ours to judge
-    for out in repo.index.outs:
-        o = os.path.normpath(str(out.fs_path))
-        if where == o or where.startswith(o.rstrip(os.sep) + os.sep) or o.startswith(where.rstrip(os.sep) + os.sep):
-            return False
+    if not _covered(where, [os.path.abspath(repo.root_dir)]):
+        return False  # outside the project (DVC's external deps): not ours to judge
+    if _covered(where, outs) or any(_covered(o, [where]) for o in outs):
+        return False
     return bool(repo.scm.is_ignored(where)) and not repo.scm.is_tracked(where)
 
 

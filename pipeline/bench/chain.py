@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import cv2
@@ -79,6 +80,17 @@ def frame_figures(params: int, macs: int, latency: dict[str, float], class_logit
         "candidates_per_image": int((scores > score_threshold).sum()),
         "detections_per_image": len(detections[0]["labels"]),
     }
+
+
+def source_jpeg(source_image: str | None, source_size: Sequence[int], quality: int) -> tuple[bytes, int, int]:
+    """``(jpeg, width, height)``: the frame the pre-processing decodes, the JPEG file
+    ``source_image``, else a :func:`synthetic_jpeg` of ``source_size`` (width, height) and ``quality``."""
+    if source_image is not None:
+        jpeg = Path(source_image).read_bytes()
+        height, width = decode_rgb(jpeg).shape[:2]
+        return jpeg, width, height
+    width, height = (int(s) for s in source_size)
+    return synthetic_jpeg(width, height, quality), width, height
 
 
 def synthetic_jpeg(width: int, height: int, quality: int = 90, seed: int = 0) -> bytes:

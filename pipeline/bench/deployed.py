@@ -43,7 +43,7 @@ import cv2
 import torch
 from torch import nn
 
-from pipeline.bench.chain import PARTS, Step, decode_rgb, part_ms, synthetic_jpeg, time_steps
+from pipeline.bench.chain import PARTS, Step, part_ms, source_jpeg, time_steps
 from pipeline.bench.models import model_steps
 from ssd.errors import InputError
 from ssd.fold import fold_batchnorm
@@ -180,9 +180,7 @@ def run(
     """The figures of the module docstring; ``pruned``: (unpruned, pruned) stems, ``lstm``: (LSTM-SSD,
     its SSDLite) stems, each pair compared when both are among ``files``. The frame: ``source_image``,
     else a synthetic one of ``source_size`` (width, height) and ``jpeg_quality``, as the models section's."""
-    width, height = (int(v) for v in source_size)
-    jpeg = Path(source_image).read_bytes() if source_image else synthetic_jpeg(width, height, jpeg_quality)
-    height, width = decode_rgb(jpeg).shape[:2]
+    jpeg, width, height = source_jpeg(source_image, source_size, jpeg_quality)
     torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
     per_threads: dict[str, Any] = {}
     try:

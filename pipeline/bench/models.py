@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.bench.chain import (
-    Step, decode_rgb, frame_figures, part_ms, rounded_ratio, synthetic_jpeg, time_steps,
+    Step, decode_rgb, frame_figures, part_ms, rounded_ratio, source_jpeg, time_steps,
 )
 from pipeline.bench.peer import build_peer, measure_peer
 from ssd.data.transforms import eval_transform
@@ -87,12 +87,7 @@ def run(
     synthetic one of ``source_size`` (width, height) and ``jpeg_quality``.
     """
     dev = torch.device(device)
-    if source_image is not None:
-        jpeg = Path(source_image).read_bytes()
-        height, width = decode_rgb(jpeg).shape[:2]
-    else:
-        width, height = (int(s) for s in source_size)
-        jpeg = synthetic_jpeg(width, height, jpeg_quality)
+    jpeg, width, height = source_jpeg(source_image, source_size, jpeg_quality)
     models = {Path(f).stem: load_model_file(f, map_location=dev)[0] for f in files}
     if len(models) != len(files):
         raise ValueError(f"model files must have distinct names (stems): {list(files)}")

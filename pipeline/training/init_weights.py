@@ -44,9 +44,9 @@ def load_init_weights(model: nn.Module, arch: dict[str, Any], classes: list[str]
     """Copy ``source``'s weights (the model file ``path``, its ``info``) into ``model`` (built
     from ``arch`` for ``classes``), and log what loaded; StageError if they don't fit."""
     state = source.state_dict()
-    per_class = class_dependent_keys(arch)
     by_design: dict[str, str] = {}
-    if info["class_names"] != classes:
+    if info["class_names"] != classes:  # (two meta-device builds; the same classes need none)
+        per_class = class_dependent_keys(arch)
         state = {k: v for k, v in state.items() if k not in per_class}
         by_design.update({k.rsplit(".", 1)[0]: "other classes" for k in per_class})
     cells = [k for k in model.state_dict() if k.startswith(_TEMPORAL)]

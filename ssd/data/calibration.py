@@ -53,7 +53,8 @@ def pick(entries: Sequence, kind: str, count: int, run_length: int) -> list[tupl
             # (runs cut short by a video's end would otherwise leave the count unmet).
             k = min(len(chunks), -(-need // run_length))
             first = [r * len(chunks) // k for r in range(k)]
-            chunks = [chunks[i] for i in first] + [c for i, c in enumerate(chunks) if i not in set(first)]
+            taken = set(first)
+            chunks = [chunks[i] for i in first] + [c for i, c in enumerate(chunks) if i not in taken]
         for run in chunks:
             if len(picked) >= count:
                 break

@@ -235,8 +235,11 @@ def _target(
         )
     if any(not isinstance(b, list) or len(b) != 4 for b in boxes):
         raise InputError(f"{where}: every box must be [x1, y1, x2, y2]")
-    px = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
-    size = torch.tensor([width, height, width, height], dtype=torch.float32)
+    # Parsed once, in float64 (the exact pixels, for evaluation); float32 from them is bit for bit
+    # what float32 from the JSON numbers is.
+    exact = torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+    exact_size = torch.tensor([width, height, width, height], dtype=torch.float64)
+    px, size = exact.float(), exact_size.float()
     # One pixel of slack for rounding in converters; anything further out is a bad annotation.
     bad = (px[:, 2] <= px[:, 0]) | (px[:, 3] <= px[:, 1]) | (px < -1).any(1) | (px > size + 1).any(1)
     if bad.any():
@@ -252,8 +255,7 @@ def _target(
         "boxes": (px / size).clamp_(0.0, 1.0),
         # The exact pixels, for evaluation (float32 normalised boxes don't give the stored
         # integers back); the training transform drops them, the evaluation one keeps them.
-        "pixels": torch.tensor(boxes, dtype=torch.float64).reshape(-1, 4).clamp_(min=0.0).minimum(
-            torch.tensor([width, height, width, height], dtype=torch.float64)),
+        "pixels": exact.clamp(min=0.0).minimum(exact_size),
         "labels": lab + 1,
         "difficult": torch.tensor([bool(d) for d in difficult], dtype=torch.bool),
     }
