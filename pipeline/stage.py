@@ -105,6 +105,19 @@ def arg_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def _peer_failure(e: RuntimeError) -> bool:
+    """An error of the collective communication in a job of several processes (gloo raises a plain
+    RuntimeError, "Connection closed by peer", when another process has exited). The process
+    group may already be gone (the stage ends it on the way out): the launcher's WORLD_SIZE says."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    text = str(e)
+    return isinstance(e, dist.DistError) or any(
+        mark in text for mark in ("Connection closed by peer", "Connection reset by peer", "[gloo", "gloo/", "NCCL"))
+
+
 def one_line(message: str) -> str:
     """An error message as one line. An error raised in a DataLoader worker arrives wrapped
     in the worker's traceback; its last line is the original ``module.Type: message``."""
@@ -142,6 +155,14 @@ def run(body: Callable[[], int | None]) -> int:
             raise
         print(f"error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         code = EXIT_USER_ERROR
+    except RuntimeError as e:
+        if not _peer_failure(e):
+            raise
+        # Another process of the job failed (its own error says why) and this one's next
+        # collective broke: one line, not a traceback that buries the cause.
+        print(f"error: stopped because the job's other processes can't be reached (most likely one of them "
+              f"failed first: see its error): {one_line(str(e))[:300]}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing is half-written
         print("interrupted (Ctrl-C): finished outputs are kept, unfinished ones discarded", file=sys.stderr)
         code = EXIT_INTERRUPTED

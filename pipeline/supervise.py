@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from pipeline.stage import EXIT_USER_ERROR
+
 #: The environment variable naming the folder stage processes report their exit codes to.
 REPORTS_ENV = "SSD_EXIT_REPORTS"
 #: A stage process stopped by a signal after saving a checkpoint: rerun to resume.
@@ -78,6 +80,9 @@ def exit_code(launcher_code: int, reports: Sequence[int | None]) -> int:
     - every process 0: 0 (whatever the launcher says);
     - every process that reported said 75 (others killed while the rest saved): 75;
     - every reported non-zero code the same: that code (a config error on every rank: 2);
+    - a user error (2) on some process: 2, whatever the others did (a bad sample read by one
+      rank's loader stops it with its one line; the others then fail in their next collective,
+      or are killed by the launcher: effects, not causes);
     - otherwise the launcher's code, or 1 if it claims success.
     """
     if not reports:
@@ -88,6 +93,8 @@ def exit_code(launcher_code: int, reports: Sequence[int | None]) -> int:
     failed = {c for c in codes if c != 0}
     if len(failed) == 1 and (next(iter(failed)) == EXIT_PREEMPTED or len(codes) == len(reports)):
         return failed.pop()
+    if EXIT_USER_ERROR in failed:
+        return EXIT_USER_ERROR
     return launcher_code if launcher_code != 0 else 1
 
 

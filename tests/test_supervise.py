@@ -26,7 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
     (1, [75, 75], 75),          # accelerate launch's 1 over workers that were preempted
     (1, [75, None], 75),        # one worker killed while the other saved: rerun resumes
     (1, [2, 2], 2),             # a config error on every rank
-    (1, [2, None], 1),          # not agreed: the launcher's
+    (1, [2, None], 2),          # a bad input on one rank, the other killed by the launcher
+    (1, [1, 2], 2),             # ... or failed in its next collective (gloo: connection closed by peer)
+    (1, [0, 2, 75], 2),
+    (1, [1, None], 1),          # not agreed: the launcher's
     (1, [1, 75], 1),            # a real failure is not a preemption
     (0, [0, 0], 0),
     (0, [0, None], 1),          # the launcher claims success, a stage process vanished

@@ -117,6 +117,12 @@ def test_the_logged_loss_is_the_mean_over_the_processes(reference_run):
     assert logged and all(own[0][s] != own[1][s] for s in logged)
     for step, loss in logged.items():
         assert loss == pytest.approx((own[0][step] + own[1][step]) / 2, abs=2e-6)
+    # The metrics' final_loss (what `dvc metrics diff` compares) is the job's too: it was
+    # process 0's mean alone.
+    job = [(own[0][s] + own[1][s]) / 2 for s in sorted(own[0])]
+    final = json.loads((reference_run / "metrics" / "train-tiny.json").read_text())["final_loss"]
+    assert final == pytest.approx(sum(job) / len(job), abs=2e-6)
+    assert final != pytest.approx(sum(own[0].values()) / len(own[0]), abs=2e-6)
 
 
 def test_two_processes_read_different_samples_and_keep_identical_weights(reference_run):
@@ -233,6 +239,39 @@ def test_lstm_ssd_carries_its_state_from_clip_to_clip_and_through_a_resume(tmp_p
     assert result.returncode == 0 and "resumed from checkpoints/tiny/step-00000003" in result.stderr
     assert max_difference(uninterrupted, weights(cwd / "models" / "tiny.pt")) == 0.0
     assert json.loads((cwd / "metrics" / "train-tiny.json").read_text())["carried_clips"] == summary["carried_clips"]
+
+
+def test_clips_carried_count_every_process_and_a_job_that_could_carry_none_is_refused(tmp_path):
+    """carried_clips was process 0's count alone; and with 2 processes and batch 2 (one batch per
+    loader stream an epoch) sequence mode carried nothing and exited 0."""
+    lstm = {**LSTM, "data": {**LSTM["data"], "batch_size": 1}, "freeze_backbone_steps": 0,
+            "validation": {"every": 0}}
+    cwd = workdir(tmp_path / "carry", lstm, **{"data.sequence_clips": 3, "steps": 8})
+    result = run_train(cwd, 2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    per_rank = [sum(t["carried"] for t in trace(cwd, rank)) for rank in (0, 1)]
+    assert all(n > 0 for n in per_rank)
+    assert json.loads((cwd / "metrics" / "train-tiny.json").read_text())["carried_clips"] == sum(per_rank)
+    assert "2 process(es) x 1 accumulated = 2 samples per optimiser step" in result.stderr
+
+    cwd = workdir(tmp_path / "none", LSTM, **{"data.sequence_clips": 3, "validation.every": 0})
+    result = subprocess.run([sys.executable, "-m", "pipeline.supervise", *launch(cwd, 2)], cwd=cwd, env=env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: data.sequence_clips 3: no clip would start from a carried state" in result.stderr
+
+
+def test_an_accumulation_count_from_accelerate_s_environment_is_refused(tmp_path):
+    """Accelerate divides every loss by ACCELERATE_GRADIENT_ACCUMULATION_STEPS, which the loop never
+    uses: the run trained on with gradients a quarter of their size."""
+    cwd = workdir(tmp_path, **{"steps": 2, "validation.every": 0})
+    result = subprocess.run(launch(cwd, 1), cwd=cwd, env={**env(), "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: ACCELERATE_GRADIENT_ACCUMULATION_STEPS=4 would scale every gradient down; unset it and use "
+        "optim.grad_accum")
+    assert not (cwd / "models" / "tiny.pt").exists()
 
 
 def test_sigkill_resumes_from_last_periodic_checkpoint_ignoring_half_written(reference_run, tmp_path):
@@ -591,6 +630,32 @@ def test_a_bad_sample_read_in_a_loader_worker_stops_the_run_and_the_process_exit
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: shards/train-000000.tar: sample '")
+
+
+def test_a_bad_sample_read_by_one_of_two_processes_is_exit_2_under_the_supervisor(tmp_path):
+    """Process 1 stopped with its one line (exit 2); process 0 then failed in the next all-reduce
+    (gloo: connection closed by peer) with a traceback, and the supervised job exited 1, "a bug"."""
+    cwd = workdir(tmp_path, **{"steps": 30, "validation.every": 0, "trace": False})
+    local = tmp_path / "own-shards"
+    shutil.copytree(cwd / "shards", local)
+    with tarfile.open(local / "train-000002.tar") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    last = max(i for i, (m, _) in enumerate(members) if m.name.endswith(".jpg"))
+    with tarfile.open(local / "train-000002.tar", "w") as tar:
+        for i, (info, data) in enumerate(members):
+            data = b"\xff\xd8\xff" + bytes(200) if i == last else data
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (cwd / "shards").unlink()
+    (cwd / "shards").symlink_to(local)
+    result = subprocess.run([sys.executable, "-m", "pipeline.supervise", *launch(cwd, 2)], cwd=cwd, env=env(),
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "error: shards/train-000002.tar: sample '" in result.stderr
+    # The other process says in one line why it stopped, instead of a traceback burying the cause.
+    assert "error: stopped because the job's other processes can't be reached" in result.stderr
+    assert "[rank0]: Traceback" not in result.stderr and "[rank1]: Traceback" not in result.stderr
+    assert not (cwd / "models" / "tiny.pt").exists()
 
 
 def test_missing_shard_is_a_one_line_error(tmp_path):

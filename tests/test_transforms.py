@@ -81,6 +81,22 @@ def test_flip_only_mirrors_box():
     assert _bounds(white) == (20, 5, 28, 27)  # 40/64*32 .. 56/64*32, 8/48*32 .. 40/48*32 (rounded inwards)
 
 
+@pytest.mark.parametrize("size, width, height", [(320, 600, 400), (160, 300, 225), (300, 299, 200)])
+@pytest.mark.parametrize("flip_p", [0.0, 1.0])
+def test_boxes_at_the_right_and_bottom_edges_are_kept(size, width, height, flip_p):
+    """Resize put an edge at the width a few 1e-6 past the new size, and SanitizeBoundingBoxes then
+    dropped the box: objects cut by the right or bottom edge (after a flip, the left), and a box
+    covering the whole image, were trained as background."""
+    cfg = AugmentConfig(photometric_p=0.0, zoom_out_p=0.0, crop_p=0.0, flip_p=flip_p)
+    target = _target([[0.5, 0.2, 1.0, 0.8], [0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.4, 1.0], [0.1, 0.1, 0.4, 0.4]],
+                     [1, 2, 3, 4])
+    _, out = train_transform(size, cfg)(torch.zeros(3, height, width, dtype=torch.uint8), target)
+    assert out["labels"].tolist() == [1, 2, 3, 4]
+    expected = target["boxes"] if not flip_p else torch.stack(
+        [1 - target["boxes"][:, 2], target["boxes"][:, 1], 1 - target["boxes"][:, 0], target["boxes"][:, 3]], dim=1)
+    assert_close(out["boxes"], expected, atol=1e-6, rtol=0)
+
+
 def test_cropped_out_boxes_are_dropped_with_their_labels():
     # A large box on the left (label 1) and a small difficult box in the bottom-right corner (label 2).
     image = torch.zeros(3, 64, 64, dtype=torch.uint8)

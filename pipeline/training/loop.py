@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from pipeline.training.outputs import EXIT_PREEMPTED, save_checkpoint
 from pipeline.training.progress import Progress
@@ -99,24 +98,16 @@ def _catch_up_validation(r: Run) -> bool:
 
 
 def _log_row(r: Run, res: StepResult, lr: float, images_per_s: float, progress: Progress) -> None:
-    row = {"step": r.step, **{k: round(v, 6) for k, v in _mean_over_processes(r, res.parts).items()}, "lr": lr,
+    row = {"step": r.step, **{k: round(v, 6) for k, v in res.job_parts.items()}, "lr": lr,
            "grad_norm": round(res.grad_norm, 4), "images_per_s": images_per_s}
     r.log.add("train", row)
     progress.logged(row)
 
 
-def _mean_over_processes(r: Run, parts: dict[str, float]) -> dict[str, float]:
-    """The loss parts averaged over the processes (each has its own micro-batches): what the
-    logged rows show, not process 0's share alone. Called by every process at the same steps."""
-    if r.accelerator.num_processes == 1:
-        return parts
-    values = torch.tensor(list(parts.values()), dtype=torch.float64, device=r.accelerator.device)
-    return dict(zip(parts, r.accelerator.reduce(values, reduction="mean").tolist()))
-
-
 def _trace(r: Run, res: StepResult, trace: Any) -> None:
     checksum = sum(float(p.detach().double().sum()) for p in r.unwrapped.parameters())
-    trace.write(json.dumps({"step": r.step, "keys": res.keys, "checksum": checksum, "loss": res.parts["loss"]}) + "\n")
+    trace.write(json.dumps({"step": r.step, "keys": res.keys, "checksum": checksum, "loss": res.parts["loss"],
+                            "carried": res.carried}) + "\n")
     trace.flush()
 
 

@@ -74,7 +74,7 @@ def summary(r: Run) -> dict[str, Any]:
         "nonfinite_steps": h["nonfinite"],
         "world_size": r.accelerator.num_processes,
     }
-    if r.carry is not None:  # clips (on this process) that started from the previous clip's state
+    if r.carry is not None:  # clips (of every process) that started from the previous clip's state
         out["carried_clips"] = h.get("carried_clips", 0)
     v = h.get("validation")
     if v is not None:

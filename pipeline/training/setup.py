@@ -137,6 +137,11 @@ def make_accelerator(cfg: TrainConfig):
         dynamo_backend=backend,
         step_scheduler_with_optimizer=False,  # we step it once per optimiser step ourselves
     )
+    if accelerator.gradient_accumulation_steps != 1:
+        # Accelerate takes it from ACCELERATE_GRADIENT_ACCUMULATION_STEPS whatever the argument
+        # says, and then divides every loss passed to backward by it: a silently smaller step.
+        raise StageError(f"ACCELERATE_GRADIENT_ACCUMULATION_STEPS={accelerator.gradient_accumulation_steps} would "
+                         "scale every gradient down; unset it and use optim.grad_accum")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise StageError("mixed precision fp16 needs a GPU; use bf16 or no on the CPU")
     device.report(accelerator, f"training {cfg.name}")
@@ -202,6 +207,28 @@ def load_teacher(path: str, student: Any, classes: list[str]) -> Any:
     return teacher
 
 
+def batches_per_epoch(cfg: TrainConfig, num_samples: int, world: int) -> int:
+    """Each process's batches in an epoch (logged with the job's batch); in sequence mode, refused
+    where no run of clips could carry a state (a lane's runs end with the epoch)."""
+    data = cfg.data
+    batches = max(1, math.ceil(num_samples / (data.batch_size * world)))
+    log.info("batch: %d per process x %d process(es) x %d accumulated = %d samples per optimiser step; "
+             "%d steps per epoch of %d samples", data.batch_size, world, cfg.optim.grad_accum,
+             data.batch_size * world * cfg.optim.grad_accum, max(1, batches // cfg.optim.grad_accum), num_samples)
+    if data.sequence_clips > 1:
+        per_stream = batches // data.streams  # batches of each loader stream in an epoch, at least
+        why = (f"each of the {data.streams} loader streams of a process makes {per_stream} batch(es) an epoch "
+               f"({num_samples} clips, batch {data.batch_size} on {world} process(es)), and a stream's runs of clips "
+               "end with the epoch")
+        if per_stream < 2:
+            raise StageError(f"data.sequence_clips {data.sequence_clips}: no clip would start from a carried state: "
+                             f"{why}; use fewer data.streams, a smaller data.batch_size or fewer processes")
+        if per_stream < data.sequence_clips:
+            log.warning("data.sequence_clips %d: runs are at most %d clips long here: %s", data.sequence_clips,
+                        per_stream, why)
+    return batches
+
+
 def setup(cfg: TrainConfig, restart: bool) -> Run:
     """Check the inputs, build the accelerator, model, optimiser, EMA and validation, and resume
     if there is a checkpoint."""
@@ -250,7 +277,7 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     r = Run(
         cfg=cfg, paths=paths, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
         criterion=criterion, classes=manifest.classes, fingerprint=fp, temporal=temporal, shards=shards,
-        batches_per_epoch=max(1, math.ceil(num_samples / (cfg.data.batch_size * world))),
+        batches_per_epoch=batches_per_epoch(cfg, num_samples, world),
         log=RunLog(paths.logs, tables, enabled=accelerator.is_main_process), validator=validator,
         teacher=None if teacher is None else teacher.to(accelerator.device),
     )

@@ -30,10 +30,17 @@ class StepResult:
     """A stop signal arrived on some process."""
     frames: int = 0
     keys: list[str] = field(default_factory=list)
+    carried: int = 0
+    """Clips of this process that started from a carried state."""
+    job_parts: dict[str, float] = field(default_factory=dict)
+    """``parts`` averaged over the processes (each has its own micro-batches): what is logged."""
+    job_carried: int = 0
+    """``carried`` summed over the processes."""
 
 
-def forward_loss(r: Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
-    """The loss of one micro-batch, and the end states to carry (None unless clips carry state).
+def forward_loss(r: Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any, int]:
+    """The loss of one micro-batch, the end states to carry (None unless clips carry state) and
+    the number of its clips that started from a carried state.
 
     Frames: one image per sample. Clips: ``images [B, T, 3, H, W]``, every frame's loss counts
     (:func:`ssd.clip_loss.clip_loss`); with ``sequence_clips`` each clip starts from the state
@@ -47,16 +54,15 @@ def forward_loss(r: Run, batch: Any) -> tuple[dict[str, torch.Tensor], Any]:
                 taught = r.teacher(batch.images)
             kd = distillation_loss((logits, deltas), taught, r.cfg.distill)
             out = {**out, **kd, "loss": out["loss"] + kd["distill_loss"]}
-        return out, None
-    state, next_keys = None, None
+        return out, None, 0
+    state, next_keys, carried = None, None, 0
     if r.carry is not None:  # the state the previous clip of each run ended with
         start_keys, next_keys = clip_keys(batch.video, batch.frames, batch.runs)
         zero = r.unwrapped.init_state(len(batch), r.accelerator.device)
         state, carried = r.carry.take(zero, start_keys)
-        r.history["carried_clips"] = r.history.get("carried_clips", 0) + carried
     logits, deltas, end_state = r.model(batch.images, state)
-    carried = (end_state, next_keys) if r.carry is not None else None
-    return clip_loss(r.criterion, logits, deltas, batch.targets), carried
+    ends = (end_state, next_keys) if r.carry is not None else None
+    return clip_loss(r.criterion, logits, deltas, batch.targets), ends, carried
 
 
 def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
@@ -74,13 +80,14 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
         r.history["wait_seconds"] += time.perf_counter() - t0
         res.keys += batch.keys
         with contextlib.nullcontext() if i == accum - 1 else acc.no_sync(r.model):
-            out, carried = forward_loss(r, batch)
+            out, ends, carried = forward_loss(r, batch)
+            res.carried += carried
             flags = torch.tensor([0.0 if torch.isfinite(out["loss"]) else 1.0, float(stop.requested)], device=acc.device)
             flags = acc.reduce(flags, reduction="sum")  # every rank decides alike
             res.skipped = res.skipped or bool(flags[0] > 0)
             res.stop = res.stop or bool(flags[1] > 0)
-            if carried is not None and not res.skipped:
-                r.carry.put(*carried)
+            if ends is not None and not res.skipped:
+                r.carry.put(*ends)
             if not res.skipped:
                 acc.backward(out["loss"] / accum)
                 for k in res.parts:
@@ -102,16 +109,33 @@ def step(r: Run, stream: Iterator[Any], stop: StopFlag) -> StepResult:
     r.optimizer.zero_grad(set_to_none=True)
     if res.skipped:  # no loss was learnt from: logged as NaN, never as the 0.0 the parts started at
         res.parts = dict.fromkeys(res.parts, float("nan"))
+    _over_the_job(r, res)
     return res
+
+
+def _over_the_job(r: Run, res: StepResult) -> None:
+    """The step's figures over every process, once per step (every process calls it): the mean
+    loss parts and the clips carried. The history keeps these, so the metrics' final_loss is the
+    job's, not process 0's share alone, and a resume (which restores process 0's history on every
+    process) continues the same numbers."""
+    if r.accelerator.num_processes == 1:
+        res.job_parts, res.job_carried = dict(res.parts), res.carried
+        return
+    values = torch.tensor([*res.parts.values(), float(res.carried)], dtype=torch.float64, device=r.accelerator.device)
+    total = r.accelerator.reduce(values, reduction="sum").tolist()
+    res.job_parts = {k: v / r.accelerator.num_processes for k, v in zip(res.parts, total)}
+    res.job_carried = round(total[-1])
 
 
 def account(r: Run, res: StepResult) -> None:
     """Book a step's outcome in the history; stop the run after too many non-finite steps in a row."""
     h = r.history
     h["images"] += res.frames * r.accelerator.num_processes
+    if r.carry is not None:
+        h["carried_clips"] = h.get("carried_clips", 0) + res.job_carried
     if not res.skipped:
         h["nonfinite_streak"] = 0
-        h["losses"] = (h["losses"] + [res.parts["loss"]])[-50:]
+        h["losses"] = (h["losses"] + [res.job_parts["loss"]])[-50:]
         return
     h["nonfinite"] += 1
     h["nonfinite_streak"] = h.get("nonfinite_streak", 0) + 1

@@ -221,6 +221,11 @@ class DetectionTransform:
             [
                 v2.RandomHorizontalFlip(p=cfg.flip_p),
                 v2.Resize((size, size), antialias=True),
+                # Resize scales by float32(size / width) and doesn't clamp: an edge at the width can
+                # land at size + 8e-6, and SanitizeBoundingBoxes drops a box past the canvas (1% of
+                # the sample's boxes at 160 px, every box touching the right edge of a 600 px photo
+                # at 320 px, the same ones every epoch, trained as background).
+                v2.ClampBoundingBoxes(),
                 # Removes boxes RandomIoUCrop marked as outside the patch (centre outside) and
                 # boxes that became too small, with their labels, difficult flags and frame index.
                 v2.SanitizeBoundingBoxes(min_size=cfg.min_box_size, labels_getter=_box_companions),
