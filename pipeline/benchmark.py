@@ -45,11 +45,12 @@ error (exit code 2), before anything is timed.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -196,6 +197,10 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
             raise StageError(f"{cfg.train_step.model}: model file not found (benchmark.train_step.model)")
         if not Path(cfg.train_step.shards).is_dir() or not list_shards(cfg.train_step.shards, cfg.train_step.split):
             raise StageError(f"{cfg.train_step.shards}: no {cfg.train_step.split} shards (benchmark.train_step.shards)")
+        ours, theirs = _model_info(cfg.train_step.model)["class_names"], read_manifest(cfg.train_step.shards).classes
+        if ours != theirs:
+            raise StageError(f"{cfg.train_step.shards}: classes {theirs} are not those of {cfg.train_step.model} "
+                             f"({ours}) (benchmark.train_step.shards)")
     if "deployed" in names:
         stems = {Path(f).stem for f in cfg.deployed.files}
         for key, pair in (("pruned", cfg.deployed.pruned), ("lstm", cfg.deployed.lstm)):
@@ -211,10 +216,35 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
                 if not (Path(cfg.deployed.onnx_dir) / name).is_file():
                     raise StageError(f"{Path(cfg.deployed.onnx_dir) / name}: {what} graph not found (benchmark.deployed."
                                      "onnx_dir: the deploy stage writes it)")
+        _check_lstm_pair(cfg.deployed.files, cfg.deployed.lstm)
     if "gpu" in names and cfg.gpu.loop and not (Path(cfg.gpu.shards).is_dir() and list_shards(cfg.gpu.shards, "train")):
         raise StageError(f"{cfg.gpu.shards}: no train shards (benchmark.gpu.shards, for gpu.loop)")
     if "convert" in names and not (Path(cfg.convert.voc_dir) / "Annotations").is_dir():
         raise StageError(f"{cfg.convert.voc_dir}: no VOC-layout dataset (benchmark.convert.voc_dir)")
+
+
+def _model_info(path: str) -> dict[str, Any]:
+    try:
+        return read_model_file(path)
+    except ModelFileError as e:
+        raise StageError(str(e)) from None
+
+
+def _check_lstm_pair(files: Sequence[str], pair: Sequence[str]) -> None:
+    """``deployed.lstm`` compares an LSTM-SSD with the SSDLite it is built on: the same input and
+    layers but the cell (another size was a traceback after all the timing)."""
+    from pipeline.bench.models import ssdlite_arch
+
+    paths = {Path(f).stem: f for f in files}
+    if not all(stem in paths for stem in pair):
+        return
+    lstm, ssdlite = (_model_info(paths[stem])["arch"] for stem in pair)
+    wanted = ssdlite_arch(lstm)
+    differ = [f"{k} {ssdlite.get(k)}, not {wanted.get(k)}" for k in sorted(set(wanted) | set(ssdlite))
+              if json.dumps(wanted.get(k)) != json.dumps(ssdlite.get(k))]
+    if differ:
+        raise StageError(f"benchmark.deployed.lstm: {paths[pair[1]]} is not the SSDLite {paths[pair[0]]} is built on "
+                         f"({'; '.join(differ)})")
 
 
 def _check_loader(c: Any) -> None:

@@ -265,6 +265,19 @@ def test_lstm_without_a_listed_ssdlite_of_its_arch_gets_a_random_one():
         assert reference(torch.rand(1, 3, 64, 64))[0].shape == lstm(torch.rand(1, 3, 64, 64))[0].shape
 
 
+def test_an_lstm_on_mobilenet_v3_is_compared_with_the_ssdlite_on_mobilenet_v3():
+    """The reference was always ssdlite_mobilenet_v2: a V3 LSTM-SSD's reduced_tail made it a traceback."""
+    from ssd.models import lstm_ssd_mobilenet_v3_large
+
+    torch.manual_seed(0)
+    lstm = lstm_ssd_mobilenet_v3_large(3, width_mult=0.5, image_size=64).eval()
+    name, reference, random = bench_models._reference(lstm, {"lstm": lstm})
+    assert random and name.startswith("random ssdlite_mobilenet_v3_large")
+    assert reference.arch == bench_models.ssdlite_arch(lstm.arch) and reference.arch["name"] == "ssdlite_mobilenet_v3_large"
+    with torch.no_grad():
+        assert reference(torch.rand(1, 3, 64, 64))[0].shape == lstm(torch.rand(1, 3, 64, 64))[0].shape
+
+
 def test_peer_steps_are_its_own_forward():
     torch.manual_seed(0)
     peer = bench_peer.build_peer(num_classes=3, image_size=64)
@@ -356,6 +369,43 @@ def test_deployed_section_restores_the_threads_it_set(project, deployed_figures,
     bench_deployed.run(["models/tiny.pt"], threads=(other,), batch=1, repeats=1, throughput_repeats=1, warmup=0,
                        camera_rounds=1, camera_block=1)
     assert (torch.get_num_threads(), cv2.getNumThreads()) == threads
+
+
+def test_graphs_exported_from_another_model_are_refused(project, deployed_figures, tmp_path):
+    """A model retrained with another setting beside its old graphs: the benchmark timed the new
+    file against the old model's graphs and reported their ratios, exit 0."""
+    (tmp_path / "models").mkdir()
+    save_model_file(tmp_path / "models" / "tiny.pt", tiny_ssdlite(image_size=96), CLASSES)
+    result = run(project, "--only", "deployed", "--out", str(tmp_path / "x.json"), "--set",
+                 f"deployed.files=[{tmp_path / 'models' / 'tiny.pt'}]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: models/deploy/tiny.onnx: exported from another model than "), last
+    assert "image_size 64 in the graph, 96 in the file" in last and "run the deploy stage again" in last
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_an_lstm_pair_of_different_models_is_refused_before_timing(project, deployed_figures, tmp_path):
+    """An LSTM-SSD of another input size than its SSDLite was a traceback after all the timing."""
+    result = run(project, "--only", "deployed", "--out", str(tmp_path / "x.json"), "--set",
+                 "deployed.files=[models/tiny.pt, models/tiny-pruned.pt, models/tiny_lstm.pt]", "--set",
+                 "deployed.pruned=[tiny, tiny-pruned]", "--set", "deployed.lstm=[tiny_lstm, tiny-pruned]")
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: benchmark.deployed.lstm: models/tiny-pruned.pt is not the SSDLite "
+                           "models/tiny_lstm.pt is built on ("), last
+    assert "Traceback" not in result.stderr and not (tmp_path / "x.json").exists()
+
+
+def test_a_train_step_model_of_other_classes_than_the_shards_is_refused(project, monkeypatch, capsys, tmp_path):
+    """It was an IndexError from the loss (a label past the model's classes), exit 1."""
+    monkeypatch.chdir(project)
+    save_model_file(tmp_path / "two.pt", ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64), ["a", "b"])
+    assert benchmark.main(["--only", "train_step", "--set", f"train_step.model={tmp_path / 'two.pt'}",
+                           "--out", str(tmp_path / "x.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: shards: classes {CLASSES} are not those of "), err
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_deployed_section_without_graphs_is_one_line(project, tmp_path):

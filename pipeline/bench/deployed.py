@@ -35,6 +35,7 @@ Headline ratios (from the first thread count), forwards at batch 1:
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -63,19 +64,33 @@ def runtimes(file: str, onnx_dir: str, threads: int, postprocess: PostprocessCon
     ``postprocess``: the thresholds the Python post-processing is timed with; a detector graph
     built with others is an InputError (the two would not do the same work)."""
     stem = Path(file).stem
-    eager = load_model_file(file)[0].eval()
-    models: dict[str, Any] = {
-        "eager": eager,
-        "eager_folded": fold_batchnorm(eager).model,
-        "ort_fp32": load_onnx_detector(Path(onnx_dir) / f"{stem}.onnx", threads)[0],
-        "ort_int8": load_onnx_detector(Path(onnx_dir) / f"{stem}-int8.onnx", threads)[0],
-    }
+    eager, held = load_model_file(file)
+    eager.eval()
+    models: dict[str, Any] = {"eager": eager, "eager_folded": fold_batchnorm(eager).model}
+    for key, name in (("ort_fp32", f"{stem}.onnx"), ("ort_int8", f"{stem}-int8.onnx")):
+        models[key], info = load_onnx_detector(Path(onnx_dir) / name, threads)
+        _check_same_model(file, held, Path(onnx_dir) / name, info)
     detect = Path(onnx_dir) / f"{stem}-int8-detect.onnx"
     if detect.is_file():
         models[DETECT], info = load_detection_graph(detect, threads)
+        _check_same_model(file, held, detect, info)
         if postprocess is not None:
             _check_thresholds(detect, info.get("postprocess", {}), postprocess)
     return models
+
+
+def _check_same_model(file: str, held: dict[str, Any], graph: Path, info: dict[str, Any]) -> None:
+    """A graph found by the model file's stem must have been exported from that model: a model
+    retrained with another setting beside its old graphs was timed against them (exit 0)."""
+    ours = json.loads(json.dumps(held["arch"]))  # the metadata went through JSON (tuples are lists)
+    theirs = info.get("model_arch", {})
+    differ = [f"{k} {theirs.get(k)} in the graph, {ours.get(k)} in the file" for k in sorted(set(ours) | set(theirs))
+              if ours.get(k) != theirs.get(k)]
+    if info.get("class_names") != held["class_names"]:
+        differ.append(f"classes {info.get('class_names')} in the graph, {held['class_names']} in the file")
+    if differ:
+        raise InputError(f"{graph}: exported from another model than {file} ({'; '.join(differ)}); run the deploy "
+                         "stage again")
 
 
 def _check_thresholds(path: Path, graph: dict[str, Any], python: PostprocessConfig) -> None:

@@ -215,7 +215,8 @@ def measure_model(
 def ssdlite_arch(lstm_arch: dict[str, Any]) -> dict[str, Any]:
     """The arch of the SSDLite an LSTM-SSD arch is built on (no temporal keys, no pruning)."""
     arch = {k: v for k, v in lstm_arch.items() if k not in TEMPORAL_ARCH_KEYS and k != ARCH_KEY}
-    arch["name"] = "ssdlite_mobilenet_v2"
+    # lstm_ssd_mobilenet_v3_large is built on ssdlite_mobilenet_v3_large, and so on
+    arch["name"] = str(lstm_arch["name"]).replace("lstm_ssd_", "ssdlite_", 1)
     return arch
 
 
@@ -227,7 +228,7 @@ def _reference(lstm: nn.Module, models: dict[str, nn.Module]) -> tuple[str, nn.M
             return name, model, False
     torch.manual_seed(0)  # random weights, the same ones every run
     model = build_model(wanted).eval().to(lstm.priors.device)
-    label = f"random ssdlite_mobilenet_v2 w{wanted.get('width_mult')} {wanted.get('image_size')}px"
+    label = f"random {wanted['name']} w{wanted.get('width_mult')} {wanted.get('image_size')}px"
     return label, model, True
 
 
