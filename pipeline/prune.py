@@ -49,6 +49,7 @@ Exit codes: 0 done, 2 bad configuration or input, 75 preempted (rerun to resume)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import platform
@@ -122,7 +123,8 @@ def _finetune(
         model=ModelConfig(from_file=str(model_path), image_size=image_size),
         data=f.data, optim=f.optim, loss=f.loss, steps=f.steps, seed=f.seed,
         distill=DistillConfig(teacher=teacher, **_weights(f.distill)) if teacher and f.distill else DistillConfig(),
-        mixed_precision=f.mixed_precision, channels_last=f.channels_last, checkpoint_every=f.checkpoint_every, log_every=f.log_every,
+        mixed_precision=f.mixed_precision, channels_last=f.channels_last, frozen_batchnorm=bool(f.frozen_batchnorm),
+        checkpoint_every=f.checkpoint_every, log_every=f.log_every,
         models_dir=str(work), metrics_dir=str(work), plots_dir=str(work),
         runs_dir=cfg.runs_dir, checkpoints_dir=cfg.checkpoints_dir,
     )
@@ -210,6 +212,12 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
 
     model, info = load_model_file(cfg.model)  # a bad file: InputError, one line from stage.run
     classes, size = list(info["class_names"]), int(info["image_size"])
+    if cfg.finetune.frozen_batchnorm is None:  # as the source was trained
+        trained = (info.get("meta") or {}).get("train_config") or {}
+        frozen = bool(trained.get("frozen_batchnorm", False))
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, frozen_batchnorm=frozen))
+        if frozen:
+            log.info("fine-tuning with frozen batch norm statistics, as %s was trained", cfg.model)
 
     cost_before = _cost(model, size)
     log.info("%s: %d parameters, %d multiply-adds", cfg.model, cost_before["params"], cost_before["macs"])

@@ -43,6 +43,11 @@ class FinetuneConfig:
     channels_last: bool = False
     """Model and images in NHWC memory order, as the training key of that name (for GPUs; on a CPU
     it changes the batch norm's arithmetic, see that key)."""
+    frozen_batchnorm: bool | None = None
+    """Batch norm keeps its running statistics while fine-tuning, as the training key of that name;
+    null: as the source model was trained (its file's ``meta.train_config``; false if it doesn't say).
+    A model trained with frozen statistics (an LSTM-SSD on clips) lost them to the fine-tuning's
+    small batches."""
     checkpoint_every: PositiveInt = 200
     """Steps between fine-tuning checkpoints (what a preempted run resumes from)."""
     log_every: PositiveInt = 10

@@ -164,6 +164,33 @@ def test_without_finetuning_or_evaluation_the_pruned_weights_are_the_output(proj
         assert model(x)[0].shape == original(x)[0].shape
 
 
+def test_a_model_trained_with_frozen_batch_norm_is_fine_tuned_so(project, tmp_path):
+    """The fine-tuning had no frozen_batchnorm key and always took each batch's statistics: a
+    model trained with frozen ones (an LSTM-SSD on clips) had all of them replaced by the
+    statistics of a few small batches."""
+    torch.manual_seed(1)
+    source = tmp_path / "frozen.pt"
+    save_model_file(source, ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.5, image_size=64), CLASSES,
+                    meta={"train_config": {"frozen_batchnorm": True}})
+    sets = [f"model={source}", "name=frozen", "evaluate.enabled=false", "finetune.control=false",
+            "finetune.distill=null", f"metrics_dir={tmp_path}", f"models_dir={tmp_path}", f"runs_dir={tmp_path / 'runs'}",
+            f"checkpoints_dir={tmp_path / 'ck'}"]
+    result = run(project, *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = read_model_file(tmp_path / "frozen-pruned.pt")
+    assert info["meta"]["finetune"]["train_config"]["frozen_batchnorm"] is True
+    pruned_only = read_model_file(tmp_path / "runs" / "frozen-pruned" / "prune" / "frozen-pruned-only.pt")
+    stats = [k for k in pruned_only["state_dict"] if k.endswith(("running_mean", "running_var"))]
+    assert stats and all(torch.equal(info["state_dict"][k], pruned_only["state_dict"][k]) for k in stats)
+    # Asked for explicitly, the other way: the batches' statistics again.
+    sets += ["finetune.frozen_batchnorm=false", "name=thawed"]
+    result = run(project, *[a for s in sets for a in ("--set", s)])
+    assert result.returncode == 0, result.stderr[-4000:]
+    thawed = read_model_file(tmp_path / "thawed-pruned.pt")
+    assert thawed["meta"]["finetune"]["train_config"]["frozen_batchnorm"] is False
+    assert not all(torch.equal(thawed["state_dict"][k], pruned_only["state_dict"][k]) for k in stats)
+
+
 def test_a_preempted_fine_tuning_resumes_with_the_control_as_teacher(project, tmp_path):
     """The default recipe distils from the control. A preemption during the pruned model's
     fine-tuning, then a rerun (what `dvc repro` does): the control is retrained to the same
