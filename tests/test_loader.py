@@ -262,7 +262,7 @@ def test_first_pass_reads_each_sample_once_across_ranks(tmp_path):
 
 
 def test_few_shards_are_split_within_shards(tmp_path):
-    # One shard, 2 ranks x 2 streams: each stream reads every 4th sample in its first pass.
+    # One shard, 2 ranks x 2 streams: each stream reads a quarter of it in its first pass.
     urls = write_frame_shards(tmp_path, [16])
     keys = []
     for rank in (0, 1):
@@ -271,6 +271,25 @@ def test_few_shards_are_split_within_shards(tmp_path):
         ):
             keys.extend(batch.keys)
     assert sorted(keys) == sorted(f"s0_{i:04d}" for i in range(16))
+
+
+@pytest.mark.parametrize("world_size, streams, shuffle_buffer", [(1, 2, 8), (2, 2, 8), (3, 2, 4), (1, 4, 64)])
+def test_an_epoch_is_one_pass_over_shards_of_unequal_sizes(tmp_path, world_size, streams, shuffle_buffer):
+    """Streams drew the same number of samples from parts of unequal sizes (whole shards), and a
+    shuffle buffer held samples back at the epoch's end: the 2,000-image sample showed 1,826
+    distinct images in an epoch, and a small shard's samples came 1.36 times as often as a large one's."""
+    sizes = [9, 7, 5]
+    urls = write_frame_shards(tmp_path, sizes)
+    n, batch = sum(sizes), 2
+    batches = -(-n // (batch * world_size))  # the training's batches_per_epoch
+    for epoch in (0, 1):
+        keys = []
+        for rank in range(world_size):
+            for b in _train(urls, rank=rank, world_size=world_size, epoch=epoch, batches_per_epoch=batches,
+                            batch_size=batch, streams=streams, shuffle_buffer=shuffle_buffer):
+                keys += b.keys
+        assert len(set(keys)) == n, sorted(set(f"s{i}_{j:04d}" for i, c in enumerate(sizes) for j in range(c)) - set(keys))
+        assert len(keys) - n < world_size * batch * streams  # only what rounds up to whole batches comes twice
 
 
 def test_resume_skips_samples_before_decoding(frame_shards, monkeypatch):
@@ -701,9 +720,9 @@ def test_two_ranks_get_equal_batches_and_different_data(tmp_path, frame_shards):
     assert result["steps"] == 7  # the per-step all_reduce ran 7 times on both ranks
     keys = result["keys"]
     assert all(len(k) == 14 for k in keys)
-    # Different data: the 4 streams of the job (2 ranks x 2 workers) over 3 shards are dealt
-    # 6 disjoint units; without a shuffle buffer, each stream's first sample (batch 0 comes from
-    # stream 0, batch 1 from stream 1) is the first of its first unit.
+    # Different data: the 4 streams of the job (2 ranks x 2 workers) read 4 disjoint slices of
+    # the shards; without a shuffle buffer, each stream's first sample (batch 0 comes from
+    # stream 0, batch 1 from stream 1) is the first of its slice.
     assert keys[0] != keys[1]
     firsts = [{k[0], k[2]} for k in keys]
     assert len(firsts[0]) == len(firsts[1]) == 2 and not firsts[0] & firsts[1]

@@ -21,6 +21,7 @@ difficult as bool. Images come out as float32 in [0, 1] RGB (the model normalise
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import tarfile
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
 from ssd.data.transforms import DetectionTransform
 from ssd.errors import InputError
@@ -192,6 +193,30 @@ def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
         raise InputError(f"{url}: not a readable shard ({reason})") from None
     finally:
         stream.close()
+
+
+def count_samples(url: str) -> int:
+    """The number of samples in one shard, as :func:`_tar_samples` yields them.
+
+    A local file is counted from its tar headers alone (files are seeked over, not read), as
+    WebDataset groups them: consecutive regular files whose names share the part before the
+    first dot of their base name, ``__...__`` metadata skipped. Anything else is read through.
+    """
+    if not os.path.isfile(url):
+        return sum(1 for _ in _tar_samples(url))
+    count, key = 0, None
+    try:
+        with tarfile.open(url, "r:") as tar:
+            for info in tar:
+                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
+                    continue
+                prefix = base_plus_ext(info.name)[0]
+                if prefix is not None and prefix != key:
+                    count, key = count + 1, prefix
+    except (tarfile.TarError, EOFError) as e:
+        reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__
+        raise InputError(f"{url}: not a readable shard ({reason})") from None
+    return count
 
 
 def read_raw_samples(urls: str | Sequence[str], kind: Kind = "frames") -> Iterator[RawSample]:

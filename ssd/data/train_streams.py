@@ -9,18 +9,19 @@ The batches of a rank come from ``streams`` independent sample streams (default:
 loader worker); global batch ``j`` of the epoch is batch ``j // streams`` of stream
 ``j % streams``. A stream is a pure function of ``(seed, epoch, rank, stream)``:
 
-1. *Which data.* The shards are cut into units (shard, residue): a unit is the samples of a
-   shard whose index in the shard is the residue modulo ``m``, with ``m`` the smallest
-   number that gives at least one unit per stream of all ranks (``m = 1``, whole shards,
-   as soon as there are as many shards as streams in the job). In sequence mode the index
-   counted is that of the block of ``sequence_clips`` consecutive samples, so a unit keeps
-   consecutive clips together. Pass ``p`` over the data
-   deals a permutation of the units drawn from ``(seed, epoch, p)``, the same on every rank,
-   to the ``world_size * streams`` streams of the job, so in the first pass no two streams
-   (on the same or different ranks) read the same sample. A stream that finishes its units
-   goes on to its units of the next pass: shards are re-sampled, never exhausted.
+1. *Which data.* Pass ``p`` over the data concatenates the shards in an order drawn from
+   ``(seed, epoch, p)``, the same on every rank (as many copies as it takes to give each
+   stream a sample), and cuts that sequence into one contiguous slice per stream of the job
+   (``world_size * streams``), each as long as that stream's share of the epoch's batches. So in
+   an epoch of ``ceil(samples / (batch_size * world_size))`` batches (the training's) every
+   sample is drawn once, and only the few that round the epoch up to whole batches
+   twice (they come from the next pass), whatever the shards' sizes; no two streams (on the same
+   or different ranks) read the same sample in a pass. Each shard's sample count is read from its
+   tar headers when the loader is made. A stream that finishes its slice goes on to its slice of
+   the next pass: shards are re-sampled, never exhausted.
 2. *Which order.* A shuffle buffer with its own generator seeded from
-   ``(seed, epoch, rank, stream)``.
+   ``(seed, epoch, rank, stream)``, emptied at the end of each pass (so a pass is emitted whole
+   before the next begins).
 3. *Which augmentation.* Sample ``n`` of the stream is decoded and augmented with torch's
    CPU generator seeded from ``(seed, epoch, rank, stream, n)`` (saved and restored
    around the call, so the training process's own random state is untouched when
@@ -50,7 +51,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,7 @@ from ssd.data.samples import (
     _raw_samples,
     _tar_samples,
     collate,
+    count_samples,
     decode_sample,
     decode_sequence,
     init_worker,
@@ -77,7 +79,7 @@ from ssd.errors import InputError
 
 # Tags that keep the random streams derived from the same (seed, epoch, ...) independent.
 _PASS, _SHUFFLE, _AUGMENT, _WORKERS = 0, 1, 2, 3
-# A stream that has seen no sample after this many passes over its units has no data.
+# A stream that has seen no sample after this many passes over its slices has no data.
 _MAX_EMPTY_PASSES = 1000
 
 
@@ -98,18 +100,21 @@ def _seeded_cpu_rng(seed: int) -> Iterator[None]:
         generator.set_state(state)
 
 
-def _shuffled(source: Iterator[RawSample], size: int, rng: np.random.Generator) -> Iterator[RawSample]:
-    """A shuffle buffer over an endless source: hold ``size`` items, emit a random one per new item.
+def _shuffled(source: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """A shuffle buffer: hold ``size`` items, emit a random one per new item, and at the end of the
+    source the rest in random order (so a pass over the data is emitted whole before the next).
 
     ``size=1`` is no shuffling; the output lags the input by ``size - 1`` items.
     """
-    buffer: list[RawSample] = []
+    buffer: list[Any] = []
     for item in source:
         buffer.append(item)
         if len(buffer) == size:
             i = int(rng.integers(size))
             buffer[i], buffer[-1] = buffer[-1], buffer[i]
             yield buffer.pop()
+    for i in rng.permutation(len(buffer)):
+        yield buffer[int(i)]
 
 
 @dataclass
@@ -152,6 +157,10 @@ class _TrainStreams(IterableDataset):
         self.seed, self.epoch = seed, epoch
         self.start_batch, self.batches_per_epoch = start_batch, batches_per_epoch
         self.batch_size, self.streams, self.shuffle_buffer = batch_size, streams, shuffle_buffer
+        self.shard_sizes = [count_samples(url) for url in urls]
+        self.total_samples = sum(self.shard_sizes)
+        if self.total_samples == 0:
+            raise InputError(f"no samples in the shards {urls}")
 
     def __len__(self) -> int:
         return self.batches_per_epoch - self.start_batch
@@ -198,7 +207,8 @@ class _TrainStreams(IterableDataset):
         without decoding."""
         rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
         buffer = max(1, -(-self.shuffle_buffer // self.sequence_clips))  # runs held for shuffling
-        runs = enumerate(_shuffled(self._stream_runs(stream), buffer, rng))
+        runs = enumerate(itertools.chain.from_iterable(
+            _shuffled(self._runs(part), buffer, rng) for part in self._passes(stream)))
         lanes = [_Lane() for _ in range(self.batch_size)]
         for number in itertools.count():
             samples = []
@@ -218,17 +228,17 @@ class _TrainStreams(IterableDataset):
             if number >= first:
                 yield collate(samples)
 
-    def _stream_runs(self, stream: int) -> Iterator[list[RawSample]]:
-        """The stream's clips (endless, in shard order) cut into runs of consecutive clips of one
-        video segment, at most ``sequence_clips`` long. A run ends where the video or its segment
+    def _runs(self, clips: Iterable[RawSample]) -> Iterator[list[RawSample]]:
+        """One pass's clips (in shard order) cut into runs of consecutive clips of one video
+        segment, at most ``sequence_clips`` long. A run ends where the video or its segment
         changes (the clip writer starts a segment where the frame size changes), where the frame
-        numbers stop increasing (the next pass over the data), and where a clip starts after the
-        frame that follows the previous clip (a jump: no state could carry into it). Clips that
-        overlap the previous one (a ``clip_stride`` below ``clip_length``, a video's tail clip)
-        stay in the run."""
+        numbers stop increasing (another shard's part of the same video), and where a clip starts
+        after the frame that follows the previous clip (a jump: no state could carry into it).
+        Clips that overlap the previous one (a ``clip_stride`` below ``clip_length``, a video's
+        tail clip) stay in the run."""
         run: list[RawSample] = []
         last: tuple = ("", 0, 0, 0)  # (video, segment, first frame, last frame) of the run's last clip
-        for raw in self._stream_source(stream):
+        for raw in clips:
             try:
                 meta = json.loads(raw.meta)
                 video, segment = str(meta["video"]), int(meta.get("segment", 0))
@@ -245,32 +255,54 @@ class _TrainStreams(IterableDataset):
                 run = []
             run.append(raw)
             last = (video, segment, start, end)
+        if run:
+            yield run
 
     def _stream_raw(self, stream: int) -> Iterator[RawSample]:
         rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
-        return _shuffled(self._stream_source(stream), self.shuffle_buffer, rng)
+        return itertools.chain.from_iterable(_shuffled(part, self.shuffle_buffer, rng) for part in self._passes(stream))
 
-    def _stream_source(self, stream: int) -> Iterator[RawSample]:
-        """The endless raw samples of a stream's units, pass after pass (module docstring, point 1)."""
-        total = self.world_size * self.streams  # streams in the whole job
+    def _passes(self, stream: int) -> Iterator[Iterator[RawSample]]:
+        """The stream's part of pass 0, 1, ... over the data, each a finite iterator of raw samples
+        (module docstring, point 1)."""
         mine = self.rank * self.streams + stream
-        residues = -(-total // len(self.urls))  # ceil: at least one unit per stream
-        # Sequence mode deals blocks of `sequence_clips` consecutive samples, so that a unit
-        # still holds runs of consecutive clips (every m-th clip alone could carry no state).
-        block = max(1, self.sequence_clips)
-        units = [(u, r) for u in range(len(self.urls)) for r in range(residues)]
+        # Samples each stream of the job takes this epoch: batch j of a process is its stream j % streams's.
+        draws = [sum(1 for j in range(s, self.batches_per_epoch, self.streams)) * self.batch_size
+                 for _ in range(self.world_size) for s in range(self.streams)]
+        before, total = sum(draws[:mine]), sum(draws)
         seen = False
         for p in itertools.count():
-            order = np.random.default_rng(_seed(self.seed, self.epoch, p, _PASS)).permutation(len(units))
-            for k in order[mine::total]:
-                url_index, residue = units[int(k)]
+            # The shards in a random order, as many times as it takes to give every stream a sample.
+            copies = -(-len(draws) // self.total_samples)
+            rng = np.random.default_rng(_seed(self.seed, self.epoch, p, _PASS))
+            order = [int(k) for _ in range(copies) for k in rng.permutation(len(self.urls))]
+            length = copies * self.total_samples
+            # This stream's slice of the concatenation, as long as its share of the epoch's draws.
+            lo, hi = before * length // total, (before + draws[mine]) * length // total
+            part = self._slice(order, lo, hi)
+            first = next(part, None)
+            if first is not None:
+                seen = True
+                yield itertools.chain([first], part)
+            elif not seen and p >= _MAX_EMPTY_PASSES:
+                raise InputError(f"no samples in the shards {self.urls}")
+
+    def _slice(self, order: list[int], lo: int, hi: int) -> Iterator[RawSample]:
+        """Samples ``lo`` to ``hi`` (exclusive) of the shards concatenated in ``order``; the shards'
+        samples before ``lo`` are read (tar bytes) but not returned."""
+        offset = 0
+        for url_index in order:
+            size = self.shard_sizes[url_index]
+            if offset + size > lo and offset < hi:
                 url = self.urls[url_index]
                 for i, sample in enumerate(_tar_samples(url)):
-                    if (i // block) % residues == residue:
-                        seen = True
+                    if i >= hi - offset:
+                        break
+                    if i >= lo - offset:
                         yield from _raw_samples(sample, self.kind)
-            if not seen and p >= _MAX_EMPTY_PASSES:
-                raise InputError(f"no samples in the shards {self.urls}")
+            offset += size
+            if offset >= hi:
+                return
 
 
 def _identity(x: Any) -> Any:
