@@ -270,10 +270,11 @@ class _TrainStreams(IterableDataset):
         draws = [sum(1 for j in range(s, self.batches_per_epoch, self.streams)) * self.batch_size
                  for _ in range(self.world_size) for s in range(self.streams)]
         before, total = sum(draws[:mine]), sum(draws)
+        # The shards in a random order, as many times as it takes to give every stream that draws
+        # a sample of its own (d * length >= total for its d draws, so its slice is not empty).
+        copies = max(1, -(-total // (min(d for d in draws if d) * self.total_samples)))
         seen = False
         for p in itertools.count():
-            # The shards in a random order, as many times as it takes to give every stream a sample.
-            copies = -(-len(draws) // self.total_samples)
             rng = np.random.default_rng(_seed(self.seed, self.epoch, p, _PASS))
             order = [int(k) for _ in range(copies) for k in rng.permutation(len(self.urls))]
             length = copies * self.total_samples
