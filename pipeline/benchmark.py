@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import cv2
-import numpy as np
 import torch
 
 from ssd import atomic
@@ -62,6 +61,7 @@ from pipeline.config import load_config, load_params, to_dict
 from pipeline.datasets import read_manifest
 from pipeline.dvc_inputs import check_tracked
 from pipeline.stage import StageError, arg_parser, check_writable, run
+from ssd.data.images import read_image_file
 from ssd.data.shards import list_shards
 from ssd.model_file import ModelFileError, read_model_file
 
@@ -184,8 +184,9 @@ def check_inputs(cfg: BenchmarkConfig, names: list[str]) -> None:
         if image is not None:
             if not Path(image).is_file():
                 raise StageError(f"{image}: image not found (benchmark.models.source_image)")
-            if cv2.imdecode(np.fromfile(image, np.uint8), cv2.IMREAD_COLOR) is None:
-                raise StageError(f"{image}: not an image OpenCV can decode (benchmark.models.source_image)")
+            pixels, why = read_image_file(image)
+            if pixels is None:
+                raise StageError(f"{image}: {why} (benchmark.models.source_image)")
         stems = [Path(f).stem for f in cfg.models.files]
         repeated = sorted({s for s in stems if stems.count(s) > 1})
         if repeated:

@@ -39,3 +39,22 @@ def test_decode_checked_reports_damaged_jpeg_data_and_passes_clean_images():
     assert pixels is not None and damage.startswith("Corrupt JPEG data")  # decodes, with garbage
     png = cv2.imencode(".png", np.zeros((5, 6, 3), np.uint8))[1].tobytes()
     assert decode_checked(png, FLAGS)[1] is None
+
+
+def test_an_empty_file_is_no_image_not_an_opencv_exception(tmp_path):
+    """cv2.imdecode raises on an empty buffer (it returns None for other undecodable data): a
+    zero-byte photo was a traceback in predict, detect and the benchmark."""
+    from ssd.data.images import read_image_file
+    from ssd.data.samples import _decode_image
+    from ssd.errors import InputError
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert decode_checked(b"", cv2.IMREAD_COLOR) == (None, None)
+    assert read_image_file(empty) == (None, "empty file")
+    try:
+        _decode_image(b"", "shard.tar: sample 'x'")
+    except InputError as e:
+        assert str(e) == "shard.tar: sample 'x': cannot decode the image (0 bytes)"
+    else:
+        raise AssertionError("an empty image decoded")

@@ -47,18 +47,28 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
 
 def decode_checked(data: bytes, flags: int) -> tuple[np.ndarray | None, str | None]:
-    """``cv2.imdecode`` of ``data``, plus the decoder's corruption message (None if clean)."""
+    """``cv2.imdecode`` of ``data``, plus the decoder's corruption message (None if clean); no
+    image (None) for data OpenCV can't decode, an empty file included (its own error there)."""
+    if not data:
+        return None, None
     buffer = np.frombuffer(data, np.uint8)
     if data[:3] != b"\xff\xd8\xff":  # only libjpeg's warnings are known to mean damaged pixels
-        return cv2.imdecode(buffer, flags), None
+        return _imdecode(buffer, flags), None
     with _stderr_captured() as captured:
-        pixels = cv2.imdecode(buffer, flags)
+        pixels = _imdecode(buffer, flags)
     lines = [line.strip() for line in captured().splitlines()]
     problems = [line for line in lines if line.startswith(CORRUPTION_MESSAGES)]
     for line in lines:
         if line and line not in problems:  # anything else the decoder said is the user's to see
             print(line, file=sys.stderr)
     return pixels, problems[0] if problems else None
+
+
+def _imdecode(buffer: np.ndarray, flags: int) -> np.ndarray | None:
+    try:
+        return cv2.imdecode(buffer, flags)
+    except cv2.error:  # OpenCV raises for some data it can't read, returns None for other
+        return None
 
 
 def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray | None, str | None]:
@@ -73,6 +83,8 @@ def read_image_file(path: str | os.PathLike) -> tuple[np.ndarray | None, str | N
             data = f.read()
     except OSError as e:
         return None, e.strerror or type(e).__name__
+    if not data:
+        return None, "empty file"
     bgr, corrupt = decode_checked(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if bgr is None:
         return None, "not a readable image"

@@ -239,7 +239,10 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
     # IMREAD_COLOR makes grey and RGBA 3-channel; the annotations are in the coordinates of
     # the image as stored, so an EXIF orientation tag must not rotate it.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
+    except cv2.error:  # OpenCV raises for some undecodable data (an empty buffer), returns None for other
+        bgr = None
     if bgr is None:
         raise InputError(f"{where}: cannot decode the image ({len(data)} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
