@@ -41,6 +41,11 @@ _NAME = re.compile(r"^step-(\d{8})$")
 META = "meta.json"
 
 
+def is_checkpoint_name(name: str) -> bool:
+    """A complete checkpoint's folder name (``step-NNNNNNNN``)."""
+    return _NAME.match(name) is not None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 

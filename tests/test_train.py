@@ -658,6 +658,24 @@ def test_a_bad_sample_read_by_one_of_two_processes_is_exit_2_under_the_superviso
     assert not (cwd / "models" / "tiny.pt").exists()
 
 
+def test_a_checkpoints_folder_that_holds_other_things_is_refused(tmp_path):
+    """The run deletes its checkpoints folder when it ends: `checkpoints_dir: runs` deleted the
+    run's TensorBoard logs, and a name matching a folder of the user's deleted that, exit 0."""
+    cwd = workdir(tmp_path, **{"steps": 2, "validation.every": 0, "trace": False})
+    result = run_train(cwd, 1, "--set", "checkpoints_dir=runs", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: checkpoints_dir: runs/tiny holds the run's logs (runs_dir) (runs/tiny); writing the output there "
+        "would delete it: choose another folder")
+    mine = cwd / "photos" / "tiny"
+    mine.mkdir(parents=True)
+    (mine / "holiday.jpg").write_bytes(b"mine")
+    result = run_train(cwd, 1, "--set", "checkpoints_dir=photos", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: checkpoints_dir: photos/tiny exists and is not a folder of this run's checkpoints" in result.stderr
+    assert (mine / "holiday.jpg").read_bytes() == b"mine" and not (cwd / "models" / "tiny.pt").exists()
+
+
 def test_missing_shard_is_a_one_line_error(tmp_path):
     cwd = workdir(tmp_path)
     local = tmp_path / "own-shards"

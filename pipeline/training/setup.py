@@ -18,7 +18,7 @@ from pipeline import checkpoints, device, resume
 from pipeline.config import ConfigError, flatten, to_dict
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.run_log import RunLog, Table
-from pipeline.stage import StageError, check_writable
+from pipeline.stage import StageError, check_replaceable, check_writable
 from pipeline.train_config import ModelConfig, RunPaths, TrainConfig
 from pipeline.training.init_weights import load_init_weights
 from pipeline.training.validation import Validator
@@ -229,6 +229,19 @@ def batches_per_epoch(cfg: TrainConfig, num_samples: int, world: int) -> int:
     return batches
 
 
+def _check_checkpoints_folder(cfg: TrainConfig, paths: RunPaths) -> None:
+    """The run's checkpoints folder is deleted when the run ends (and by --restart): it may hold
+    nothing but checkpoints (``checkpoints_dir: runs`` deleted the run's TensorBoard logs)."""
+    def only_checkpoints(folder: Path) -> bool:
+        return all(checkpoints.is_checkpoint_name(p.name) or p.name.startswith(atomic.TMP_PREFIX)
+                   for p in folder.iterdir())
+
+    outputs = {"the model file": paths.model, "the best model file": paths.best_model, "the metrics": paths.metrics,
+               "the plots": paths.plots, "the run's logs (runs_dir)": paths.logs, "data.shards": cfg.data.shards}
+    check_replaceable(paths.checkpoints, "checkpoints_dir", only_checkpoints, "a folder of this run's checkpoints",
+                      inputs=outputs)
+
+
 def setup(cfg: TrainConfig, restart: bool) -> Run:
     """Check the inputs, build the accelerator, model, optimiser, EMA and validation, and resume
     if there is a checkpoint."""
@@ -236,6 +249,7 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
 
     paths = RunPaths.of(cfg)
     check_writable(paths.model.parent, paths.metrics.parent, paths.plots.parent, paths.logs, paths.checkpoints)
+    _check_checkpoints_folder(cfg, paths)
     manifest, shards, num_samples = check_data(cfg)
     accelerator = make_accelerator(cfg)
     files = {"data.shards": manifest.path, "model.init_weights": cfg.model.init_weights,
