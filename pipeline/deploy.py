@@ -104,6 +104,9 @@ def deploy(cfg: DeployConfig) -> dict[str, Any]:
     _check_graph_names(cfg, stems)
     out = Path(cfg.out_dir)
     check_writable(out.parent, Path(cfg.metrics).parent)
+    if out.resolve() in Path(cfg.metrics).resolve().parents:  # written there, it went with the old folder
+        raise StageError(f"deploy.metrics: {cfg.metrics} is inside deploy.out_dir ({cfg.out_dir}), which is replaced "
+                         "whole by the graphs: put it elsewhere (metrics/deploy.json)")
     inputs = {f"deploy.models[{i}].{k}": getattr(m, k) for i, m in enumerate(cfg.models) for k in ("file", "shards")}
     check_replaceable(out, "deploy.out_dir", lambda p: all(f.suffix == ".onnx" and f.is_file() for f in p.iterdir()),
                       "a folder of ONNX graphs (what this stage writes)", inputs)

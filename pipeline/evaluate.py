@@ -80,7 +80,7 @@ from pipeline.config import InputPath, check_name_follows_model, check_run_name,
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.eval_outputs import EvalPaths, write_outputs
 from pipeline.dvc_inputs import check_tracked
-from pipeline.stage import StageError, arg_parser, check_writable, run
+from pipeline.stage import StageError, arg_parser, check_replaceable, check_writable, run
 from ssd.bounds import Count, Fraction, PositiveInt
 from ssd.metrics import DetectionAccumulator, ImageRecord
 from ssd.onnx_detector import load_detector
@@ -266,6 +266,9 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     mode, kind = resolve_mode(cfg.mode, manifest, temporal)
     name = cfg.name or Path(cfg.model).stem
     paths = EvalPaths.of(cfg, name)
+    # The reports folder is replaced whole: only an earlier evaluation's may be there.
+    check_replaceable(paths.reports, "reports_dir", lambda p: (p / "evaluation.json").is_file(),
+                      "an evaluation's reports folder", inputs={"model": cfg.model, "shards": cfg.shards})
 
     from accelerate import Accelerator
 

@@ -220,6 +220,8 @@ MATRIX: dict[str, Case] = {
     "unwritable models_dir": train("models_dir=params.yaml/models", message="params.yaml"),
     "unwritable metrics_dir": evaluate("metrics_dir=params.yaml/metrics", message="params.yaml"),
     "unwritable prepare output": prepare("voc.out=params.yaml/voc", message="params.yaml"),
+    "reports folder of the user's": evaluate("reports_dir=data", "name=voc",
+                                             message="reports_dir: data/voc exists and is not an evaluation's reports"),
     "unwritable ONNX output": Case("export", (MODEL, "--out", "params.yaml/m.onnx"), 2, "params.yaml"),
     "unwritable detect output": Case("detect", (MODEL, VIDEO, "--out", "params.yaml/o.avi", "--fourcc", "MJPG"),
                                      2, "params.yaml"),

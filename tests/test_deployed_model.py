@@ -401,3 +401,14 @@ def test_deploy_refuses_frame_shards_for_an_lstm_and_graph_names_that_collide(de
         "error: deploy.models: models/tiny.pt and models/tiny-detect.pt would both write tiny-detect.onnx; "
         "rename one of the model files")
     assert sorted((deployed / "models" / "deploy").iterdir()) == before
+
+
+def test_deploy_refuses_a_metrics_file_inside_the_graphs_folder(deployed):
+    """The metrics went into the folder the graphs then replaced whole: exit 0, and no metrics."""
+    before = sorted((deployed / "models" / "deploy").iterdir())
+    result = run_stage("pipeline.deploy", deployed, "--set", "metrics=models/deploy/deploy.json")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: deploy.metrics: models/deploy/deploy.json is inside deploy.out_dir (models/deploy), which is "
+        "replaced whole by the graphs: put it elsewhere (metrics/deploy.json)")
+    assert sorted((deployed / "models" / "deploy").iterdir()) == before
