@@ -53,7 +53,7 @@ def env() -> dict:
 def run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pipeline.benchmark", *args], cwd=cwd, env=env(), capture_output=True, text=True,
-        timeout=300, check=False,
+        timeout=240, check=False,
     )  # fmt: skip
 
 
@@ -203,6 +203,30 @@ def test_bad_input_is_one_line_and_exit_code_2(project, monkeypatch, capsys, tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_a_bad_sample_read_by_a_loader_worker_ends_the_loader_section(project, tmp_path):
+    """Its one line and exit 2, the loader's workers (which ignore SIGTERM) stopped: a process
+    waiting for them at its exit would hang, and the test's timeout would fail it."""
+    import io
+    import shutil
+    import tarfile
+
+    shards = tmp_path / "shards"
+    shutil.copytree(project / "shards", shards)
+    for tar_path in shards.glob("train-*.tar"):
+        with tarfile.open(tar_path) as tar:
+            members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+        with tarfile.open(tar_path, "w") as tar:
+            for info, data in members:
+                data = b"\xff\xd8\xff" + bytes(200) if info.name.endswith(".jpg") else data
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    result = run(project, "--only", "loader", "--set", f"loader.shards={shards}", "--set", "loader.num_workers=2",
+                 "--out", str(tmp_path / "x.json"))  # run()'s timeout: a hang fails the test
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "cannot decode the image" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_the_loose_file_comparison_needs_the_shards_own_images(project, monkeypatch, capsys, tmp_path):

@@ -23,6 +23,7 @@ the in-process loader 7x slower).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 import xml.etree.ElementTree as ET
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ssd.data.loader import Sample, collate, decode_sample, read_raw_samples, train_loader
+from ssd.data.loader import Sample, batches, collate, decode_sample, read_raw_samples, train_loader
 from ssd.errors import InputError
 from ssd.data.transforms import AugmentConfig, DetectionTransform, train_transform
 
@@ -130,13 +131,16 @@ def _time_loader(loader: Any, num_batches: int) -> tuple[float, float]:
     start = time.perf_counter()
     images = 0
     first = None
-    for i, batch in enumerate(loader):
-        if i == 0:
-            first = time.perf_counter()
-            continue
-        images += batch.images.shape[0] * (batch.images.shape[1] if batch.images.ndim == 5 else 1)
-        if i == num_batches:
-            break
+    # The workers stopped however the loop ends: a bad shard raised in a worker kept the iterator
+    # (and the workers, which ignore SIGTERM) alive in the traceback, and the exit waited for ever.
+    with contextlib.closing(batches(loader)) as stream:
+        for i, batch in enumerate(stream):
+            if i == 0:
+                first = time.perf_counter()
+                continue
+            images += batch.images.shape[0] * (batch.images.shape[1] if batch.images.ndim == 5 else 1)
+            if i == num_batches:
+                break
     end = time.perf_counter()
     assert first is not None
     return first - start, images / max(end - first, 1e-9)
