@@ -10,7 +10,7 @@ from typing import Literal
 
 from pipeline.config import InputPath, check_run_name
 from pipeline.train_config import DataConfig
-from ssd.bounds import Count, PositiveInt
+from ssd.bounds import PositiveInt, Seed
 from ssd.distill import DistillWeights
 from ssd.loss import LossConfig
 from ssd.optim import OptimConfig
@@ -36,7 +36,7 @@ class FinetuneConfig:
     """A fifth of training's default learning rate: the weights are trained, only the damage of
     the cut needs repairing."""
     loss: LossConfig = field(default_factory=LossConfig)
-    seed: Count = 0
+    seed: Seed = 0
     """Seeds the data order and augmentation of the fine-tuning."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Through Accelerate; null: Accelerate's choice (as in training). fp16 needs a GPU."""

@@ -42,6 +42,7 @@ from tqdm import tqdm
 from pipeline import sample_files as files
 from pipeline.config import ConfigError, load_config, load_params
 from pipeline.stage import arg_parser, check_replaceable, run
+from ssd.bounds import Seed
 from ssd.atomic import atomic_dir
 from ssd.data.synthetic import video_splits
 from ssd.data.workers import opencv_one_thread
@@ -103,7 +104,7 @@ class IrParams:
 class SampleConfig:
     """The ``sample`` section of ``params.yaml``."""
 
-    seed: int = 0  # every image and video is a function of (seed, data set, index)
+    seed: Seed = 0  # every image and video is a function of (seed, data set, index)
     workers: int = 2  # processes (the machine this was tuned on has 2 cores); output does not depend on it
     voc: VocParams = field(default_factory=VocParams)
     ir: IrParams = field(default_factory=IrParams)

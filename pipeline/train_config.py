@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pipeline.config import InputPath, check_run_name, to_dict
-from ssd.bounds import AtLeast, Count, NonEmpty, PositiveFloat, PositiveInt, Unique
+from ssd.bounds import AtLeast, Count, NonEmpty, PositiveFloat, PositiveInt, Seed, Unique
 from ssd.data.transforms import AugmentConfig
 from ssd.distill import DistillWeights
 from ssd.ema import EmaConfig
@@ -192,7 +192,7 @@ class TrainConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     steps: PositiveInt = 1000
     """Optimiser steps in the whole run."""
-    seed: Count = 0
+    seed: Seed = 0
     """Seeds the model initialisation and the data order and augmentation."""
     mixed_precision: Literal["no", "fp16", "bf16"] | None = None
     """Through Accelerate; null: Accelerate's choice (accelerate config, accelerate launch

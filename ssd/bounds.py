@@ -17,6 +17,11 @@ from pathlib import PurePath
 from typing import Annotated, Any, Sequence
 
 
+def _shown(x: float) -> str:
+    """A bound as written: whole numbers in full (2**32 is 4294967296, not 4.29497e+09)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 @dataclass(frozen=True)
 class AtLeast:
     """``value >= low``."""
@@ -24,7 +29,7 @@ class AtLeast:
     low: float
 
     def problem(self, value: Any) -> str | None:
-        return None if value >= self.low else f"must be at least {self.low:g}"
+        return None if value >= self.low else f"must be at least {_shown(self.low)}"
 
 
 @dataclass(frozen=True)
@@ -34,7 +39,7 @@ class Above:
     low: float
 
     def problem(self, value: Any) -> str | None:
-        return None if value > self.low else f"must be greater than {self.low:g}"
+        return None if value > self.low else f"must be greater than {_shown(self.low)}"
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class Below:
     high: float
 
     def problem(self, value: Any) -> str | None:
-        return None if value < self.high else f"must be less than {self.high:g}"
+        return None if value < self.high else f"must be less than {_shown(self.high)}"
 
 
 @dataclass(frozen=True)
@@ -54,7 +59,7 @@ class AtMost:
     high: float
 
     def problem(self, value: Any) -> str | None:
-        return None if value <= self.high else f"must be at most {self.high:g}"
+        return None if value <= self.high else f"must be at most {_shown(self.high)}"
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ class Between:
     high: float
 
     def problem(self, value: Any) -> str | None:
-        return None if self.low <= value <= self.high else f"must be in [{self.low:g}, {self.high:g}]"
+        return None if self.low <= value <= self.high else f"must be in [{_shown(self.low)}, {_shown(self.high)}]"
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,8 @@ PositiveInt = Annotated[int, AtLeast(1)]
 """1, 2, ...: sizes and counts of things that must exist."""
 Count = Annotated[int, AtLeast(0)]
 """0, 1, ...: counts where none is allowed."""
+Seed = Annotated[int, AtLeast(0), Below(2**32)]
+"""A random seed: numpy's (and so Accelerate's ``set_seed``) are 0 .. 2**32 - 1."""
 PositiveFloat = Annotated[float, Above(0)]
 Fraction = Annotated[float, Between(0, 1)]
 """A probability or a share, in [0, 1]."""

@@ -215,6 +215,7 @@ MATRIX: dict[str, Case] = {
                                                    message="image_size 64 is too small for this architecture"),
     "run name ..": train("name=..", message="not a valid run name"),
     "run name escaping the project": train("name=../../escape", message="not a valid run name"),
+    "seed past numpy's": train("seed=4294967296", message="train.seed: must be less than 4294967296"),
     "evaluate batch size 0": evaluate("batch_size=0", message="batch_size"),
     # -- outputs that cannot be written (checked before any work)
     "unwritable models_dir": train("models_dir=params.yaml/models", message="params.yaml"),
