@@ -260,6 +260,10 @@ def check_run_name(name: str, key: str) -> None:
         )
 
 
+#: A number in exponent notation without a decimal point (``1e-3``), which YAML 1.2 reads as a float.
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -322,8 +326,13 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if abs(value) >= 2**63:  # torch and numpy take 64-bit integers: an OverflowError deep inside
+            raise ConfigError(f"{key}: {value} is out of range (a 64-bit integer)")
         return value
     if tp is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+            # PyYAML (YAML 1.1) reads 1e-3 as a string; DVC's parser (YAML 1.2) as a number
+            value = float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if not math.isfinite(value):

@@ -42,6 +42,9 @@ def test_defaults_and_nested_values():
         # A section set to null (`--set opt=null`, or every line under `opt:` commented out) is
         # not "the defaults": for data.augment the defaults are the full SSD augmentation.
         ({"opt": None}, "train.opt: null; give its keys"),
+        # Past 64 bits: an OverflowError deep inside torch (or an islice ValueError) otherwise.
+        ({"steps": 10**20}, "train.steps: 100000000000000000000 is out of range (a 64-bit integer)"),
+        ({"opt": {"lr": "1e-3x"}}, "train.opt.lr: expected a number, got '1e-3x'"),
     ],
 )
 def test_bad_values_are_one_line_errors(data, message):
@@ -61,6 +64,16 @@ def test_overrides_are_parsed_as_yaml_and_checked(tmp_path):
         load_config(Outer, params, "train", ["bogus=1"])
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_overrides({}, ["novalue"])
+
+
+def test_a_number_in_exponent_notation_is_a_number(tmp_path):
+    """PyYAML reads `lr: 1e-3` (no decimal point) as the string '1e-3', which was refused, while
+    DVC, whose parser follows YAML 1.2, reads it as the number it is."""
+    p = tmp_path / "params.yaml"
+    p.write_text("train:\n  opt:\n    lr: 1e-3\n")
+    assert load_config(Outer, load_params(p), "train", []).opt.lr == 0.001
+    assert load_config(Outer, load_params(p), "train", ["opt.lr=5E-4"]).opt.lr == 0.0005
+    assert load_config(Outer, load_params(p), "train", ["opt.lr=-.5e+1"]).opt.lr == -5.0
 
 
 def test_a_key_given_twice_in_the_params_file_is_an_error(tmp_path):
