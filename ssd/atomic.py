@@ -10,6 +10,7 @@ which no reader takes for a complete output.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -29,6 +30,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     if "r" in mode or "a" in mode:
         raise ValueError(f"atomic_open is for writing only, got mode {mode!r}")
     path = Path(path)
+    if path.is_dir():  # else the error would name the temporary file, after all the writing
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name + ".", dir=path.parent)
     try:
@@ -40,10 +43,17 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno in _DISK_ERRORS:
+            # A full disk says nothing of which file: name the output (stages report it in one line).
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
+
+
+#: Errors of writing to the disk itself, which carry no file name.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -40,3 +40,25 @@ def test_atomic_dir(tmp_path):
     with atomic.atomic_dir(target) as d:
         (d / "c").write_text("3")
     assert os.listdir(target) == ["c"]
+
+
+def test_a_folder_in_the_output_s_place_is_named_before_anything_is_written(tmp_path):
+    """The error named the temporary file (.tmp-out.json.xyz: Is a directory), after the writing."""
+    (tmp_path / "out.json").mkdir()
+    with pytest.raises(IsADirectoryError) as e:
+        with atomic.atomic_open(tmp_path / "out.json") as f:
+            raise AssertionError("the block ran")
+    assert e.value.filename == str(tmp_path / "out.json")
+    assert sorted(os.listdir(tmp_path)) == ["out.json"]
+
+
+def test_a_full_disk_names_the_output(tmp_path):
+    """ENOSPC carries no file name, so a stage could not say which output failed (a traceback)."""
+    import errno
+
+    with pytest.raises(OSError) as e:
+        with atomic.atomic_open(tmp_path / "m.onnx") as f:
+            f.write(b"x")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "m.onnx")
+    assert os.listdir(tmp_path) == []
