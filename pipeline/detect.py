@@ -282,6 +282,8 @@ def _check_outputs(outputs: dict[str, Path], inputs: dict[str, Path]) -> None:
     flags = list(outputs)
     for i, flag in enumerate(flags):
         path = outputs[flag]
+        if path.is_dir():  # found out only when the finished file was renamed into place
+            raise StageError(f"{flag} {path}: is a folder; give a file name")
         for other in flags[:i]:
             if same(path, outputs[other]):
                 raise StageError(f"{flag} {path}: the same file as {other}")

@@ -271,6 +271,11 @@ MATRIX: dict[str, Case] = {
                                        "is the input"),
     "detect detections file is the input": Case(
         "detect", (MODEL, VIDEO, "--out", "o.avi", "--jsonl", VIDEO, "--fourcc", "MJPG"), 2, "is the input"),
+    "detect output is a folder": Case("detect", (MODEL, VIDEO, "--out", "o.avi", "--fourcc", "MJPG"), 2,
+                                      "--out o.avi: is a folder; give a file name", lambda r: (r / "o.avi").mkdir()),
+    "detect detections file is a folder": Case(
+        "detect", (MODEL, VIDEO, "--out", "o.avi", "--jsonl", "models", "--fourcc", "MJPG"), 2,
+        "--jsonl models: is a folder; give a file name"),
     "detect output named as an image": Case("detect", (MODEL, VIDEO, "--out", "o.jpg"), 2,
                                             "--out o.jpg: detect writes an annotated video"),
     "detect frame rate 0": Case("detect", (MODEL, "data/irv/frames/clipB", "--out", "o.avi", "--fourcc", "MJPG",
