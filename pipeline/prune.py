@@ -209,6 +209,9 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
     out_metrics = Path(cfg.metrics_dir) / f"prune-{name}.json"
     work = Path(cfg.runs_dir) / train_name / "prune"
     check_writable(cfg.models_dir, cfg.metrics_dir, cfg.runs_dir, cfg.checkpoints_dir)
+    if out_model.resolve() == Path(cfg.model).resolve():
+        raise StageError(f"prune.name: the pruned model would be written over its source {cfg.model}; choose another "
+                         "name")
 
     model, info = load_model_file(cfg.model)  # a bad file: InputError, one line from stage.run
     classes, size = list(info["class_names"]), int(info["image_size"])

@@ -233,14 +233,22 @@ def test_a_preempted_fine_tuning_resumes_with_the_control_as_teacher(project, tm
         ("finetune.checkpoint_every=0", "prune.finetune.checkpoint_every: must be at least 1"),
         ("finetune.seed=-1", "prune.finetune.seed: must be at least 0"),
         ("finetune.log_every=0", "prune.finetune.log_every: must be at least 1"),
+        ("finetune.seed=4294967296", "prune.finetune.seed: must be less than 4294967296"),
+        # The pruned model went over its source (pruned twice on a rerun), exit 0.
+        ("name=src", "the pruned model would be written over its source models/src-pruned.pt"),
     ],
 )
 def test_bad_config_is_a_one_line_error(project, monkeypatch, capsys, override, message):
     from pipeline import prune as stage
 
     monkeypatch.chdir(project)
-    code = stage.main(["--set", override, "--set", "metrics_dir=never", "--set", "evaluate.enabled=false",
+    extra = []
+    if override == "name=src":  # its output, models/src-pruned.pt, is the source here
+        (project / "models" / "src-pruned.pt").write_bytes((project / "models" / "tiny.pt").read_bytes())
+        extra = ["--set", "model=models/src-pruned.pt"]
+    code = stage.main(["--set", override, *extra, "--set", "metrics_dir=never", "--set", "evaluate.enabled=false",
                        "--set", "latency.runs=1", "--set", "latency.warmup=0"])
+    (project / "models" / "src-pruned.pt").unlink(missing_ok=True)
     assert code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err
