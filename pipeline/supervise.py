@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -179,11 +180,19 @@ def _send(child: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def seconds(text: str) -> float:
+    """A finite, non-negative number of seconds (argparse turns the ValueError into its usage error)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run a launcher; forward SIGTERM/SIGINT; exit with its stage processes' code (75: preempted)."
     )
-    parser.add_argument("--grace", type=float, default=120.0,
+    parser.add_argument("--grace", type=seconds, default=120.0,
                         help="seconds to wait for stage processes still running after the launcher exits")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the launcher command line")
     ns = parser.parse_args(argv)

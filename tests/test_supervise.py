@@ -104,3 +104,14 @@ def test_a_stop_before_any_stage_could_save_is_the_signals_code_not_a_bug(tmp_pa
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
+
+
+@pytest.mark.parametrize("grace", ["nan", "inf", "-5"])
+def test_a_grace_that_is_no_time_is_a_usage_error(grace, capsys):
+    """nan and inf were a ValueError traceback from the deadline; -5 was taken as no wait at all."""
+    from pipeline.supervise import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--grace", grace, "true"])
+    assert e.value.code == 2
+    assert f"argument --grace: invalid seconds value: '{grace}'" in capsys.readouterr().err
