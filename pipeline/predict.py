@@ -56,7 +56,9 @@ from ssd import atomic
 log = logging.getLogger("pipeline.predict")
 
 #: Files of a folder (or glob) that are taken as images.
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".tif", ".tiff", ".webp")
+#: Names of JPEG files OpenCV doesn't write by that name: their annotated copies are encoded as .jpg.
+_JPEG_ALIASES = (".jfif",)
 
 
 @dataclass
@@ -72,9 +74,14 @@ def collect_inputs(specs: list[str]) -> Inputs:
     for spec in specs:
         path = Path(spec)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            found = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 raise StageError(f"{path}: no images in the folder (expected {', '.join(IMAGE_SUFFIXES)} files)")
+            if len(found) < len(files):  # said, not dropped silently (a .heic from a phone, say)
+                others = sorted({p.suffix.lower() or "(none)" for p in files if p not in found})
+                log.warning("%s: %d files are not taken (not %s: %s)", path, len(files) - len(found),
+                            "/".join(IMAGE_SUFFIXES), ", ".join(others))
             images += found
         elif path.is_file():
             (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(path)
@@ -123,9 +130,18 @@ def _image_targets(inputs: Inputs, kind: str, out: Path) -> list[Path]:
         seen[p.name] = p
     targets = [out / p.name for p in inputs.images]
     for source, target in zip(inputs.images, targets):
+        if not cv2.haveImageWriter("x" + encoded_as(target)):  # found out after the images before it were written
+            raise StageError(f"{source}: OpenCV can't write a {target.suffix} image for its annotated copy; convert it "
+                             "to .jpg or .png first")
         if target.exists() and target.resolve() == source.resolve():
             raise StageError(f"--out {out}: is the folder of the input {source}; choose another folder")
     return targets
+
+
+def encoded_as(target: Path) -> str:
+    """The suffix the annotated copy is encoded by (OpenCV's encoder is chosen by suffix)."""
+    suffix = target.suffix.lower()
+    return ".jpg" if suffix in _JPEG_ALIASES else (suffix or ".png")
 
 
 def _read(path: Path) -> tuple[np.ndarray | None, str | None]:
@@ -193,7 +209,7 @@ def predict_images(args: argparse.Namespace, inputs: Inputs, targets: list[Path]
                 records += coco_records(index + 1, str(path), boxes, scores, labels, _names(class_names, labels))
                 drawn = draw_detections(rgb, boxes, labels, scores, class_names, score_threshold=0.0)
                 target = targets[index]
-                ok, encoded = cv2.imencode(target.suffix or ".png", cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
+                ok, encoded = cv2.imencode(encoded_as(target), cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR))
                 if not ok:
                     raise StageError(f"{target}: OpenCV can't encode a {target.suffix} image")
                 target.parent.mkdir(parents=True, exist_ok=True)

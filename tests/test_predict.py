@@ -177,3 +177,27 @@ def test_exif_orientation_is_ignored_as_in_training(project, tmp_path):
     records = json.loads((out / "detections.json").read_text())
     got, same = records_of(records, str(tagged)), records_of(records, str(plain))
     assert len(got["labels"]) > 0 and unmatched(same, got, box_tol=0.02, score_tol=1e-6) == []
+
+
+def test_jfif_photos_are_read_and_other_files_are_said_not_taken(project, tmp_path):
+    """A .jfif photo (a JPEG) given by name was a cv2.error traceback after the images before it had
+    been written; in a folder it, and a .heic, were dropped without a word."""
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    rgb = photo(np.random.default_rng(1), 120, 160)
+    cv2.imwrite(str(folder / "a.jpg"), rgb)
+    (folder / "b.jfif").write_bytes((folder / "a.jpg").read_bytes())
+    (folder / "c.heic").write_bytes(b"not decodable here")
+    result = run("model.pt", str(folder), "--out", str(tmp_path / "out"), "--device", "cpu", cwd=project)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{folder}: 1 files are not taken" in result.stderr and ".heic" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.jpg", "b.jfif", "detections.json"]
+    assert cv2.imread(str(tmp_path / "out" / "b.jfif")).shape == (120, 160, 3)
+    (folder / "d.heic").write_bytes((folder / "a.jpg").read_bytes())  # readable, but not writable by that name
+    result = run("model.pt", str(folder / "a.jpg"), str(folder / "d.heic"), "--out", str(tmp_path / "out2"),
+                 "--device", "cpu", cwd=project)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {folder / 'd.heic'}: OpenCV can't write a .heic image for its annotated copy; convert it to .jpg "
+        "or .png first")
+    assert not (tmp_path / "out2").exists()
