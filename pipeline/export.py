@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline.stage import StageError, check_writable, run
+from ssd.atomic import TMP_PREFIX
 from ssd.bounds import Count, PositiveInt
 
 log = logging.getLogger("pipeline.export")
@@ -212,9 +214,21 @@ def export(args: argparse.Namespace) -> int:
     model, info = load_model_file(args.model)  # a bad file: InputError, one line from stage.run
     temporal = bool(getattr(model, "is_temporal", False))
     calibration = check_calibration(info, args.calibration, args.calibration_split, temporal) if args.int8 else None
-    data, report = export_float(model, info, args.model, outs[0], decoded=args.decode, opset=args.opset,
-                                fold=not args.no_fold, simplify=not args.no_simplify,
-                                tolerance=args.tolerance if args.verify else None)
+    # With --int8 the pair is written whole or not at all: the float graph goes under a temporary
+    # name until the int8 one is made (bad calibration shards left a new float graph beside an old
+    # int8 one, exit 2).
+    float_path = outs[0].with_name(f"{TMP_PREFIX}{outs[0].name}") if args.int8 else outs[0]
+    try:
+        data, report = export_float(model, info, args.model, float_path, decoded=args.decode, opset=args.opset,
+                                    fold=not args.no_fold, simplify=not args.no_simplify,
+                                    tolerance=args.tolerance if args.verify else None)
+        if args.int8:
+            cfg = Int8Config(split=args.calibration_split, frames=args.calibration_frames)
+            q = export_int8(model, data, outs[1], calibration, cfg)
+            os.replace(float_path, outs[0])
+    finally:
+        if float_path != outs[0]:
+            float_path.unlink(missing_ok=True)
     state = len(model.init_state(1)) if temporal else 0
     log.info("wrote %s (%s, %s outputs%s, opset %d, %d nodes, %.1f MB)", outs[0], info.get("arch", {}).get("name", "?"),
              "decoded" if args.decode else "raw", f", {state} state tensors" if state else "", args.opset,
@@ -222,8 +236,6 @@ def export(args: argparse.Namespace) -> int:
     if "max_difference" in report:
         log.info("onnxruntime matches PyTorch: largest difference %.3g", report["max_difference"])
     if args.int8:
-        cfg = Int8Config(split=args.calibration_split, frames=args.calibration_frames)
-        q = export_int8(model, data, outs[1], calibration, cfg)
         log.info("wrote %s (int8, %d calibration frames, %.1f MB)", outs[1],
                  q["calibration"]["calibration_frames"], q["mb"])
     return 0

@@ -281,3 +281,24 @@ def test_flags_whose_switch_is_off_are_refused(tmp_path, capsys, flags, message)
     assert main([str(model_file), "--out", str(tmp_path / "m.onnx"), *flags]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(message)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_calibration_shards_that_break_midway_leave_the_old_pair(tmp_path, capsys):
+    """The float graph was written, then the calibration found its shards truncated: exit 2 with a
+    new float graph beside the old int8 one."""
+    from shardgen import CLASSES, write_frame_dataset
+
+    model_file = tmp_path / "ssdlite.pt"
+    torch.manual_seed(0)
+    save_model_file(model_file, ssdlite_mobilenet_v2(len(CLASSES) + 1, width_mult=0.25, image_size=64), CLASSES)
+    shards = write_frame_dataset(tmp_path / "cal", {"train": [6]})
+    for tar in shards.glob("train-*.tar"):
+        tar.write_bytes(tar.read_bytes()[:3000])
+    out, int8 = tmp_path / "out.onnx", tmp_path / "out-int8.onnx"
+    out.write_bytes(b"the previous float graph")
+    int8.write_bytes(b"the previous int8 graph")
+    code = main([str(model_file), "--out", str(out), "--int8", str(int8), "--calibration", str(shards)])
+    assert code == 2, capsys.readouterr().err[-2000:]
+    assert "train-000000.tar" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert out.read_bytes() == b"the previous float graph" and int8.read_bytes() == b"the previous int8 graph"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cal", "out-int8.onnx", "out.onnx", "ssdlite.pt"]
