@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         check_tracked(cfg, "benchmark", only=names)
         out, setup_path, chart = _outputs(args.out, cfg, args.overrides)
         check_writable(out.parent, setup_path.parent, chart.parent)
+        for path in (out, setup_path, chart):
+            if path.is_dir():  # found out only after all the timing
+                raise StageError(f"{path}: is a folder; name the file to write")
         result = benchmark(cfg, names)
         metrics, setup = split_setup(result)
         atomic.write_json(setup_path, setup)

@@ -183,6 +183,7 @@ def test_chart_is_a_png(project, figures):
     [
         (["--set", "models.files=[models/tiny.pt, models/gone.pt]"], "models/gone.pt: model file not found"),
         (["--only", "models,speed"], "unknown benchmark section 'speed'"),
+        (["--only", "postprocess", "--set", "setup=models"], "models: is a folder; name the file to write"),
         (["--set", "models.repeats=0"], "benchmark.models.repeats: must be at least 1"),
         (["--set", "models.source_image=gone.jpg"], "gone.jpg: image not found"),
         (["--set", "train_step.model=models/gone.pt", "--only", "train_step"], "models/gone.pt: model file not found"),
