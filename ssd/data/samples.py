@@ -20,6 +20,7 @@ difficult as bool. Images come out as float32 in [0, 1] RGB (the model normalise
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -204,6 +205,13 @@ def count_samples(url: str) -> int:
     """
     if not os.path.isfile(url):
         return sum(1 for _ in _tar_samples(url))
+    stat = os.stat(url)
+    return _count_local(url, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _count_local(url: str, size: int, mtime_ns: int) -> int:
+    """:func:`count_samples` of a local file, once per file version (the loader is made every epoch)."""
     count, key = 0, None
     try:
         with tarfile.open(url, "r:") as tar:
