@@ -264,6 +264,17 @@ def check_run_name(name: str, key: str) -> None:
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
+def _float(key: str, value: Any) -> float:
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
+        # PyYAML (YAML 1.1) reads 1e-3 as a string; DVC's parser (YAML 1.2) as a number
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    return float(value)
+
+
 def _convert(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if tp is Any:
@@ -330,14 +341,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: {value} is out of range (a 64-bit integer)")
         return value
     if tp is float:
-        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            # PyYAML (YAML 1.1) reads 1e-3 as a string; DVC's parser (YAML 1.2) as a number
-            value = float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
+        return _float(key, value)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")

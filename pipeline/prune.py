@@ -132,6 +132,17 @@ def _finetune(
     return train(tcfg, restart=restart)
 
 
+def _as_trained(cfg: PruneStageConfig, info: dict[str, Any]) -> PruneStageConfig:
+    """``finetune.frozen_batchnorm: null`` resolved to the source model's training setting."""
+    if cfg.finetune.frozen_batchnorm is not None:
+        return cfg
+    trained = (info.get("meta") or {}).get("train_config") or {}
+    frozen = bool(trained.get("frozen_batchnorm", False))
+    if frozen:
+        log.info("fine-tuning with frozen batch norm statistics, as %s was trained", cfg.model)
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, frozen_batchnorm=frozen))
+
+
 def _weights(distill: PruneDistill) -> dict[str, Any]:
     return {k: v for k, v in to_dict(distill).items() if k != "teacher"}
 
@@ -215,12 +226,7 @@ def prune(cfg: PruneStageConfig, restart: bool = False) -> int:
 
     model, info = load_model_file(cfg.model)  # a bad file: InputError, one line from stage.run
     classes, size = list(info["class_names"]), int(info["image_size"])
-    if cfg.finetune.frozen_batchnorm is None:  # as the source was trained
-        trained = (info.get("meta") or {}).get("train_config") or {}
-        frozen = bool(trained.get("frozen_batchnorm", False))
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, frozen_batchnorm=frozen))
-        if frozen:
-            log.info("fine-tuning with frozen batch norm statistics, as %s was trained", cfg.model)
+    cfg = _as_trained(cfg, info)
 
     cost_before = _cost(model, size)
     log.info("%s: %d parameters, %d multiply-adds", cfg.model, cost_before["params"], cost_before["macs"])
