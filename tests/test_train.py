@@ -132,7 +132,10 @@ def test_two_processes_read_different_samples_and_keep_identical_weights(referen
     for a, b in zip(r0, r1):
         assert a["checksum"] == b["checksum"], f"weights differ between ranks after step {a['step']}"
     assert all(a["keys"] != b["keys"] for a, b in zip(r0, r1))
-    assert set(sum((a["keys"] for a in r0), [])) != set(sum((b["keys"] for b in r1), []))
+    # The first epoch (ceil(21 / (4 x 2)) = 3 steps) is one pass over the 21 samples between them:
+    # 24 draws, of which only the 3 that round it up to whole batches come twice.
+    first = [k for r in (r0, r1) for t in r[:3] for k in t["keys"]]
+    assert len(first) == 24 and len(set(first)) == 21
     assert sorted(p.name for p in (cwd / "models").iterdir()) == ["tiny-best.pt", "tiny.pt"]
     # With ema.enabled the model file holds the average, not the last step's weights (the trace's checksum).
     model, info = load_model_file(cwd / "models/tiny.pt")
@@ -230,8 +233,11 @@ def test_lstm_ssd_carries_its_state_from_clip_to_clip_and_through_a_resume(tmp_p
     result = run_train(cwd, 1)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((cwd / "metrics" / "train-tiny.json").read_text())
-    # 12 clips in all, 3 or 4 of them first clips of their runs at the start; the rest follow on.
-    assert 4 <= summary["carried_clips"] <= 9
+    # 7 clips, batch 2, 2 streams: each stream makes 2 batches an epoch (4 steps), and runs end with
+    # the epoch, so each batch position carries at most one clip an epoch: at most 4 in the first
+    # epoch, none in the 2 steps of the second. A run cut where a stream's slice of the data
+    # begins or ends carries none.
+    assert 2 <= summary["carried_clips"] <= 4
     # Rerun from the kept checkpoint of step 3: the states waiting there were dropped, so the
     # resumed clips started from zeros and the run ended elsewhere (0.7 apart).
     uninterrupted = weights(cwd / "models" / "tiny.pt")
