@@ -46,7 +46,7 @@ def test_a_folder_in_the_output_s_place_is_named_before_anything_is_written(tmp_
     """The error named the temporary file (.tmp-out.json.xyz: Is a directory), after the writing."""
     (tmp_path / "out.json").mkdir()
     with pytest.raises(IsADirectoryError) as e:
-        with atomic.atomic_open(tmp_path / "out.json") as f:
+        with atomic.atomic_open(tmp_path / "out.json"):
             raise AssertionError("the block ran")
     assert e.value.filename == str(tmp_path / "out.json")
     assert sorted(os.listdir(tmp_path)) == ["out.json"]
