@@ -27,8 +27,9 @@ import logging
 import os
 import re
 import shutil
+import socket
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -39,6 +40,38 @@ log = logging.getLogger("pipeline.checkpoints")
 
 _NAME = re.compile(r"^step-(\d{8})$")
 META = "meta.json"
+
+
+class RunLocked(Exception):
+    """Another process holds the run's lock: a second run of the same name is under way."""
+
+
+def hold_run_lock(root: str | os.PathLike) -> IO | None:
+    """An exclusive lock on ``root``'s sibling ``<root>.lock`` (``root``: a run's checkpoints
+    folder), held while the returned file stays open; :class:`RunLocked` when another process
+    holds it. Two runs of one name both resumed from the same checkpoint and wrote each
+    other's plot rows. Where the file system can't lock (some bucket mounts), None: no lock."""
+    import fcntl
+
+    path = Path(f"{os.fspath(root).rstrip(os.sep)}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise RunLocked(f"another run of {Path(root).name} holds {path} ({holder}); wait for it to end, or stop "
+                        "it") from None
+    except OSError:  # ENOLCK, EOPNOTSUPP: this file system has no locks
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
 
 
 def is_checkpoint_name(name: str) -> bool:

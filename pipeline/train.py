@@ -82,6 +82,8 @@ def train(cfg: TrainConfig, restart: bool = False) -> int:
         finally:
             r.log.close()
             r.accelerator.end_training()
+            if r.lock is not None:
+                r.lock.close()  # another run of this name may start now
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -680,6 +681,29 @@ def test_a_checkpoints_folder_that_holds_other_things_is_refused(tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "error: checkpoints_dir: photos/tiny exists and is not a folder of this run's checkpoints" in result.stderr
     assert (mine / "holiday.jpg").read_bytes() == b"mine" and not (cwd / "models" / "tiny.pt").exists()
+
+
+def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path):
+    """Two runs of one name started seconds apart both resumed from the same checkpoint, and the
+    plots held 64 rows for 40 steps; both exited 0."""
+    cwd = workdir(tmp_path, **{"steps": 400, "validation.every": 0, "trace": False, "log_every": 1})
+    first = subprocess.Popen(launch(cwd, 1), cwd=cwd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    try:
+        lock = cwd / "checkpoints" / "tiny.lock"
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and "pid" in lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        result = run_train(cwd, 1, timeout=120)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert result.stderr.strip().splitlines()[-1] == (
+            f"error: another run of tiny holds checkpoints/tiny.lock (pid {first.pid} on {socket.gethostname()}); "
+            "wait for it to end, or stop it")
+    finally:
+        kill_tree(first.pid, signal.SIGKILL)
+        first.wait()
+    result = run_train(cwd, 1, "--set", "steps=2", "--restart", timeout=120)  # the lock went with its process
+    assert "another run" not in result.stderr, result.stderr[-2000:]
 
 
 def test_missing_shard_is_a_one_line_error(tmp_path):

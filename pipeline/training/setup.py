@@ -75,6 +75,7 @@ class Run:
     ema: torch.optim.swa_utils.AveragedModel | None = None
     validator: Validator | None = None
     teacher: Any = None
+    lock: Any = None  # the run's lock file (main process), held open while the run lives
     """The distillation teacher (``cfg.distill.teacher``), frozen, in eval mode."""
     colour: Any = None
     """The colour change the loader workers drew and left to the device (``data.augment.photometric_device``)."""
@@ -252,6 +253,10 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
     _check_checkpoints_folder(cfg, paths)
     manifest, shards, num_samples = check_data(cfg)
     accelerator = make_accelerator(cfg)
+    try:
+        lock = checkpoints.hold_run_lock(paths.checkpoints) if accelerator.is_main_process else None
+    except checkpoints.RunLocked as e:
+        raise StageError(str(e)) from None
     files = {"data.shards": manifest.path, "model.init_weights": cfg.model.init_weights,
              "model.from_file": cfg.model.from_file, "model.backbone_weights": cfg.model.backbone_weights,
              "distill.teacher": cfg.distill.teacher}
@@ -293,7 +298,7 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
         criterion=criterion, classes=manifest.classes, fingerprint=fp, temporal=temporal, shards=shards,
         batches_per_epoch=batches_per_epoch(cfg, num_samples, world),
         log=RunLog(paths.logs, tables, enabled=accelerator.is_main_process), validator=validator,
-        teacher=None if teacher is None else teacher.to(accelerator.device),
+        teacher=None if teacher is None else teacher.to(accelerator.device), lock=lock,
     )
     if cfg.ema.enabled:
         r.ema = averaged(r.unwrapped, cfg.ema.decay)
