@@ -45,7 +45,6 @@ error (exit code 2), before anything is timed.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import time
@@ -234,15 +233,14 @@ def _model_info(path: str) -> dict[str, Any]:
 def _check_lstm_pair(files: Sequence[str], pair: Sequence[str]) -> None:
     """``deployed.lstm`` compares an LSTM-SSD with the SSDLite it is built on: the same input and
     layers but the cell (another size was a traceback after all the timing)."""
-    from pipeline.bench.models import ssdlite_arch
+    from pipeline.bench.models import arch_differences, ssdlite_arch
 
     paths = {Path(f).stem: f for f in files}
     if not all(stem in paths for stem in pair):
         return
     lstm, ssdlite = (_model_info(paths[stem])["arch"] for stem in pair)
     wanted = ssdlite_arch(lstm)
-    differ = [f"{k} {ssdlite.get(k)}, not {wanted.get(k)}" for k in sorted(set(wanted) | set(ssdlite))
-              if json.dumps(wanted.get(k)) != json.dumps(ssdlite.get(k))]
+    differ = [f"{k} {ssdlite.get(k)}, not {wanted.get(k)}" for k in arch_differences(wanted, ssdlite)]
     if differ:
         raise StageError(f"benchmark.deployed.lstm: {paths[pair[1]]} is not the SSDLite {paths[pair[0]]} is built on "
                          f"({'; '.join(differ)})")

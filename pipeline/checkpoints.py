@@ -53,7 +53,8 @@ def hold_run_lock(root: str | os.PathLike) -> IO | None:
     other's plot rows. Where the file system can't lock (some bucket mounts), None: no lock."""
     import fcntl
 
-    path = Path(f"{os.fspath(root).rstrip(os.sep)}.lock")
+    root = Path(root)
+    path = root.with_name(f"{root.name}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     f = open(path, "a+")
     try:
@@ -62,7 +63,7 @@ def hold_run_lock(root: str | os.PathLike) -> IO | None:
         f.seek(0)
         holder = f.read().strip() or "unknown"
         f.close()
-        raise RunLocked(f"another run of {Path(root).name} holds {path} ({holder}); wait for it to end, or stop "
+        raise RunLocked(f"another run of {root.name} holds {path} ({holder}); wait for it to end, or stop "
                         "it") from None
     except OSError:  # ENOLCK, EOPNOTSUPP: this file system has no locks
         f.close()

@@ -78,10 +78,10 @@ def collect_inputs(specs: list[str]) -> Inputs:
             found = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 raise StageError(f"{path}: no images in the folder (expected {', '.join(IMAGE_SUFFIXES)} files)")
-            if len(found) < len(files):  # said, not dropped silently (a .heic from a phone, say)
-                others = sorted({p.suffix.lower() or "(none)" for p in files if p not in found})
-                log.warning("%s: %d files are not taken (not %s: %s)", path, len(files) - len(found),
-                            "/".join(IMAGE_SUFFIXES), ", ".join(others))
+            others = [p.suffix.lower() or "(none)" for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+            if others:  # said, not dropped silently (a .heic from a phone, say)
+                log.warning("%s: %d files are not taken (not %s: %s)", path, len(others), "/".join(IMAGE_SUFFIXES),
+                            ", ".join(sorted(set(others))))
             images += found
         elif path.is_file():
             (videos if path.suffix.lower() in VIDEO_SUFFIXES else images).append(path)

@@ -35,7 +35,6 @@ Headline ratios (from the first thread count), forwards at batch 1:
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from pipeline.bench.chain import PARTS, Step, part_ms, source_jpeg, time_steps
-from pipeline.bench.models import model_steps
+from pipeline.bench.models import arch_differences, model_steps
 from ssd.errors import InputError
 from ssd.fold import fold_batchnorm
 from ssd.model_file import load_model_file
@@ -82,10 +81,8 @@ def runtimes(file: str, onnx_dir: str, threads: int, postprocess: PostprocessCon
 def _check_same_model(file: str, held: dict[str, Any], graph: Path, info: dict[str, Any]) -> None:
     """A graph found by the model file's stem must have been exported from that model: a model
     retrained with another setting beside its old graphs was timed against them (exit 0)."""
-    ours = json.loads(json.dumps(held["arch"]))  # the metadata went through JSON (tuples are lists)
-    theirs = info.get("model_arch", {})
-    differ = [f"{k} {theirs.get(k)} in the graph, {ours.get(k)} in the file" for k in sorted(set(ours) | set(theirs))
-              if ours.get(k) != theirs.get(k)]
+    ours, theirs = held["arch"], info.get("model_arch", {})
+    differ = [f"{k} {theirs.get(k)} in the graph, {ours.get(k)} in the file" for k in arch_differences(ours, theirs)]
     if info.get("class_names") != held["class_names"]:
         differ.append(f"classes {info.get('class_names')} in the graph, {held['class_names']} in the file")
     if differ:

@@ -46,6 +46,7 @@ change in the machine's load hits both alike.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -218,6 +219,15 @@ def ssdlite_arch(lstm_arch: dict[str, Any]) -> dict[str, Any]:
     # lstm_ssd_mobilenet_v3_large is built on ssdlite_mobilenet_v3_large, and so on
     arch["name"] = str(lstm_arch["name"]).replace("lstm_ssd_", "ssdlite_", 1)
     return arch
+
+
+def arch_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys, sorted, where two archs differ; compared as JSON (a graph's metadata went through
+    JSON, where tuples are lists), then by value (1 equals 1.0; a mapping's key order doesn't count)."""
+    def plain(value: Any) -> Any:
+        return json.loads(json.dumps(value))
+
+    return [k for k in sorted(set(a) | set(b)) if plain(a.get(k)) != plain(b.get(k))]
 
 
 def _reference(lstm: nn.Module, models: dict[str, nn.Module]) -> tuple[str, nn.Module, bool]:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 from pipeline.training.outputs import EXIT_PREEMPTED, save_checkpoint
 from pipeline.training.progress import Progress
 from pipeline.training.setup import Run

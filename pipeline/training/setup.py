@@ -75,10 +75,11 @@ class Run:
     ema: torch.optim.swa_utils.AveragedModel | None = None
     validator: Validator | None = None
     teacher: Any = None
-    lock: Any = None  # the run's lock file (main process), held open while the run lives
     """The distillation teacher (``cfg.distill.teacher``), frozen, in eval mode."""
     colour: Any = None
     """The colour change the loader workers drew and left to the device (``data.augment.photometric_device``)."""
+    lock: Any = None
+    """The run's lock file (main process: :func:`pipeline.checkpoints.hold_run_lock`), open while the run lives."""
 
     @property
     def unwrapped(self):

@@ -49,13 +49,10 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 def decode_checked(data: bytes, flags: int) -> tuple[np.ndarray | None, str | None]:
     """``cv2.imdecode`` of ``data``, plus the decoder's corruption message (None if clean); no
     image (None) for data OpenCV can't decode, an empty file included (its own error there)."""
-    if not data:
-        return None, None
-    buffer = np.frombuffer(data, np.uint8)
     if data[:3] != b"\xff\xd8\xff":  # only libjpeg's warnings are known to mean damaged pixels
-        return _imdecode(buffer, flags), None
+        return imdecode(data, flags), None
     with _stderr_captured() as captured:
-        pixels = _imdecode(buffer, flags)
+        pixels = imdecode(data, flags)
     lines = [line.strip() for line in captured().splitlines()]
     problems = [line for line in lines if line.startswith(CORRUPTION_MESSAGES)]
     for line in lines:
@@ -64,10 +61,14 @@ def decode_checked(data: bytes, flags: int) -> tuple[np.ndarray | None, str | No
     return pixels, problems[0] if problems else None
 
 
-def _imdecode(buffer: np.ndarray, flags: int) -> np.ndarray | None:
+def imdecode(data: bytes, flags: int) -> np.ndarray | None:
+    """``cv2.imdecode`` of ``data``; None for data it can't decode, whether OpenCV returns None
+    (most data) or raises (an empty buffer)."""
+    if not data:
+        return None
     try:
-        return cv2.imdecode(buffer, flags)
-    except cv2.error:  # OpenCV raises for some data it can't read, returns None for other
+        return cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    except cv2.error:
         return None
 
 

@@ -38,6 +38,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
 
+from ssd.data.images import imdecode
 from ssd.data.transforms import DetectionTransform
 from ssd.errors import InputError
 
@@ -190,8 +191,7 @@ def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
     try:
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     except (tarfile.TarError, EOFError) as e:
-        reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__
-        raise InputError(f"{url}: not a readable shard ({reason})") from None
+        raise _unreadable(url, e) from None
     finally:
         stream.close()
 
@@ -222,9 +222,13 @@ def _count_local(url: str, size: int, mtime_ns: int) -> int:
                 if prefix is not None and prefix != key:
                     count, key = count + 1, prefix
     except (tarfile.TarError, EOFError) as e:
-        reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__
-        raise InputError(f"{url}: not a readable shard ({reason})") from None
+        raise _unreadable(url, e) from None
     return count
+
+
+def _unreadable(url: str, e: Exception) -> InputError:
+    reason = e.args[0] if e.args and isinstance(e.args[0], str) else type(e).__name__
+    return InputError(f"{url}: not a readable shard ({reason})")
 
 
 def read_raw_samples(urls: str | Sequence[str], kind: Kind = "frames") -> Iterator[RawSample]:
@@ -247,10 +251,7 @@ def _decode_image(data: bytes, where: str) -> np.ndarray:
     # IMREAD_COLOR makes grey and RGBA 3-channel; the annotations are in the coordinates of
     # the image as stored, so an EXIF orientation tag must not rotate it.
     flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    try:
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags) if data else None
-    except cv2.error:  # OpenCV raises for some undecodable data (an empty buffer), returns None for other
-        bgr = None
+    bgr = imdecode(data, flags)
     if bgr is None:
         raise InputError(f"{where}: cannot decode the image ({len(data)} bytes)")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -267,7 +267,7 @@ class _TrainStreams(IterableDataset):
         (module docstring, point 1)."""
         mine = self.rank * self.streams + stream
         # Samples each stream of the job takes this epoch: batch j of a process is its stream j % streams's.
-        draws = [sum(1 for j in range(s, self.batches_per_epoch, self.streams)) * self.batch_size
+        draws = [len(range(s, self.batches_per_epoch, self.streams)) * self.batch_size
                  for _ in range(self.world_size) for s in range(self.streams)]
         before, total = sum(draws[:mine]), sum(draws)
         # The shards in a random order, as many times as it takes to give every stream that draws
