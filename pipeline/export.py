@@ -203,7 +203,9 @@ def export(args: argparse.Namespace) -> int:
     outs = [Path(args.out)] + ([Path(args.int8)] if args.int8 else [])
     if args.int8 and outs[1].resolve() == outs[0].resolve():
         raise StageError(f"--int8 {args.int8}: the same file as --out; give the int8 graph its own name")
-    for out in outs:
+    for flag, out in zip(("--out", "--int8"), outs):
+        if out.suffix.lower() != ".onnx" and not out.is_dir():
+            raise StageError(f"{flag} {out}: an ONNX graph's name must end in .onnx")
         if out.is_dir():
             raise StageError(f"{out}: is a folder; give the .onnx file to write")
         if out.exists() and Path(args.model).exists() and out.samefile(args.model):

@@ -156,13 +156,18 @@ def run(body: Callable[[], int | None]) -> int:
         print(f"error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except RuntimeError as e:
-        if not _peer_failure(e):
+        loop = re.fullmatch(r"Symlink loop from '(.*)'", str(e))  # pathlib's resolve() on Python < 3.13
+        if loop:
+            print(f"error: {loop.group(1)}: a loop of symbolic links", file=sys.stderr)
+            code = EXIT_USER_ERROR
+        elif _peer_failure(e):
+            # Another process of the job failed (its own error says why) and this one's next
+            # collective broke: one line, not a traceback that buries the cause.
+            print(f"error: stopped because the job's other processes can't be reached (most likely one of them "
+                  f"failed first: see its error): {one_line(str(e))[:300]}", file=sys.stderr)
+            code = 1
+        else:
             raise
-        # Another process of the job failed (its own error says why) and this one's next
-        # collective broke: one line, not a traceback that buries the cause.
-        print(f"error: stopped because the job's other processes can't be reached (most likely one of them "
-              f"failed first: see its error): {one_line(str(e))[:300]}", file=sys.stderr)
-        code = 1
     except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing is half-written
         print("interrupted (Ctrl-C): finished outputs are kept, unfinished ones discarded", file=sys.stderr)
         code = EXIT_INTERRUPTED

@@ -302,3 +302,18 @@ def test_int8_calibration_shards_that_break_midway_leave_the_old_pair(tmp_path, 
     assert "train-000000.tar" in capsys.readouterr().err.strip().splitlines()[-1]
     assert out.read_bytes() == b"the previous float graph" and int8.read_bytes() == b"the previous int8 graph"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cal", "out-int8.onnx", "out.onnx", "ssdlite.pt"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--int8"])
+def test_a_graph_under_another_suffix_is_refused(tmp_path, capsys, flag):
+    """`export --out x.pt` wrote an ONNX graph under a model file's name, and the stages that read
+    `.pt` files then failed on it as a corrupt model file."""
+    model_file = tmp_path / "m.pt"
+    save_model_file(model_file, randomise(ssdlite_mobilenet_v2(3, width_mult=0.25, image_size=64), 0), CLASSES)
+    names = {"--out": tmp_path / "m.onnx", "--int8": tmp_path / "m-int8.onnx"}
+    names[flag] = tmp_path / "graph.pt"
+    extra = ["--int8", str(names["--int8"]), "--calibration", str(tmp_path)] if flag == "--int8" else []
+    assert main([str(model_file), "--out", str(names["--out"]), *extra]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {flag} {tmp_path / 'graph.pt'}: an ONNX graph's name must end in .onnx")
+    assert not any(p.exists() for p in names.values())
