@@ -39,10 +39,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 from pipeline.config import ConfigError, InputPath, load_config, load_params, to_dict
 from pipeline.dvc_inputs import check_tracked, under_dvc
@@ -266,9 +268,39 @@ def _check_outputs(cfg: PrepareConfig) -> None:
                           {**roots, f"prepare.{other}.out": sections[other].out})
 
 
+@contextmanager
+def _alone_in(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (the outputs' parent) while the block runs; a
+    :class:`StageError` when another prepare holds it. Two prepares into one folder removed each
+    other's temporary folder as one left by an interrupted run. The lock is on the folder itself,
+    so no lock file is left beside the outputs; a file system without locks runs unlocked."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(f"{folder}: another prepare is writing its datasets here; wait for it to end") from None
+        except OSError:  # ENOLCK, EOPNOTSUPP
+            pass
+        yield
+    finally:
+        os.close(fd)
+
+
 def prepare(cfg: PrepareConfig, strict: bool = False) -> dict[str, dict]:
     """Convert the configured datasets; returns their manifests by name (``voc``, ``ir``)."""
     check_writable(Path(cfg.voc.out).parent, Path(cfg.ir.out).parent)
+    parents = sorted({Path(cfg.voc.out).parent.resolve(), Path(cfg.ir.out).parent.resolve()})  # one lock a folder
+    with ExitStack() as held:
+        for folder in parents:
+            held.enter_context(_alone_in(folder))
+        return _prepare(cfg, strict)
+
+
+def _prepare(cfg: PrepareConfig, strict: bool) -> dict[str, dict]:
     _check_outputs(cfg)
     manifests = {}
     for name, section, convert, kind in (("voc", cfg.voc, convert_voc, "frames"), ("ir", cfg.ir, convert_ir, "clips")):

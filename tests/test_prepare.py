@@ -24,6 +24,7 @@ from ssd.data.sources import report as reasons
 from pipeline.prepare import main
 from ssd.data import annotations as ann
 from ssd.data import sequences as seq
+from ssd.atomic import TMP_PREFIX
 from ssd.data.shards import SHARD_NAME, iter_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -400,6 +401,28 @@ def test_missing_split_list_and_root_are_one_line_errors(tmp_path, capsys):
     assert run_stage(tmp_path, f"voc.root={tmp_path / 'nowhere'}", "ir.enabled=false") == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused_while_one_runs(tmp_path, capsys):
+    """Two prepares writing into one folder removed each other's temporary folder (each took the
+    other's for one left by an interrupted run), and the first one failed."""
+    import fcntl
+
+    make_voc(tmp_path / "voc", BASE_ITEMS, BASE_SPLITS)
+    assert voc_run(tmp_path) == 0
+    before = manifest(tmp_path)
+    other_run = os.open(tmp_path / "out", os.O_RDONLY)  # what the running prepare holds
+    fcntl.flock(other_run, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    tmp = tmp_path / "out" / f"{TMP_PREFIX}voc.running"
+    tmp.mkdir()  # the running one's temporary folder
+    try:
+        assert voc_run(tmp_path) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"error: {tmp_path / 'out'}: another prepare is writing its datasets here; wait for it to end")
+        assert tmp.is_dir() and manifest(tmp_path) == before
+    finally:
+        os.close(other_run)
+    assert voc_run(tmp_path) == 0 and not tmp.exists()  # alone again: a leftover is cleaned up
 
 
 @pytest.mark.parametrize(
