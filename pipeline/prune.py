@@ -136,7 +136,9 @@ def _as_trained(cfg: PruneStageConfig, info: dict[str, Any]) -> PruneStageConfig
     """``finetune.frozen_batchnorm: null`` resolved to the source model's training setting."""
     if cfg.finetune.frozen_batchnorm is not None:
         return cfg
-    trained = (info.get("meta") or {}).get("train_config") or {}
+    meta = info.get("meta") or {}
+    # A pruned model's own fine-tuning settings are under meta.finetune.
+    trained = meta.get("train_config") or (meta.get("finetune") or {}).get("train_config") or {}
     frozen = bool(trained.get("frozen_batchnorm", False))
     if frozen:
         log.info("fine-tuning with frozen batch norm statistics, as %s was trained", cfg.model)

@@ -191,6 +191,20 @@ def test_a_model_trained_with_frozen_batch_norm_is_fine_tuned_so(project, tmp_pa
     assert not all(torch.equal(thawed["state_dict"][k], pruned_only["state_dict"][k]) for k in stats)
 
 
+@pytest.mark.parametrize("meta", [{"train_config": {"frozen_batchnorm": True}},
+                                  {"finetune": {"train_config": {"frozen_batchnorm": True}}}])
+def test_frozen_batch_norm_is_read_from_a_pruned_source_too(meta):
+    """A pruned model keeps its training settings under meta.finetune: re-pruning a model
+    fine-tuned with frozen statistics took live ones."""
+    from pipeline.config import load_config, load_params
+    from pipeline.prune import _as_trained
+    from pipeline.prune_config import PruneStageConfig
+
+    cfg = load_config(PruneStageConfig, load_params(ROOT / "params.yaml"), "prune", ["finetune.frozen_batchnorm=null"])
+    assert _as_trained(cfg, {"meta": meta}).finetune.frozen_batchnorm is True
+    assert _as_trained(cfg, {"meta": {}}).finetune.frozen_batchnorm is False
+
+
 def test_a_preempted_fine_tuning_resumes_with_the_control_as_teacher(project, tmp_path):
     """The default recipe distils from the control. A preemption during the pruned model's
     fine-tuning, then a rerun (what `dvc repro` does): the control is retrained to the same

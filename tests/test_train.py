@@ -706,6 +706,49 @@ def test_a_second_run_of_the_same_name_is_refused_while_the_first_runs(tmp_path)
     assert "another run" not in result.stderr, result.stderr[-2000:]
 
 
+def test_the_run_lock_goes_with_the_run_not_with_its_forked_workers(tmp_path):
+    """Loader workers are forked and kept the lock's file open: after a SIGKILL of the training
+    process its workers held the name about 5 s more, and a quick restart was refused."""
+    from pipeline.checkpoints import hold_run_lock
+
+    lock = hold_run_lock(tmp_path / "tiny")
+    started, tell = os.pipe()
+    worker = os.fork()
+    if worker == 0:  # a loader worker, alive after its parent is gone
+        os.write(tell, b"x")
+        time.sleep(60)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"x"
+        lock.close()  # what the kernel does for the killed process
+        hold_run_lock(tmp_path / "tiny").close()
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+        os.close(started)
+        os.close(tell)
+
+
+def test_a_refused_set_up_leaves_the_name_unlocked(tmp_path, monkeypatch, capsys):
+    """The lock is taken early in the set-up; a refusal after it (here a temporal model on frame
+    shards) kept it while the traceback lived: in a notebook, the next try was refused as a
+    second run of the name, by the same process."""
+    from pipeline.config import load_config, load_params
+    from pipeline.stage import StageError
+    from pipeline.train_config import TrainConfig
+    from pipeline.training.setup import setup
+
+    cwd = workdir(tmp_path, **{"model.name": "lstm_ssd_mobilenet_v2", "validation.every": 0})
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("ACCELERATE_CONFIG_FILE", raising=False)
+    cfg = load_config(TrainConfig, load_params("params.yaml"), "train", [])
+    with pytest.raises(StageError, match="a temporal model") as first:
+        setup(cfg, restart=False)
+    with pytest.raises(StageError, match="a temporal model"):  # `first` keeps the traceback alive
+        setup(cfg, restart=False)
+    assert first.value is not None
+
+
 def test_missing_shard_is_a_one_line_error(tmp_path):
     cwd = workdir(tmp_path)
     local = tmp_path / "own-shards"

@@ -96,7 +96,10 @@ def check_data(cfg: TrainConfig) -> tuple[Manifest, list[str], int]:
     """The manifest, the training shards and the number of samples; StageError if they don't fit the config."""
     manifest = read_manifest(cfg.data.shards)
     shards = manifest.shard_paths(cfg.data.split)
-    num_samples = manifest.count(cfg.data.split, "frames" if cfg.data.kind == "frames_from_clips" else "samples")
+    what = "samples"
+    if cfg.data.kind == "frames_from_clips":  # the loader's samples: every clip's frames, a shared one twice
+        what = "frame_slots" if "frame_slots" in manifest.split(cfg.data.split) else "frames"
+    num_samples = manifest.count(cfg.data.split, what)
     if num_samples == 0:
         raise StageError(f"{manifest.path}: split {cfg.data.split!r} has no samples")
     expected_kind = "clips" if cfg.data.kind in ("clips", "frames_from_clips") else "frames"
@@ -247,8 +250,6 @@ def _check_checkpoints_folder(cfg: TrainConfig, paths: RunPaths) -> None:
 def setup(cfg: TrainConfig, restart: bool) -> Run:
     """Check the inputs, build the accelerator, model, optimiser, EMA and validation, and resume
     if there is a checkpoint."""
-    from accelerate.utils import set_seed
-
     paths = RunPaths.of(cfg)
     check_writable(paths.model.parent, paths.metrics.parent, paths.plots.parent, paths.logs, paths.checkpoints)
     _check_checkpoints_folder(cfg, paths)
@@ -258,6 +259,19 @@ def setup(cfg: TrainConfig, restart: bool) -> Run:
         lock = checkpoints.hold_run_lock(paths.checkpoints) if accelerator.is_main_process else None
     except checkpoints.RunLocked as e:
         raise StageError(str(e)) from None
+    try:
+        return _build_run(cfg, restart, paths, manifest, shards, num_samples, accelerator, lock)
+    except BaseException:  # a refusal here (a resume with other settings) must not keep the name locked
+        if lock is not None:
+            lock.close()
+        raise
+
+
+def _build_run(cfg: TrainConfig, restart: bool, paths: RunPaths, manifest: Manifest, shards: list[str],
+               num_samples: int, accelerator: Any, lock: Any) -> Run:
+    """:func:`setup` once the inputs are checked and the run's name is held."""
+    from accelerate.utils import set_seed
+
     files = {"data.shards": manifest.path, "model.init_weights": cfg.model.init_weights,
              "model.from_file": cfg.model.from_file, "model.backbone_weights": cfg.model.backbone_weights,
              "distill.teacher": cfg.distill.teacher}

@@ -20,9 +20,7 @@ difficult as bool. Images come out as float32 in [0, 1] RGB (the model normalise
 
 from __future__ import annotations
 
-import functools
 import json
-import os
 import re
 import signal
 import tarfile
@@ -36,7 +34,7 @@ import torch
 from torch import Tensor
 from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssd.data.images import imdecode
 from ssd.data.transforms import DetectionTransform
@@ -194,36 +192,6 @@ def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
         raise _unreadable(url, e) from None
     finally:
         stream.close()
-
-
-def count_samples(url: str) -> int:
-    """The number of samples in one shard, as :func:`_tar_samples` yields them.
-
-    A local file is counted from its tar headers alone (files are seeked over, not read), as
-    WebDataset groups them: consecutive regular files whose names share the part before the
-    first dot of their base name, ``__...__`` metadata skipped. Anything else is read through.
-    """
-    if not os.path.isfile(url):
-        return sum(1 for _ in _tar_samples(url))
-    stat = os.stat(url)
-    return _count_local(url, stat.st_size, stat.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=4096)
-def _count_local(url: str, size: int, mtime_ns: int) -> int:
-    """:func:`count_samples` of a local file, once per file version (the loader is made every epoch)."""
-    count, key = 0, None
-    try:
-        with tarfile.open(url, "r:") as tar:
-            for info in tar:
-                if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
-                    continue
-                prefix = base_plus_ext(info.name)[0]
-                if prefix is not None and prefix != key:
-                    count, key = count + 1, prefix
-    except (tarfile.TarError, EOFError) as e:
-        raise _unreadable(url, e) from None
-    return count
 
 
 def _unreadable(url: str, e: Exception) -> InputError:

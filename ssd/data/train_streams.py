@@ -10,15 +10,18 @@ loader worker); global batch ``j`` of the epoch is batch ``j // streams`` of str
 ``j % streams``. A stream is a pure function of ``(seed, epoch, rank, stream)``:
 
 1. *Which data.* Pass ``p`` over the data concatenates the shards in an order drawn from
-   ``(seed, epoch, p)``, the same on every rank (as many copies as it takes to give each
-   stream a sample), and cuts that sequence into one contiguous slice per stream of the job
-   (``world_size * streams``), each as long as that stream's share of the epoch's batches. So in
-   an epoch of ``ceil(samples / (batch_size * world_size))`` batches (the training's) every
-   sample is drawn once, and only the few that round the epoch up to whole batches
-   twice (they come from the next pass), whatever the shards' sizes; no two streams (on the same
-   or different ranks) read the same sample in a pass. Each shard's sample count is read from its
-   tar headers when the loader is made. A stream that finishes its slice goes on to its slice of
-   the next pass: shards are re-sampled, never exhausted.
+   ``(seed, epoch, p)``, the same on every rank, and cuts that sequence into one contiguous
+   slice per stream of the job (``world_size * streams``; in sequence mode per batch position
+   of each stream), each as long as that unit's share of the epoch's draws, in the order of the
+   units starting from unit ``p``. So in an epoch of ``ceil(samples / (batch_size *
+   world_size))`` batches (the training's) every sample is drawn once, and only the few that
+   round the epoch up to whole batches twice (they come from the next pass), whatever the
+   shards' sizes; no two streams (on the same or different ranks) read the same sample in a
+   pass. Samples are raw samples: with ``frames_from_clips``, each frame of each clip. Each
+   shard's sample count is read from its tar headers when the loader is made. A unit that
+   finishes its slice goes on to its slice of the next pass (with less data than units, some
+   slices of a pass are empty, and the rotation gives them data in a later pass): shards are
+   re-sampled, never exhausted.
 2. *Which order.* A shuffle buffer with its own generator seeded from
    ``(seed, epoch, rank, stream)``, emptied at the end of each pass (so a pass is emitted whole
    before the next begins).
@@ -28,11 +31,13 @@ loader worker); global batch ``j`` of the epoch is batch ``j // streams`` of str
    ``num_workers=0``).
 
 *Sequence mode* (``sequence_clips > 0``, clips only), for carrying a temporal model's state
-from clip to clip: the stream's clips are cut into runs of at most ``sequence_clips``
-consecutive clips of one video, the shuffle buffer shuffles whole runs, and batch position
-``b`` of the stream takes a run and hands out its clips one per batch before it takes the
-next. Run ``n`` of the stream is decoded and augmented as one sequence with the seed
-``(seed, epoch, rank, stream, n)``; ``Batch.runs`` numbers the runs.
+from clip to clip: batch position ``b`` of a stream (a lane) has its own slice of each pass,
+one clip per batch of its stream, cut into runs of at most ``sequence_clips`` consecutive
+clips of one video; the lane's shuffle buffer shuffles whole runs, and the lane hands out a
+run's clips one per batch before it takes the next. As a lane's slice is exactly its draws,
+the epoch ends at the end of its runs. Run ``n`` of lane ``b`` is decoded and augmented as one
+sequence with the seed ``(seed, epoch, rank, stream, n * batch_size + b)``; ``Batch.runs``
+numbers the runs.
 
 DataLoader workers hand out batches round-robin, worker 0 first, also after a resume. So
 worker ``w`` of ``W`` produces global batches ``start_batch + w, start_batch + w + W, ...``;
@@ -50,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,11 +73,12 @@ from ssd.data.samples import (
     _raw_samples,
     _tar_samples,
     collate,
-    count_samples,
     decode_sample,
     decode_sequence,
     init_worker,
 )
+from ssd.data.clip_runs import cut_runs
+from ssd.data.shard_counts import count_samples
 from ssd.data.transforms import AugmentConfig, DetectionTransform, train_transform
 from ssd.errors import InputError
 
@@ -157,7 +162,7 @@ class _TrainStreams(IterableDataset):
         self.seed, self.epoch = seed, epoch
         self.start_batch, self.batches_per_epoch = start_batch, batches_per_epoch
         self.batch_size, self.streams, self.shuffle_buffer = batch_size, streams, shuffle_buffer
-        self.shard_sizes = [count_samples(url) for url in urls]
+        self.shard_sizes = [count_samples(url, kind) for url in urls]  # in raw samples (a clip's frames: each)
         self.total_samples = sum(self.shard_sizes)
         if self.total_samples == 0:
             raise InputError(f"no samples in the shards {urls}")
@@ -201,20 +206,17 @@ class _TrainStreams(IterableDataset):
             yield collate(samples)
 
     def _sequence_batches(self, stream: int, first: int) -> Iterator[Batch]:
-        """Sequence mode: batch position ``b`` of the stream walks through runs of consecutive
-        clips of one video, a clip per batch; a finished run is followed by the next run of the
-        shuffled stream. Batches ``first, first + 1, ...``; the earlier ones are skipped
-        without decoding."""
-        rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
-        buffer = max(1, -(-self.shuffle_buffer // self.sequence_clips))  # runs held for shuffling
-        runs = enumerate(itertools.chain.from_iterable(
-            _shuffled(self._runs(part), buffer, rng) for part in self._passes(stream)))
+        """Sequence mode: batch position ``b`` of the stream (a lane) walks through runs of
+        consecutive clips of one video from its own slice of the data, a clip per batch.
+        Batches ``first, first + 1, ...``; the earlier ones are skipped without decoding."""
+        runs = [self._lane_runs(stream, b) for b in range(self.batch_size)]
         lanes = [_Lane() for _ in range(self.batch_size)]
         for number in itertools.count():
             samples = []
-            for lane in lanes:
+            for b, lane in enumerate(lanes):
                 if lane.next == len(lane.raws):
-                    lane.number, lane.raws = next(runs)
+                    n, lane.raws = next(runs[b])
+                    lane.number = n * self.batch_size + b  # unique among the stream's runs
                     lane.clips, lane.next = None, 0
                 if number >= first:
                     if lane.clips is None:
@@ -228,58 +230,46 @@ class _TrainStreams(IterableDataset):
             if number >= first:
                 yield collate(samples)
 
-    def _runs(self, clips: Iterable[RawSample]) -> Iterator[list[RawSample]]:
-        """One pass's clips (in shard order) cut into runs of consecutive clips of one video
-        segment, at most ``sequence_clips`` long. A run ends where the video or its segment
-        changes (the clip writer starts a segment where the frame size changes), where the frame
-        numbers stop increasing (another shard's part of the same video), and where a clip starts
-        after the frame that follows the previous clip (a jump: no state could carry into it).
-        Clips that overlap the previous one (a ``clip_stride`` below ``clip_length``, a video's
-        tail clip) stay in the run."""
-        run: list[RawSample] = []
-        last: tuple = ("", 0, 0, 0)  # (video, segment, first frame, last frame) of the run's last clip
-        for raw in clips:
-            try:
-                meta = json.loads(raw.meta)
-                video, segment = str(meta["video"]), int(meta.get("segment", 0))
-                start, end = int(meta["frames"][0]), int(meta["frames"][-1])
-            except (ValueError, KeyError, TypeError, IndexError) as e:
-                raise InputError(f"{raw.url}: sample {raw.key!r}: bad JSON member ({e!r})") from None
-            if run and (
-                (video, segment) != last[:2]
-                or start <= last[2]  # the next pass over the data
-                or start > last[3] + 1  # a jump: this clip doesn't continue the run
-                or len(run) == self.sequence_clips
-            ):
-                yield run
-                run = []
-            run.append(raw)
-            last = (video, segment, start, end)
-        if run:
-            yield run
+    def _lane_runs(self, stream: int, lane: int) -> Iterator[tuple[int, list[RawSample]]]:
+        """The numbered runs of one lane: its slice of each pass (a lane draws one clip per batch of
+        its stream), cut into runs and shuffled as runs. A lane has its own slice so that the epoch
+        ends at the end of its runs: with a stream's lanes taking runs from one slice, the lanes
+        part-way through a run at the end of the epoch left its clips undrawn (4-8% of them)."""
+        rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, lane, _SHUFFLE))
+        buffer = max(1, self.shuffle_buffer // (self.sequence_clips * self.batch_size))  # runs held
+        unit = (self.rank * self.streams + stream) * self.batch_size + lane
+        return enumerate(itertools.chain.from_iterable(
+            _shuffled(cut_runs(part, self.sequence_clips), buffer, rng) for part in self._passes(unit)))
 
     def _stream_raw(self, stream: int) -> Iterator[RawSample]:
         rng = np.random.default_rng(_seed(self.seed, self.epoch, self.rank, stream, _SHUFFLE))
-        return itertools.chain.from_iterable(_shuffled(part, self.shuffle_buffer, rng) for part in self._passes(stream))
+        parts = self._passes(self.rank * self.streams + stream)
+        return itertools.chain.from_iterable(_shuffled(part, self.shuffle_buffer, rng) for part in parts)
 
-    def _passes(self, stream: int) -> Iterator[Iterator[RawSample]]:
-        """The stream's part of pass 0, 1, ... over the data, each a finite iterator of raw samples
+    def _unit_draws(self) -> list[int]:
+        """The samples each unit of the job draws this epoch: a unit is a stream, or in sequence
+        mode a lane (one batch position of a stream); batch j of a process is its stream j % streams's."""
+        draws = []
+        for _ in range(self.world_size):
+            for s in range(self.streams):
+                batches = len(range(s, self.batches_per_epoch, self.streams))
+                draws += [batches] * self.batch_size if self.sequence_clips else [batches * self.batch_size]
+        return draws
+
+    def _passes(self, unit: int) -> Iterator[Iterator[RawSample]]:
+        """The unit's part of pass 0, 1, ... over the data, each a finite iterator of raw samples
         (module docstring, point 1)."""
-        mine = self.rank * self.streams + stream
-        # Samples each stream of the job takes this epoch: batch j of a process is its stream j % streams's.
-        draws = [len(range(s, self.batches_per_epoch, self.streams)) * self.batch_size
-                 for _ in range(self.world_size) for s in range(self.streams)]
-        before, total = sum(draws[:mine]), sum(draws)
-        # The shards in a random order, as many times as it takes to give every stream that draws
-        # a sample of its own (d * length >= total for its d draws, so its slice is not empty).
-        copies = max(1, -(-total // (min(d for d in draws if d) * self.total_samples)))
+        draws = self._unit_draws()
+        total, n = sum(draws), len(draws)
         seen = False
         for p in itertools.count():
             rng = np.random.default_rng(_seed(self.seed, self.epoch, p, _PASS))
-            order = [int(k) for _ in range(copies) for k in rng.permutation(len(self.urls))]
-            length = copies * self.total_samples
-            # This stream's slice of the concatenation, as long as its share of the epoch's draws.
-            lo, hi = before * length // total, (before + draws[mine]) * length // total
+            order = [int(k) for k in rng.permutation(len(self.urls))]
+            # The units' slices follow each other from unit p % n on: a unit whose share rounds to
+            # no sample in one pass (data smaller than the job's units) gets one in a later pass.
+            before = sum(draws[(p + k) % n] for k in range((unit - p) % n))
+            # This unit's slice of the concatenation, as long as its share of the epoch's draws.
+            lo, hi = before * self.total_samples // total, (before + draws[unit]) * self.total_samples // total
             part = self._slice(order, lo, hi)
             first = next(part, None)
             if first is not None:
@@ -289,18 +279,20 @@ class _TrainStreams(IterableDataset):
                 raise InputError(f"no samples in the shards {self.urls}")
 
     def _slice(self, order: list[int], lo: int, hi: int) -> Iterator[RawSample]:
-        """Samples ``lo`` to ``hi`` (exclusive) of the shards concatenated in ``order``; the shards'
-        samples before ``lo`` are read (tar bytes) but not returned."""
+        """Raw samples ``lo`` to ``hi`` (exclusive) of the shards concatenated in ``order``; the
+        shards' samples before ``lo`` are read (tar bytes) but not returned."""
         offset = 0
         for url_index in order:
             size = self.shard_sizes[url_index]
             if offset + size > lo and offset < hi:
-                url = self.urls[url_index]
-                for i, sample in enumerate(_tar_samples(url)):
-                    if i >= hi - offset:
+                i = offset
+                for sample in _tar_samples(self.urls[url_index]):
+                    if i >= hi:
                         break
-                    if i >= lo - offset:
-                        yield from _raw_samples(sample, self.kind)
+                    for raw in _raw_samples(sample, self.kind):
+                        if lo <= i < hi:
+                            yield raw
+                        i += 1
             offset += size
             if offset >= hi:
                 return
