@@ -46,10 +46,11 @@ def fingerprint(
     None: not used). The keys of ``files`` count by contents, not by path: the files may move.
 
     ``shards``: ``{shard name: size in bytes}`` of the dataset (``contents.data.shard_sizes``).
-    The manifest lists shards and counts samples; a dataset prepared again with other pixels or
-    boxes but the same counts (another JPEG quality, corrected annotations) has the same manifest
-    and, almost always, shards of other sizes. Their bytes are not hashed: that would read the
-    whole dataset at every start."""
+    The manifest lists shards and counts samples; ``prepare`` also writes each shard's SHA-256
+    into it, so a dataset prepared again with other pixels or boxes (a corrected box keeps every
+    shard's size: tar pads to 10 KiB records) has another manifest. The sizes cover manifests
+    without digests (shards made by other tools). The bytes are not hashed here: that would read
+    the whole dataset at every start."""
     config = _without(config, {**RESUME_SAFE, **files})
     digests = {key: weights_digest(path) if path else None for key, path in sorted(files.items())}
     if shards is not None:

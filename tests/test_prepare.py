@@ -174,6 +174,28 @@ def test_voc_every_annotation_once_with_converted_boxes(tmp_path):
     assert e["meta"]["boxes"] == [] and e["meta"]["labels"] == []
 
 
+def test_the_manifest_changes_with_the_shards_bytes(tmp_path):
+    """A corrected box keeps every shard's size (tar pads to 10 KiB records) and the manifest's
+    counts, so a resumed training took the re-prepared data for the data it started on, and
+    trained on old and new labels in one run. The manifest now holds each shard's SHA-256."""
+    import hashlib
+
+    make_voc(tmp_path / "voc", BASE_ITEMS, BASE_SPLITS)
+    assert voc_run(tmp_path) == 0
+    before = manifest(tmp_path)
+    sizes = {p.name: p.stat().st_size for p in (tmp_path / "out" / "voc").glob("*.tar")}
+    for split in ("train", "val"):
+        assert before["splits"][split]["sha256"] == {
+            name: hashlib.sha256((tmp_path / "out" / "voc" / name).read_bytes()).hexdigest()
+            for name in before["splits"][split]["shards"]}
+    make_voc(tmp_path / "voc", dict(BASE_ITEMS, b=[("cat", (12, 5, 30, 20)), ("dog", (2, 2, 8, 8))]), BASE_SPLITS)
+    assert voc_run(tmp_path) == 0
+    assert {p.name: p.stat().st_size for p in (tmp_path / "out" / "voc").glob("*.tar")} == sizes
+    after = manifest(tmp_path)
+    assert after["splits"]["train"]["sha256"] != before["splits"]["train"]["sha256"]
+    assert after["splits"]["val"]["sha256"] == before["splits"]["val"]["sha256"]
+
+
 def test_voc_configured_classes_order_labels(tmp_path):
     make_voc(tmp_path / "voc", BASE_ITEMS, BASE_SPLITS)
     assert voc_run(tmp_path, "voc.classes=[dog, cat]") == 0

@@ -137,6 +137,7 @@ class ClipWriter:
                 "video_names": self.videos[s],
                 "num_shards": len(self.writers[s].shards),
                 "shards": self.writers[s].shards,
+                "sha256": self.writers[s].sha256,  # the manifest changes with any byte of the data
             }
         return {
             "clip_length": self.clips.clip_length,

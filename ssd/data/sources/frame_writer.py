@@ -70,7 +70,8 @@ def write_frames(listing: Listing, classes: Sequence[str], out: Path, opts: Writ
     splits = {}
     for s in listing.splits:
         st = stats[s]
-        splits[s] = {"samples": st["samples"], "frames": st["frames"], "boxes": st["boxes"], "shards": writers[s].shards}
-    # No "format" key (clip manifests have one): adding it would change every existing
-    # frame dataset's manifest, and so DVC's hash of it and every stage downstream.
+        splits[s] = {"samples": st["samples"], "frames": st["frames"], "boxes": st["boxes"], "shards": writers[s].shards,
+                     "sha256": writers[s].sha256}
+    # No "format" key (clip manifests have one). The shards' SHA-256 make the manifest change with
+    # any byte of the data (a corrected box keeps every shard's size), which a resume checks.
     return {"kind": "frames", "source": listing.source, "classes": list(classes), "splits": splits}
