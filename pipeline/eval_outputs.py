@@ -121,8 +121,8 @@ def write_pr_curves(paths: EvalPaths, classes: list[str], voc: VocResult, use_07
 
 def write_map_row(path: Path, name: str, metrics: dict[str, Any]) -> None:
     """``plots/map-{name}.json``: one row, this model's headline figures, for the chart comparing models."""
-    row = {"model": name, "map_voc": metrics["map_voc"], "coco_map": metrics["coco"].get("map"),
-           "coco_map_50": metrics["coco"].get("map_50")}
+    row = {"model": name, "map_voc": metrics["map_voc"], "map_voc07": metrics["voc07"]["map"],
+           "coco_map": metrics["coco"].get("map"), "coco_map_50": metrics["coco"].get("map_50")}
     atomic.write_json(path, [row])
 
 
