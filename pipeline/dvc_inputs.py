@@ -29,6 +29,27 @@ def under_dvc(environ: Mapping[str, str] | None = None) -> bool:
     return bool((os.environ if environ is None else environ).get("DVC_STAGE"))
 
 
+def check_name_follows_model_under_dvc(name: str | None, model: str, section: str,
+                                       environ: Mapping[str, str] | None = None) -> None:
+    """Under DVC, :class:`~pipeline.stage.StageError` unless ``name`` (the name a stage files its
+    results under) is given and begins with the stem of ``model`` (the file it evaluates or
+    prunes). Run directly, ``--set model=`` without ``--set name=`` is refused
+    (:func:`pipeline.config.check_name_follows_model`), but ``dvc exp run -S section.model=...``
+    passes no ``--set``: another model's results were filed under the section's own name. And a
+    null name (the model file's stem, run directly) is what DVC fills into dvc.yaml's outs as
+    ``None``: the stage failed after its work."""
+    if not under_dvc(environ):
+        return
+    stem = os.path.splitext(os.path.basename(model))[0]
+    if name is None:
+        raise StageError(f"{section}.name: null (the model file's stem) is not for DVC, which fills ${{{section}.name}} "
+                         f"into dvc.yaml's outs as 'None'; give the name ({stem!r}, say)")
+    if not name.startswith(stem):
+        raise StageError(f"{section}.name {name!r} with {section}.model {model}: the results of {model} would be filed "
+                         f"as {name!r}; under DVC the name begins with the model file's stem: set {section}.name "
+                         f"too ({stem!r}, say)")
+
+
 def input_paths(cfg: Any, where: str) -> list[tuple[str, str]]:
     """``(key, path)`` for every :class:`~pipeline.config.Reads` field of the config dataclass
     ``cfg`` and of the configs nested in it (in tuples too), ``key`` under ``where``. A nested
@@ -65,12 +86,10 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
     if not stage:
         return
     paths = [(k, p) for k, p in input_paths(cfg, section) if only is None or k.split(".")[1].split("[")[0] in only]
-    if not paths and not unwritten and not written:
-        return
     found = _stage_paths(stage, environ.get("DVC_ROOT") or os.getcwd(), [p for _, p in paths])
     if found is None:
         return
-    deps, outs, orphans = found
+    deps, outs, orphans, stale = found
     for path, key in (written or {}).items():
         where = os.path.abspath(path)
         elsewhere = sorted(o for o in outs if os.path.basename(o) == os.path.basename(where) and o != where)
@@ -96,6 +115,13 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
                 f"reproduce nor restore; point {key} at a stage's output, or track the file with `dvc add` "
                 "(in a folder git doesn't ignore whole, such as weights/, not models/)"
             )
+    for other, path in stale:
+        raise StageError(
+            f"the DVC stage {other!r} reads {os.path.relpath(path)}, which no stage writes and neither DVC nor git "
+            "tracks (git ignores it): a file an earlier run left, most likely before a key that names an output "
+            f"(a name, a folder) changed. DVC would not rerun {other!r}, which would go on reading the old file: "
+            f"point {other!r}'s key at the new output too, or delete the old file"
+        )
 
 
 def _marked(tp: Any) -> bool:
@@ -115,13 +141,16 @@ def _configs(value: Any, key: str) -> Iterator[tuple[str, Any]]:
                 yield f"{key}[{i}]", item
 
 
-def _stage_paths(stage: str, root: str, inputs: list[str]) -> tuple[list[str], set[str], set[str]] | None:
+def _stage_paths(stage: str, root: str, inputs: list[str]
+                 ) -> tuple[list[str], set[str], set[str], list[tuple[str, str]]] | None:
     """The absolute paths of the stage's deps and outs, as DVC resolves them (templates filled
-    from the params), and the orphans among ``inputs``; None, with a warning, when DVC can't say.
+    from the params), the orphans among ``inputs``, and ``(stage, dep)`` for the orphans among the
+    other stages' deps; None, with a warning, when DVC can't say.
 
     An orphan is an existing input that no stage of the project writes, that no ``.dvc`` file
     tracks, and that git ignores: left by an earlier run under another setting (a renamed
-    ``prune.name``, a moved ``deploy.out_dir``), it would be read as if the pipeline made it.
+    ``prune.name``, a moved ``deploy.out_dir``), it would be read as if the pipeline made it. The
+    stage that reads it may not run at all (its deps didn't change), hence the other stages too.
     """
     try:
         from dvc.repo import Repo
@@ -131,10 +160,15 @@ def _stage_paths(stage: str, root: str, inputs: list[str]) -> tuple[list[str], s
             deps = [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
             outs = {os.path.normpath(str(o.fs_path)) for s in found for o in s.outs}
             orphans: set[str] = set()
-            if inputs and type(repo.scm).__name__ != "NoSCM":  # without git, nothing is ignored: no orphans
+            stale: list[tuple[str, str]] = []
+            if type(repo.scm).__name__ != "NoSCM":  # without git, nothing is ignored: no orphans
                 project_outs = [os.path.normpath(str(o.fs_path)) for o in repo.index.outs]
                 orphans = {p for p in inputs if os.path.exists(p) and _orphan(repo, p, project_outs)}
-        return deps, outs, orphans
+                mine = {s.addressing for s in found}
+                stale = [(s.addressing, os.path.normpath(str(d.fs_path))) for s in repo.index.stages
+                         if s.addressing not in mine for d in s.deps
+                         if os.path.exists(str(d.fs_path)) and _orphan(repo, str(d.fs_path), project_outs)]
+        return deps, outs, orphans, stale
     except Exception as e:  # noqa: BLE001 - any failure of DVC's API only means we can't check
         log.warning("can't read the deps of the DVC stage %r (%s: %s); not checking that DVC tracks this stage's "
                     "input files", stage, type(e).__name__, e)

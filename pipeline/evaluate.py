@@ -79,7 +79,7 @@ from pipeline import device
 from pipeline.config import InputPath, check_name_follows_model, check_run_name, choose_section, load_config, load_params
 from pipeline.datasets import Manifest, read_manifest
 from pipeline.eval_outputs import EvalPaths, write_outputs
-from pipeline.dvc_inputs import check_tracked
+from pipeline.dvc_inputs import check_name_follows_model_under_dvc, check_tracked
 from pipeline.stage import StageError, arg_parser, check_replaceable, check_writable, run
 from ssd.bounds import Count, Fraction, PositiveInt
 from ssd.metrics import DetectionAccumulator, ImageRecord
@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         section = choose_section(EvaluateConfig, params, args.section, "evaluate", args.params)
         check_name_follows_model(params.get(section), args.overrides)
         cfg = load_config(EvaluateConfig, params, section, args.overrides, args.params)
+        check_name_follows_model_under_dvc(cfg.name, cfg.model, section)
         check_tracked(cfg, section)
         evaluate(cfg)
         return 0

@@ -64,7 +64,7 @@ from pipeline.bench.latency import cpu_latency_ms
 from pipeline.config import check_name_follows_model, choose_section, load_config, load_params, to_dict
 from pipeline.device import reset_accelerate
 from pipeline.prune_config import LatencyConfig, PruneDistill, PruneStageConfig
-from pipeline.dvc_inputs import check_tracked
+from pipeline.dvc_inputs import check_name_follows_model_under_dvc, check_tracked
 from pipeline.stage import StageError, arg_parser, check_writable, run
 from ssd import atomic
 from ssd.model_file import ModelFileError, load_model_file, save_model_file
@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
         section = choose_section(PruneStageConfig, params, args.section, "prune", args.params)
         check_name_follows_model(params.get(section), args.overrides)
         cfg = load_config(PruneStageConfig, params, section, args.overrides, args.params)
+        check_name_follows_model_under_dvc(cfg.name, cfg.model, section)
         check_tracked(cfg, section)
         return prune(cfg, restart=args.restart)
 

@@ -146,3 +146,54 @@ def test_an_input_no_stage_writes_and_git_ignores_is_refused(tmp_path, monkeypat
     check_tracked(evaluate(f"model={outside}"), "ev", environ=env)
     with pytest.raises(StageError, match="is not among the deps"):  # and the deps check still runs
         check_tracked(evaluate(f"model={outside}", "shards=elsewhere"), "ev", environ=env)
+
+
+def test_a_stage_refuses_when_another_stage_would_read_a_left_file(tmp_path, monkeypatch):
+    """`train_voc.name` renamed: train_voc wrote models/new.pt, and evaluate's dep stayed the old
+    models/old.pt an earlier run left. DVC didn't rerun evaluate (its deps hadn't changed), so
+    the new model's experiment showed the old model's mAP, exit 0. The stage that runs refuses."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Nothing:  # a stage config that reads no file
+        pass
+
+    root = tmp_path / "git"
+    (root / "models").mkdir(parents=True)
+    stages = {
+        "train": {"cmd": "python -c pass", "outs": ["models/${train.name}.pt"]},
+        "ev": {"cmd": "python -c pass", "deps": ["models/old.pt"]},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": {"name": "new"}}))
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    (root / ".gitignore").write_text("/models/\n")
+    (root / "models" / "old.pt").write_bytes(b"the model before the rename")
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True, timeout=60)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, timeout=120)
+    monkeypatch.chdir(root)
+    with pytest.raises(StageError) as e:
+        check_tracked(Nothing(), "train", environ=under("train", root))
+    assert str(e.value).startswith("the DVC stage 'ev' reads models/old.pt, which no stage writes and neither DVC "
+                                   "nor git tracks (git ignores it)")
+    (root / "params.yaml").write_text(yaml.safe_dump({"train": {"name": "old"}}))
+    check_tracked(Nothing(), "train", environ=under("train", root))  # evaluate reads the train stage's output
+
+
+def test_under_dvc_a_section_s_name_follows_its_model():
+    """`dvc exp run -S evaluate.model=models/other.pt` passes no --set, so the command-line check
+    never saw it: the other model's metrics and plots were filed as ssdlite_voc, exit 0. A null
+    name became 'None' in dvc.yaml's outs, and DVC failed the stage after its work."""
+    from pipeline.dvc_inputs import check_name_follows_model_under_dvc as check
+
+    dvc = {"DVC_STAGE": "evaluate"}
+    check("ssdlite_voc", "models/ssdlite_voc.pt", "evaluate", environ=dvc)
+    check("ssdlite_voc-int8", "models/deploy/ssdlite_voc-int8.onnx", "evaluate_int8", environ=dvc)
+    check("lstm_ir_per_frame", "models/lstm_ir.pt", "evaluate_ir_lstm_per_frame", environ=dvc)
+    check("ssdlite_voc", "models/other.pt", "evaluate", environ={})  # run directly: the --set check's business
+    with pytest.raises(StageError) as e:
+        check("ssdlite_voc", "models/other.pt", "evaluate", environ=dvc)
+    assert str(e.value) == ("evaluate.name 'ssdlite_voc' with evaluate.model models/other.pt: the results of "
+                            "models/other.pt would be filed as 'ssdlite_voc'; under DVC the name begins with the "
+                            "model file's stem: set evaluate.name too ('other', say)")
+    with pytest.raises(StageError, match=r"prune.name: null \(the model file's stem\) is not for DVC"):
+        check(None, "models/ssdlite_voc.pt", "prune", environ=dvc)
