@@ -52,7 +52,8 @@ def read_manifest(shard_dir: str | Path) -> Manifest:
     """The manifest of a shard directory (``shard_dir/manifest.json``)."""
     path = Path(shard_dir) / "manifest.json"
     if not path.is_file():
-        raise StageError(f"{path}: no manifest (run the prepare stage first: dvc repro prepare)")
+        raise StageError(f"{path}: no manifest (prepare the dataset first: `dvc repro prepare`, or "
+                         "`python -m pipeline.prepare --params <the params file>`)")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -3,7 +3,7 @@
 Usage::
 
     python -m pipeline.launch train --section train_voc [--set key=value ...]
-    python -m pipeline.launch --dry-run evaluate --section evaluate_voc
+    python -m pipeline.launch --dry-run evaluate --section evaluate
 
 What the DVC stages run, so that ``dvc repro`` needs no ``accelerate config``:
 

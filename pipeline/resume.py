@@ -75,6 +75,7 @@ def refusal(checkpoint: os.PathLike | str, diffs: list[str], shown: int = 4) -> 
     return (
         f"{checkpoint}: the checkpoint was trained with other settings: {'; '.join(diffs[:shown])}{more}. "
         "Rerun with the checkpoint's values to resume it, or with --restart to discard it and start over "
+        f"(under `dvc repro`, which passes no flags: delete {Path(checkpoint).parent}) "
         f"(keys that may change on resume: {', '.join(RESUME_SAFE)})"
     )
 

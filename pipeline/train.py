@@ -15,7 +15,7 @@ overrides it; unknown or mistyped keys are an error that lists the valid ones. O
   atomically; with ``ema.enabled`` it holds the EMA's averaged weights;
 - ``models/{name}-best.pt``: with ``validation.every``, the model of the best validation step;
   later stages use whichever of the two their ``model`` / ``init_weights`` key names;
-- ``metrics/train-{name}.json``: final loss, steps, images/s, wall time, skipped steps (the
+- ``metrics/train-{name}.json``: final loss (mean of the last 50 steps), steps, images/s, wall time, skipped steps (the
   whole run, across preemptions); with validation, ``val``: the last validation's mAP, the best
   one and its step;
 - ``plots/train-{name}.csv``: per logged step: loss, its parts, learning rate, gradient norm;

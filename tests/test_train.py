@@ -1172,3 +1172,21 @@ def test_a_teacher_that_does_not_fit_is_a_one_line_error(tmp_path, classes, imag
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: distill.teacher teacher.pt: ") and message in line, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_resumed_trace_is_cut_back_to_the_checkpoint(tmp_path):
+    """After a kill -9 past a periodic checkpoint, the resumed run appended steps 11 and 12 again
+    to the trace the killed one had written (and to a line the kill cut in half)."""
+    from types import SimpleNamespace
+
+    from pipeline.training.loop import _trace_path
+
+    logs = tmp_path / "runs" / "tiny"
+    logs.mkdir(parents=True)
+    rows = [json.dumps({"step": s, "keys": [f"k{s}"]}) + "\n" for s in range(1, 13)]
+    (logs / "trace-rank0.jsonl").write_text("".join(rows) + '{"step": 13, "ke')
+    run = SimpleNamespace(paths=SimpleNamespace(logs=logs), accelerator=SimpleNamespace(process_index=0), step=10)
+    path = _trace_path(run)
+    assert path.read_text() == "".join(rows[:10])
+    run.step = 0
+    assert not _trace_path(run).exists()  # a fresh run starts afresh

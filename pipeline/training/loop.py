@@ -17,6 +17,7 @@ from pipeline.training.stream import micro_batches
 from pipeline.training.signals import StopFlag
 from pipeline.training.step import StepResult, account, step
 from pipeline.training.validation import validate
+from ssd import atomic
 from ssd.optim import lr_factor
 from ssd.models.ssd import freeze_batchnorm
 
@@ -111,9 +112,23 @@ def _trace(r: Run, res: StepResult, trace: Any) -> None:
 
 
 def _trace_path(r: Run) -> Path:
-    """Debug trace of one process: sample keys and a weight checksum per step (started afresh at step 0)."""
+    """Debug trace of one process: sample keys and a weight checksum per step (started afresh at
+    step 0; on a resume, cut back to the checkpoint's step: a kill after a checkpoint left the
+    steps after it, which the resumed run then wrote again)."""
     path = r.paths.logs / f"trace-rank{r.accelerator.process_index}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     if r.step == 0:
         path.unlink(missing_ok=True)
+    elif path.exists():
+        rows = path.read_text().splitlines(keepends=True)
+        kept = [row for row in rows if _trace_step(row) <= r.step]
+        if len(kept) < len(rows):
+            atomic.write_text(path, "".join(kept))
     return path
+
+
+def _trace_step(row: str) -> float:
+    try:
+        return float(json.loads(row)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut by the kill
+        return float("inf")

@@ -373,8 +373,10 @@ def _resume(r: Run, restart: bool) -> dict[str, list[dict[str, Any]]]:
     if r.carry is not None and carried is not None and meta.get("world_size") == world:
         r.carry.load_state_dict(carried)
     if meta.get("world_size") != world:
-        log.warning("%s was written by %s processes, now %s: the global batch and the data order differ "
-                    "from an uninterrupted run", latest, meta.get("world_size"), world)
+        log.warning("%s was written by %s processes, now %s: the global batch and the data order differ from an "
+                    "uninterrupted run, and the epoch position is recomputed for the new epoch length, so part "
+                    "of this epoch's pass is skipped or repeated (and any carried LSTM states are dropped)",
+                    latest, meta.get("world_size"), world)
     log.info("resumed from %s at step %d", latest, r.step)
     return meta.get("log_rows", {})
 
