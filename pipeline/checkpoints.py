@@ -28,13 +28,13 @@ import os
 import re
 import shutil
 import socket
-import weakref
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipeline.locks import HeldLock, try_lock
 from ssd.atomic import TMP_PREFIX, write_json
 
 log = logging.getLogger("pipeline.checkpoints")
@@ -47,54 +47,29 @@ class RunLocked(Exception):
     """Another process holds the run's lock: a second run of the same name is under way."""
 
 
-class RunLock:
-    """An open, ``flock``-ed lock file; :meth:`close` releases it. Processes forked while it is
-    held (loader workers) close their copy at once: a lock lives until every copy of its file is
-    closed, and workers outlive a killed trainer by seconds, refusing a quick restart."""
-
-    def __init__(self, fd: int):
-        self.fd: int | None = fd
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (lock := ref()) is not None and lock._forget())
-
-    def _forget(self) -> None:
-        """In a forked child: close this process's copy (the parent's lock stays)."""
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def hold_run_lock(root: str | os.PathLike) -> RunLock | None:
+def hold_run_lock(root: str | os.PathLike) -> HeldLock | None:
     """An exclusive lock on ``root``'s sibling ``<root>.lock`` (``root``: a run's checkpoints
     folder), held until the returned lock is closed; :class:`RunLocked` when another process
     holds it. Two runs of one name both resumed from the same checkpoint and wrote each
     other's plot rows. Where the file system can't lock (some bucket mounts), a warning and None."""
-    import fcntl
-
     root = Path(root)
     path = root.with_name(f"{root.name}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock = try_lock(fd)
     except BlockingIOError:
         holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
         raise RunLocked(f"another run of {root.name} holds {path} ({holder}); wait for it to end, or stop "
                         "it") from None
-    except OSError as e:  # ENOLCK, EOPNOTSUPP: this file system has no locks
-        os.close(fd)
-        log.warning("%s: can't lock (%s): nothing stops a second run of %s from starting", path,
-                    e.strerror or type(e).__name__, root.name)
+    if lock is None:
+        log.warning("%s: this file system has no locks: nothing stops a second run of %s from starting", path,
+                    root.name)
         return None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-    return RunLock(fd)
+    return lock
 
 
 def is_checkpoint_name(name: str) -> bool:

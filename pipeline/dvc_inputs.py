@@ -13,6 +13,7 @@ before any work with one line naming the key and the file. Run directly, nothing
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import typing
@@ -32,22 +33,22 @@ def under_dvc(environ: Mapping[str, str] | None = None) -> bool:
 def check_name_follows_model_under_dvc(name: str | None, model: str, section: str,
                                        environ: Mapping[str, str] | None = None) -> None:
     """Under DVC, :class:`~pipeline.stage.StageError` unless ``name`` (the name a stage files its
-    results under) is given and begins with the stem of ``model`` (the file it evaluates or
-    prunes). Run directly, ``--set model=`` without ``--set name=`` is refused
-    (:func:`pipeline.config.check_name_follows_model`), but ``dvc exp run -S section.model=...``
-    passes no ``--set``: another model's results were filed under the section's own name. And a
-    null name (the model file's stem, run directly) is what DVC fills into dvc.yaml's outs as
-    ``None``: the stage failed after its work."""
+    results under) is given and is the stem of ``model`` (the file it evaluates or prunes), or
+    that stem, ``_`` and more (``lstm_ir_per_frame``). Run directly, ``--set model=`` without
+    ``--set name=`` is refused (:func:`pipeline.config.check_name_follows_model`), but ``dvc exp
+    run -S section.model=...`` passes no ``--set``: another model's results were filed under the
+    section's own name. And a null name (the model file's stem, run directly) is what DVC fills
+    into dvc.yaml's outs as ``None``: the stage failed after its work."""
     if not under_dvc(environ):
         return
     stem = os.path.splitext(os.path.basename(model))[0]
     if name is None:
         raise StageError(f"{section}.name: null (the model file's stem) is not for DVC, which fills ${{{section}.name}} "
                          f"into dvc.yaml's outs as 'None'; give the name ({stem!r}, say)")
-    if not name.startswith(stem):
+    if name != stem and not name.startswith(f"{stem}_"):  # ssdlite_voc-pruned is not ssdlite_voc's
         raise StageError(f"{section}.name {name!r} with {section}.model {model}: the results of {model} would be filed "
-                         f"as {name!r}; under DVC the name begins with the model file's stem: set {section}.name "
-                         f"too ({stem!r}, say)")
+                         f"as {name!r}; under DVC the name is the model file's stem, or begins with it and '_': set "
+                         f"{section}.name too ({stem!r}, say)")
 
 
 def input_paths(cfg: Any, where: str) -> list[tuple[str, str]]:
@@ -115,12 +116,19 @@ def check_tracked(cfg: Any, section: str, *, only: Collection[str] | None = None
                 f"reproduce nor restore; point {key} at a stage's output, or track the file with `dvc add` "
                 "(in a folder git doesn't ignore whole, such as weights/, not models/)"
             )
-    for other, path in stale:
+    if stale:
+        readers: dict[str, list[str]] = {}
+        for other, path in stale:
+            names = readers.setdefault(os.path.relpath(path), [])
+            if other not in names:
+                names.append(other)
+        path, names = next(iter(readers.items()))
+        more = f" (and {len(readers) - 1} more such file(s))" if len(readers) > 1 else ""
         raise StageError(
-            f"the DVC stage {other!r} reads {os.path.relpath(path)}, which no stage writes and neither DVC nor git "
-            "tracks (git ignores it): a file an earlier run left, most likely before a key that names an output "
-            f"(a name, a folder) changed. DVC would not rerun {other!r}, which would go on reading the old file: "
-            f"point {other!r}'s key at the new output too, or delete the old file"
+            f"{path}, which the DVC stage(s) {', '.join(names)} read, is no stage's output, and neither DVC nor git "
+            f"tracks it (git ignores it){more}: a file an earlier run left, most likely before a key that names an "
+            "output (a name, a folder) changed. DVC would not rerun those stages, which would go on reading the "
+            "old file: point their keys at the new output too, or delete the old file"
         )
 
 
@@ -165,9 +173,10 @@ def _stage_paths(stage: str, root: str, inputs: list[str]
                 project_outs = [os.path.normpath(str(o.fs_path)) for o in repo.index.outs]
                 orphans = {p for p in inputs if os.path.exists(p) and _orphan(repo, p, project_outs)}
                 mine = {s.addressing for s in found}
-                stale = [(s.addressing, os.path.normpath(str(d.fs_path))) for s in repo.index.stages
-                         if s.addressing not in mine for d in s.deps
-                         if os.path.exists(str(d.fs_path)) and _orphan(repo, str(d.fs_path), project_outs)]
+                others = [(s.addressing, os.path.normpath(str(d.fs_path))) for s in repo.index.stages
+                          if s.addressing not in mine for d in s.deps]
+                left = {p for p in {p for _, p in others} if os.path.exists(p) and _orphan(repo, p, project_outs)}
+                stale = [(name, p) for name, p in others if p in left]
         return deps, outs, orphans, stale
     except Exception as e:  # noqa: BLE001 - any failure of DVC's API only means we can't check
         log.warning("can't read the deps of the DVC stage %r (%s: %s); not checking that DVC tracks this stage's "
@@ -181,15 +190,23 @@ def _orphan(repo: Any, path: str, outs: list[str]) -> bool:
     where = os.path.abspath(path)
     if not _covered(where, [os.path.abspath(repo.root_dir)]):
         return False  # outside the project (DVC's external deps): not ours to judge
-    if _covered(where, outs) or any(_covered(o, [where]) for o in outs):
+    roots = _roots(tuple(outs))
+    inside = {w.rstrip(os.sep) + os.sep for w in (where, os.path.realpath(where))}
+    if _covered(where, outs) or any(r.startswith(w) for r in roots for w in inside):
         return False
     return bool(repo.scm.is_ignored(where)) and not repo.scm.is_tracked(where)
 
 
 def _covered(path: str, deps: list[str]) -> bool:
     """Whether ``path`` is one of ``deps`` or inside one (as given and with links resolved)."""
-    roots = {d for dep in deps for d in (dep, os.path.realpath(dep))}
+    roots = _roots(tuple(deps))
     for candidate in {os.path.abspath(path), os.path.realpath(path)}:
-        if any(candidate == d or candidate.startswith(d.rstrip(os.sep) + os.sep) for d in roots):
+        if candidate in roots or any(candidate.startswith(d.rstrip(os.sep) + os.sep) for d in roots):
             return True
     return False
+
+
+@functools.lru_cache(maxsize=64)
+def _roots(paths: tuple[str, ...]) -> frozenset[str]:
+    """``paths`` as given and with links resolved (resolving is most of a check's time: cached)."""
+    return frozenset(d for p in paths for d in (p, os.path.realpath(p)))

@@ -48,6 +48,7 @@ from typing import Callable, Iterator, Literal, Sequence
 
 from pipeline.config import ConfigError, InputPath, load_config, load_params, to_dict
 from pipeline.dvc_inputs import check_tracked, under_dvc
+from pipeline.locks import try_lock
 from pipeline.stage import StageError, arg_parser, check_replaceable, check_writable, run
 from ssd.atomic import TMP_PREFIX, atomic_dir, write_json
 from ssd.bounds import Count, Names, PositiveInt
@@ -274,20 +275,18 @@ def _alone_in(folder: Path) -> Iterator[None]:
     :class:`StageError` when another prepare holds it. Two prepares into one folder removed each
     other's temporary folder as one left by an interrupted run. The lock is on the folder itself,
     so no lock file is left beside the outputs; a file system without locks runs unlocked."""
-    import fcntl
-
     folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder, os.O_RDONLY)
+    fd = os.open(folder, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(f"{folder}: another prepare is writing its datasets here; wait for it to end") from None
-        except OSError:  # ENOLCK, EOPNOTSUPP
-            pass
+        lock = try_lock(fd)
+    except BlockingIOError:
+        os.close(fd)
+        raise StageError(f"{folder}: another prepare is writing its datasets here; wait for it to end") from None
+    try:
         yield
     finally:
-        os.close(fd)
+        if lock is not None:
+            lock.close()
 
 
 def prepare(cfg: PrepareConfig, strict: bool = False) -> dict[str, dict]:

@@ -156,9 +156,9 @@ def run(body: Callable[[], int | None]) -> int:
         print(f"error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         code = EXIT_USER_ERROR
     except RuntimeError as e:
-        loop = re.fullmatch(r"Symlink loop from '(.*)'", str(e))  # pathlib's resolve() on Python < 3.13
+        loop = re.fullmatch(r"""Symlink loop from (['"])(.*)\1""", str(e))  # pathlib's resolve(), Python < 3.13
         if loop:
-            print(f"error: {loop.group(1)}: a loop of symbolic links", file=sys.stderr)
+            print(f"error: {loop.group(2)}: a loop of symbolic links", file=sys.stderr)
             code = EXIT_USER_ERROR
         elif _peer_failure(e):
             # Another process of the job failed (its own error says why) and this one's next

@@ -173,8 +173,8 @@ def test_a_stage_refuses_when_another_stage_would_read_a_left_file(tmp_path, mon
     monkeypatch.chdir(root)
     with pytest.raises(StageError) as e:
         check_tracked(Nothing(), "train", environ=under("train", root))
-    assert str(e.value).startswith("the DVC stage 'ev' reads models/old.pt, which no stage writes and neither DVC "
-                                   "nor git tracks (git ignores it)")
+    assert str(e.value).startswith("models/old.pt, which the DVC stage(s) ev read, is no stage's output, and neither "
+                                   "DVC nor git tracks it (git ignores it): a file an earlier run left")
     (root / "params.yaml").write_text(yaml.safe_dump({"train": {"name": "old"}}))
     check_tracked(Nothing(), "train", environ=under("train", root))  # evaluate reads the train stage's output
 
@@ -193,7 +193,9 @@ def test_under_dvc_a_section_s_name_follows_its_model():
     with pytest.raises(StageError) as e:
         check("ssdlite_voc", "models/other.pt", "evaluate", environ=dvc)
     assert str(e.value) == ("evaluate.name 'ssdlite_voc' with evaluate.model models/other.pt: the results of "
-                            "models/other.pt would be filed as 'ssdlite_voc'; under DVC the name begins with the "
-                            "model file's stem: set evaluate.name too ('other', say)")
+                            "models/other.pt would be filed as 'ssdlite_voc'; under DVC the name is the model "
+                            "file's stem, or begins with it and '_': set evaluate.name too ('other', say)")
+    with pytest.raises(StageError, match="would be filed as 'ssdlite_voc-pruned'"):  # the unpruned model
+        check("ssdlite_voc-pruned", "models/ssdlite_voc.pt", "evaluate_pruned", environ=dvc)
     with pytest.raises(StageError, match=r"prune.name: null \(the model file's stem\) is not for DVC"):
         check(None, "models/ssdlite_voc.pt", "prune", environ=dvc)

@@ -856,3 +856,21 @@ def test_sequence_mode_is_one_pass_over_the_clips_an_epoch(tmp_path, monkeypatch
         keys = _drawn_keys(monkeypatch, urls, world_size=world, batches=batches, batch_size=4, streams=2,
                            kind="clips", sequence_clips=6, shuffle_buffer=128, epoch=epoch)
         assert len(set(keys)) == sum(lengths), epoch
+
+
+def test_clip_frames_with_upper_case_suffixes_are_counted(tmp_path):
+    """WebDataset lower-cases member suffixes; the header count didn't, and counted 0 frames."""
+    shard = tmp_path / "train-000000.tar"
+    _tar(shard, ["a.000.JPG", "a.001.JPG", "a.json", "b.000.jpg", "b.001.jpg", "b.json"])
+    assert count_samples(str(shard), "frames_from_clips") == 4 and count_samples(str(shard)) == 2
+
+
+def test_every_unit_gets_its_turn_however_many_units(tmp_path, monkeypatch):
+    """A unit whose slice is empty gets data by pass `units` at the latest (the slices rotate); the
+    give-up limit was a fixed number of passes, below that for jobs of many units."""
+    import ssd.data.train_streams as ts
+
+    monkeypatch.setattr(ts, "_MAX_EMPTY_PASSES", 1)
+    urls = write_frame_shards(tmp_path, [1])
+    keys = _drawn_keys(monkeypatch, urls, world_size=4, batches=1, batch_size=1, streams=1)
+    assert len(keys) == 4 and set(keys) == {keys[0]}

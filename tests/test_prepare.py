@@ -447,6 +447,27 @@ def test_a_second_prepare_into_the_same_folder_is_refused_while_one_runs(tmp_pat
     assert voc_run(tmp_path) == 0 and not tmp.exists()  # alone again: a leftover is cleaned up
 
 
+def test_prepare_s_lock_is_not_kept_by_forked_workers(tmp_path):
+    """The decode pool's forked workers inherited the folder lock's descriptor: after a kill -9 of
+    prepare, workers still alive kept the folder locked."""
+    started, tell = os.pipe()
+    with stage._alone_in(tmp_path):
+        worker = os.fork()
+        if worker == 0:
+            os.write(tell, b"x")
+            time.sleep(60)
+            os._exit(0)
+        assert os.read(started, 1) == b"x"
+    try:
+        with stage._alone_in(tmp_path):  # the worker lives on; the folder is free
+            pass
+    finally:
+        os.kill(worker, signal.SIGKILL)
+        os.waitpid(worker, 0)
+        os.close(started)
+        os.close(tell)
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

@@ -729,6 +729,21 @@ def test_the_run_lock_goes_with_the_run_not_with_its_forked_workers(tmp_path):
         os.close(tell)
 
 
+def test_a_run_lock_dropped_without_close_is_released():
+    """The lock's file object used to close itself when collected; the raw descriptor didn't, and
+    a train() whose clean-up raised before closing it kept the name locked in that process."""
+    import gc
+    import tempfile
+
+    from pipeline.checkpoints import hold_run_lock
+
+    with tempfile.TemporaryDirectory() as tmp:
+        lock = hold_run_lock(Path(tmp) / "tiny")
+        del lock
+        gc.collect()
+        hold_run_lock(Path(tmp) / "tiny").close()
+
+
 def test_a_refused_set_up_leaves_the_name_unlocked(tmp_path, monkeypatch, capsys):
     """The lock is taken early in the set-up; a refusal after it (here a temporal model on frame
     shards) kept it while the traceback lived: in a notebook, the next try was refused as a

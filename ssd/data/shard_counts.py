@@ -48,7 +48,7 @@ def _count_local(url: str, version: tuple[int, ...]) -> tuple[int, int]:
                 prefix, suffix = base_plus_ext(info.name)
                 if prefix is not None and prefix != key:
                     count, key = count + 1, prefix
-                frames += prefix is not None and _CLIP_FRAME.match(suffix or "") is not None
+                frames += prefix is not None and _CLIP_FRAME.match((suffix or "").lower()) is not None
     except (tarfile.TarError, EOFError) as e:
         raise _unreadable(url, e) from None
     return count, frames

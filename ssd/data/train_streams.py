@@ -34,8 +34,9 @@ loader worker); global batch ``j`` of the epoch is batch ``j // streams`` of str
 from clip to clip: batch position ``b`` of a stream (a lane) has its own slice of each pass,
 one clip per batch of its stream, cut into runs of at most ``sequence_clips`` consecutive
 clips of one video; the lane's shuffle buffer shuffles whole runs, and the lane hands out a
-run's clips one per batch before it takes the next. As a lane's slice is exactly its draws,
-the epoch ends at the end of its runs. Run ``n`` of lane ``b`` is decoded and augmented as one
+run's clips one per batch before it takes the next. As a lane's slice is at most its draws
+(the rest comes from the next pass), the pass is drawn whole and no run is left unfinished
+at the epoch's end. Run ``n`` of lane ``b`` is decoded and augmented as one
 sequence with the seed ``(seed, epoch, rank, stream, n * batch_size + b)``; ``Batch.runs``
 numbers the runs.
 
@@ -275,7 +276,7 @@ class _TrainStreams(IterableDataset):
             if first is not None:
                 seen = True
                 yield itertools.chain([first], part)
-            elif not seen and p >= _MAX_EMPTY_PASSES:
+            elif not seen and p >= max(_MAX_EMPTY_PASSES, n):  # by pass n every unit had its turn first
                 raise InputError(f"no samples in the shards {self.urls}")
 
     def _slice(self, order: list[int], lo: int, hi: int) -> Iterator[RawSample]:
