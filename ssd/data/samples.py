@@ -183,10 +183,13 @@ def _raw_samples(sample: dict[str, Any], kind: str) -> Iterator[RawSample]:
         yield RawSample(key, url, tuple(sample[name] for name in images), sample[meta])
 
 
-def _tar_samples(url: str) -> Iterator[dict[str, Any]]:
-    """The WebDataset samples of one shard, in tar order (bytes, not decoded)."""
+def _tar_samples(url: str, start: int = 0) -> Iterator[dict[str, Any]]:
+    """The WebDataset samples of one shard, in tar order (bytes, not decoded); ``start``: the byte
+    offset of a sample's first header to begin at (a local file; see ``shard_counts.seek_point``)."""
     stream = gopen(url, "rb")
     try:
+        if start:
+            stream.seek(start)
         yield from group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
     except (tarfile.TarError, EOFError) as e:
         raise _unreadable(url, e) from None

@@ -26,29 +26,62 @@ def count_samples(url: str, kind: str = "frames") -> int:
     first dot of their base name, ``__...__`` metadata skipped. Anything else is read through.
     """
     frames = kind == "frames_from_clips"
-    if not os.path.isfile(url):
+    index = _local_index(url)
+    if index is None:
         return sum(1 for sample in _tar_samples(url) for _ in (_raw_samples(sample, kind) if frames else [0]))
+    offsets, frame_counts = index
+    return sum(frame_counts) if frames else len(offsets)
+
+
+def seek_point(url: str, kind: str, skip: int) -> tuple[int, int]:
+    """Where to start reading a shard to reach its raw sample ``skip`` (of ``kind``):
+    ``(byte offset of a sample's first header, raw samples before that sample)``. A reader that
+    starts there skips the bytes of the samples before it instead of reading them; ``(0, 0)``
+    where the shard is not a local file."""
+    index = _local_index(url) if skip > 0 else None
+    if index is None:
+        return 0, 0
+    offsets, frame_counts = index
+    if kind != "frames_from_clips":
+        k = min(skip, len(offsets) - 1) if offsets else 0
+        return (offsets[k], k) if offsets else (0, 0)
+    before = 0
+    for k, n in enumerate(frame_counts):
+        if before + n > skip:
+            return offsets[k], before
+        before += n
+    return 0, 0
+
+
+def _local_index(url: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    if not os.path.isfile(url):
+        return None
     st = os.stat(url)
     # The file's version: tar pads to 10 KiB records, so a shard rewritten with fewer samples often
     # keeps its size, and `cp -p` or `rsync -t` keep its time; a rewrite changes the inode or ctime.
-    counts = _count_local(url, (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
-    return counts[1] if frames else counts[0]
+    return _index_local(url, (st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns))
 
 
 @functools.lru_cache(maxsize=4096)
-def _count_local(url: str, version: tuple[int, ...]) -> tuple[int, int]:
-    """``(samples, numbered clip frames)`` of a local shard, once per file ``version`` (the loader
-    is made every epoch)."""
-    count, frames, key = 0, 0, None
+def _index_local(url: str, version: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(byte offset of each sample's first header, numbered clip frames in each sample)`` of a
+    local shard, once per file ``version`` (the loader is made every epoch)."""
+    offsets: list[int] = []
+    frames: list[int] = []
+    key = None
     try:
         with tarfile.open(url, "r:") as tar:
             for info in tar:
                 if not info.isreg() or re.match(r"__[^/]*__($|/)", info.name):
                     continue
                 prefix, suffix = base_plus_ext(info.name)
-                if prefix is not None and prefix != key:
-                    count, key = count + 1, prefix
-                frames += prefix is not None and _CLIP_FRAME.match((suffix or "").lower()) is not None
+                if prefix is None:
+                    continue
+                if prefix != key:
+                    key = prefix
+                    offsets.append(info.offset)
+                    frames.append(0)
+                frames[-1] += _CLIP_FRAME.match((suffix or "").lower()) is not None
     except (tarfile.TarError, EOFError) as e:
         raise _unreadable(url, e) from None
-    return count, frames
+    return tuple(offsets), tuple(frames)

@@ -79,7 +79,7 @@ from ssd.data.samples import (
     init_worker,
 )
 from ssd.data.clip_runs import cut_runs
-from ssd.data.shard_counts import count_samples
+from ssd.data.shard_counts import count_samples, seek_point
 from ssd.data.transforms import AugmentConfig, DetectionTransform, train_transform
 from ssd.errors import InputError
 
@@ -280,14 +280,15 @@ class _TrainStreams(IterableDataset):
                 raise InputError(f"no samples in the shards {self.urls}")
 
     def _slice(self, order: list[int], lo: int, hi: int) -> Iterator[RawSample]:
-        """Raw samples ``lo`` to ``hi`` (exclusive) of the shards concatenated in ``order``; the
-        shards' samples before ``lo`` are read (tar bytes) but not returned."""
+        """Raw samples ``lo`` to ``hi`` (exclusive) of the shards concatenated in ``order``; a local
+        shard is read from the sample that holds ``lo`` on (others from their start)."""
         offset = 0
         for url_index in order:
             size = self.shard_sizes[url_index]
             if offset + size > lo and offset < hi:
-                i = offset
-                for sample in _tar_samples(self.urls[url_index]):
+                start, before = seek_point(self.urls[url_index], self.kind, lo - offset)
+                i = offset + before
+                for sample in _tar_samples(self.urls[url_index], start):
                     if i >= hi:
                         break
                     for raw in _raw_samples(sample, self.kind):
