@@ -174,7 +174,7 @@ def test_plots_people_read(repo):
     val = charts["train_ir_lstm validation mAP"]["content"]
     assert val["title"]["text"] == "Validation mAP while training (lstm_ir, voc07)"
     assert {v["field"] for v in val["data"]["values"]} == {"map", "map_per_frame"}  # memory on and off
-    assert "VOC mAP per model (voc07)" in json.dumps(charts["mAP per model"]["content"]["title"])
+    assert "VOC07 mAP per model" in json.dumps(charts["mAP per model"]["content"]["title"])
     models = charts["mAP per model"]["content"]["data"]["values"]
     assert sorted(v["model"] for v in models) == sorted(  # the int8 graphs too
         ["ssdlite_voc", "ssdlite_ir", "lstm_ir", "lstm_ir_per_frame", "ssdlite_voc-pruned", "ssdlite_voc-int8",
@@ -186,7 +186,9 @@ def test_plots_people_read(repo):
     confusion = json.dumps(charts["plots/confusion-lstm_ir.csv"]["content"])
     assert '"field": "predicted"' in confusion and '"field": "actual"' in confusion
     images = [k for k, v in charts.items() if v["type"] == "image"]
-    assert "reports/benchmark.png" in images and any(k.startswith("reports/ssdlite_voc/examples/") for k in images)
+    # The example detections are outs, not plots: a fresh clone has no DVC cache, and with them
+    # listed `dvc plots show` wrote nothing.
+    assert "reports/benchmark.png" in images and not any("/examples/" in k for k in images)
     assert not [k for k in charts if k.startswith("plots/pr-ssdlite_voc/")]  # no chart per class
     # `dvc metrics show` holds numbers only: no paths or settings among its columns.
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
