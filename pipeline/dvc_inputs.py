@@ -164,7 +164,9 @@ def _stage_paths(stage: str, root: str, inputs: list[str]
         from dvc.repo import Repo
 
         with Repo(root) as repo:
-            found = repo.stage.collect(stage)
+            # One load of dvc.yaml and dvc.lock (ruamel parses a large dvc.lock in about a second):
+            # the stage from the index, not from a second `repo.stage.collect`.
+            found = [s for s in repo.index.stages if _addresses(stage, s)] or repo.stage.collect(stage)
             deps = [os.path.normpath(str(d.fs_path)) for s in found for d in s.deps]
             outs = {os.path.normpath(str(o.fs_path)) for s in found for o in s.outs}
             orphans: set[str] = set()
@@ -182,6 +184,14 @@ def _stage_paths(stage: str, root: str, inputs: list[str]
         log.warning("can't read the deps of the DVC stage %r (%s: %s); not checking that DVC tracks this stage's "
                     "input files", stage, type(e).__name__, e)
         return None
+
+
+def _addresses(address: str, stage: Any) -> bool:
+    """Whether DVC's ``address`` of a stage (``name``, or ``path/dvc.yaml:name``) is ``stage``."""
+    if address == stage.addressing:
+        return True
+    file, _, name = address.rpartition(":")
+    return bool(file) and name == stage.name and os.path.normpath(file) == os.path.normpath(stage.dvcfile.relpath)
 
 
 def _orphan(repo: Any, path: str, outs: list[str]) -> bool:
