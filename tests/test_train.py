@@ -456,6 +456,27 @@ def test_warmup_longer_than_the_run_is_named(tmp_path, monkeypatch, caplog):
     assert "optim.warmup_steps 10 is more than steps 2: the learning rate stops at" in caplog.text
 
 
+def test_a_frames_from_clips_epoch_is_every_frame_slot(tmp_path, monkeypatch):
+    """The epoch was sized by the manifest's distinct frames while the loader draws every clip's
+    frames: with overlapping clips an epoch ended short of a pass."""
+    from pipeline.config import from_dict
+    from pipeline.training.setup import check_data
+    import pipeline.train as train_mod
+
+    cwd = workdir(tmp_path)
+    manifest = json.loads((cwd / "clips" / "manifest.json").read_text())
+    overlapping = tmp_path / "overlapping"
+    shutil.copytree(cwd / "clips", overlapping)
+    manifest["splits"]["train"].update(frames=100, frame_slots=116)  # 16 frames in two clips each
+    (overlapping / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(cwd)
+    data = {**TRAIN["data"], "shards": str(overlapping), "kind": "frames_from_clips"}
+    assert check_data(from_dict(train_mod.TrainConfig, {**TRAIN, "data": data}))[2] == 116
+    del manifest["splits"]["train"]["frame_slots"]  # a manifest from before frame_slots
+    (overlapping / "manifest.json").write_text(json.dumps(manifest))
+    assert check_data(from_dict(train_mod.TrainConfig, {**TRAIN, "data": data}))[2] == 100
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
