@@ -6,6 +6,7 @@ when it is made (every epoch); the counts are cached per file version.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import os
 import re
@@ -29,8 +30,8 @@ def count_samples(url: str, kind: str = "frames") -> int:
     index = _local_index(url)
     if index is None:
         return sum(1 for sample in _tar_samples(url) for _ in (_raw_samples(sample, kind) if frames else [0]))
-    offsets, frame_counts = index
-    return sum(frame_counts) if frames else len(offsets)
+    offsets, frames_before = index
+    return frames_before[-1] if frames else len(offsets)
 
 
 def seek_point(url: str, kind: str, skip: int) -> tuple[int, int]:
@@ -39,18 +40,14 @@ def seek_point(url: str, kind: str, skip: int) -> tuple[int, int]:
     starts there skips the bytes of the samples before it instead of reading them; ``(0, 0)``
     where the shard is not a local file."""
     index = _local_index(url) if skip > 0 else None
-    if index is None:
+    if index is None or not index[0]:
         return 0, 0
-    offsets, frame_counts = index
+    offsets, frames_before = index
     if kind != "frames_from_clips":
-        k = min(skip, len(offsets) - 1) if offsets else 0
-        return (offsets[k], k) if offsets else (0, 0)
-    before = 0
-    for k, n in enumerate(frame_counts):
-        if before + n > skip:
-            return offsets[k], before
-        before += n
-    return 0, 0
+        k = min(skip, len(offsets) - 1)
+        return offsets[k], k
+    k = min(bisect.bisect_right(frames_before, skip) - 1, len(offsets) - 1)  # the sample holding frame `skip`
+    return offsets[k], frames_before[k]
 
 
 def _local_index(url: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
@@ -64,10 +61,10 @@ def _local_index(url: str) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
 
 @functools.lru_cache(maxsize=4096)
 def _index_local(url: str, version: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(byte offset of each sample's first header, numbered clip frames in each sample)`` of a
-    local shard, once per file ``version`` (the loader is made every epoch)."""
+    """``(byte offset of each sample's first header, numbered clip frames before each sample and,
+    last, in all)`` of a local shard, once per file ``version`` (the loader is made every epoch)."""
     offsets: list[int] = []
-    frames: list[int] = []
+    frames_before: list[int] = [0]
     key = None
     try:
         with tarfile.open(url, "r:") as tar:
@@ -80,8 +77,8 @@ def _index_local(url: str, version: tuple[int, ...]) -> tuple[tuple[int, ...], t
                 if prefix != key:
                     key = prefix
                     offsets.append(info.offset)
-                    frames.append(0)
-                frames[-1] += _CLIP_FRAME.match((suffix or "").lower()) is not None
+                    frames_before.append(frames_before[-1])
+                frames_before[-1] += _CLIP_FRAME.match((suffix or "").lower()) is not None
     except (tarfile.TarError, EOFError) as e:
         raise _unreadable(url, e) from None
-    return tuple(offsets), tuple(frames)
+    return tuple(offsets), tuple(frames_before)
